@@ -1,0 +1,175 @@
+"""A frozen CLIP backbone (open_clip architecture) with the two entry points prompt learning needs.
+
+Images enter as float tensors in [0, 1] (B, 3, S, S) at the model's resolution: normalisation happens
+inside, so triggers and attacks live in pixel space. Text enters either as token ids or as prompt
+*embeddings* (N, L, D) plus the end-of-text position of each row, which is what CoOp-style learners feed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from scanner.errors import BackboneError
+
+BUNDLED_NAME = "scanner-tiny"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The statistics open_clip uses for OpenAI-style models; the bundled model is trained with the same.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@functools.cache
+def register_configs() -> None:
+    """Make the project's model configs known to open_clip (idempotent)."""
+    open_clip.add_model_config(_CONFIG_DIR)
+
+
+def bundled_weights_path() -> Path:
+    return _WEIGHTS_DIR / f"{BUNDLED_NAME}.safetensors"
+
+
+def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip CLIP plus the metadata the rest of the scanner needs."""
+
+    def __init__(self, model: nn.Module, name: str, *, mean: Sequence[float] = OPENAI_MEAN,
+                 std: Sequence[float] = OPENAI_STD) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
+        self._hash: str | None = None
+        self.freeze()
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def context_length(self) -> int:
+        return int(self.model.context_length)  # type: ignore[arg-type]
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.token_embedding.weight.shape[1])  # type: ignore[union-attr,index]
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.model.text_projection
+        if isinstance(proj, nn.Linear):
+            return int(proj.out_features)
+        return int(proj.shape[1])  # type: ignore[union-attr,index]
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size  # type: ignore[union-attr]
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding  # type: ignore[return-value]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()  # type: ignore[operator]
+
+    def content_hash(self) -> str:
+        """sha256 of the encoder weights: identifies the backbone across processes (cached)."""
+        if self._hash is None:
+            self._hash = state_dict_sha256(self.model.state_dict())
+        return self._hash
+
+    def freeze(self) -> None:
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ClipBackbone:
+        # The encoders are frozen and always in eval mode (no dropout) whatever the caller does.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids (N, L) with SOT first and EOT (the largest id) after the text; truncates."""
+        return self._tokenizer(list(texts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features (N, E), not normalised."""
+        return self.model.encode_text(tokens)  # type: ignore[operator,no-any-return]
+
+    def encode_prompts(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Text features (N, E) from prompt embeddings (N, L, D); ``eot_index`` (N,) picks the EOT row."""
+        m = self.model
+        x = embeds + m.positional_embedding.to(embeds.dtype)  # type: ignore[operator]
+        x = m.transformer(x, attn_mask=m.attn_mask)  # type: ignore[operator]
+        x = m.ln_final(x)  # type: ignore[operator]
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        proj = m.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # type: ignore[operator,return-value]
+
+    # ----------------------------------------------------------------- image
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features (B, E), not normalised, from pixels in [0, 1] (B, 3, S, S)."""
+        return self.model.encode_image(self.normalize(pixels))  # type: ignore[operator,no-any-return]
+
+
+def create_backbone(name: str, state_dict: dict[str, torch.Tensor] | None = None, *,
+                    seed: int | None = None) -> ClipBackbone:
+    """Build an open_clip architecture by config name; load ``state_dict`` if given, else random init."""
+    register_configs()
+    if name not in open_clip.list_models():
+        raise BackboneError(
+            f"unknown backbone architecture {name!r}; expected one of open_clip's configs "
+            f"(e.g. {BUNDLED_NAME}, ViT-B-16, RN50)"
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    if state_dict is not None:
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise BackboneError(f"weights do not match the {name} architecture: {first}") from exc
+    return ClipBackbone(model, name)
+
+
+@functools.cache
+def _bundled_state() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = bundled_weights_path()
+    if not path.exists():
+        raise BackboneError(
+            f"the bundled CLIP weights are missing at {path}; rebuild them with `scanner zoo pretrain`"
+        )
+    # Stored in fp16 to keep the wheel small; computation is fp32.
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def load_bundled() -> ClipBackbone:
+    """The bundled tiny CLIP, frozen (a fresh module each call; weights are read from disk once)."""
+    return create_backbone(BUNDLED_NAME, _bundled_state())

@@ -1,0 +1,161 @@
+"""CLIP-Inspector: model-level backdoor detection from unlabelled OOD images.
+
+Design (ours; the paper's details are not public), cost independent of the class count:
+
+1. *Natural behaviour.* The share ``p_k`` of clean held-out OOD images each class already receives:
+   some classes are natural sinks for OOD inputs and must not be mistaken for backdoor targets.
+2. *Screen all classes at once.* For each trigger family (a bounded additive perturbation and a small
+   patch), optimise one *untargeted collapse* trigger — every image pushed to whichever class the batch
+   currently agrees on. A backdoor is a shortcut that sends any input to its target, so the collapse
+   slides into it when one exists. Screening score per class: the share of triggered held-out images
+   it receives, minus its natural share. One epoch per family, whatever the number of classes.
+3. *Confirm the few suspicious classes.* For the top ``candidates`` classes, run a targeted inversion
+   (margin objective: the target logit above every other) per family at the same small budget, and
+   measure the held-out ASR gain over the natural share.
+4. *Decide.* Per-class score = confirmed gain (candidates) or screening gain (others); the robust
+   anomaly index (median/MAD across classes) of the best class against threshold ``k`` flags the
+   model, and a backdoor must also make its trigger work (gain >= ``min_gain``).
+
+The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*
+class, one epoch each, anomaly index over the per-class ASR.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from scanner.engine.config import DetectorConfig
+from scanner.engine.invert import (
+    InversionSchedule,
+    class_shares,
+    collapse_loss,
+    frozen_learner,
+    margin_loss,
+    optimise,
+)
+from scanner.engine.result import ClassEvidence, DetectionResult
+from scanner.engine.scoring import anomaly_index
+from scanner.engine.triggers import AdditiveTrigger, PatchTrigger, Trigger
+from scanner.prompting.classifier import PromptedCLIP
+
+Progress = Callable[[str, int, int], None]
+MIN_GAIN = 0.5  # a flagged class's trigger must move at least half of the held-out images into it
+
+
+def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator) -> Trigger:
+    if family == "additive":
+        return AdditiveTrigger(size, cfg.eps, gen)
+    return PatchTrigger(size, gen)
+
+
+def _size_weight(family: str, cfg: DetectorConfig) -> float:
+    return cfg.patch_weight if family == "patch" else 0.0
+
+
+def split_pool(pool: torch.Tensor, cfg: DetectorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(optimisation split, held-out split) of the first ``n_images`` images, in pool order."""
+    x = pool[: cfg.n_images]
+    n_hold = max(1, round(cfg.holdout * x.shape[0]))
+    return x[:-n_hold], x[-n_hold:]
+
+
+def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
+           progress: Progress | None = None) -> DetectionResult:
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    opt_x, hold_x = split_pool(pool, cfg)
+    size = pool.shape[-1]
+    C = model.n_cls
+    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
+    m = min(cfg.candidates, C)
+    total = len(cfg.families) * (1 + m)
+    done = 0
+
+    def tick(stage: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(stage, done, total)
+
+    evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
+    images: dict[int, torch.Tensor] = {}
+    raw: dict[int, torch.Tensor] = {}
+    with frozen_learner(model):
+        natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
+        screen = torch.full((C,), -1.0)
+        for fam in cfg.families:
+            trig = make_trigger(fam, size, cfg, gen)
+            optimise(model, trig, opt_x, collapse_loss, sched, gen, _size_weight(fam, cfg))
+            shares = class_shares(model, trig, hold_x, cfg.bf16)
+            for k in range(C):
+                evidence[k][f"screen_{fam}"] = float(shares[k])
+            screen = torch.maximum(screen, shares - natural)
+            tick(f"screen:{fam}")
+        score = screen.clone()
+        cands = [int(k) for k in torch.argsort(screen, descending=True, stable=True)[:m]]
+        for t in cands:
+            best = -1.0
+            for fam in cfg.families:
+                trig = make_trigger(fam, size, cfg, gen)
+                optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen, _size_weight(fam, cfg))
+                asr = float(class_shares(model, trig, hold_x, cfg.bf16)[t])
+                gain = asr - float(natural[t])
+                evidence[t][f"asr_{fam}"] = asr
+                evidence[t][f"size_{fam}"] = float(trig.size().detach())
+                if gain > best:
+                    best = gain
+                    images[t] = trig.image()
+                    raw[t] = (trig.delta() if isinstance(trig, AdditiveTrigger) else trig.image()).detach()
+                tick(f"confirm:{fam}")
+            score[t] = max(best, float(screen[t]))
+    anomalies = anomaly_index(score, floor=cfg.score_floor)
+    top = int(torch.argmax(anomalies))
+    flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
+    classes = []
+    for k in range(C):
+        ev = evidence[k]
+        ev["natural_share"] = float(natural[k])
+        ev["score"] = float(score[k])
+        ev["candidate"] = float(k in cands)
+        classes.append(ClassEvidence(k, model.classnames[k], float(anomalies[k]), ev))
+    return DetectionResult(
+        detector="ci", backdoored=flagged, target_index=top if flagged else None,
+        anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,
+        trigger_images=images, raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
+    )
+
+
+def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
+                 progress: Progress | None = None) -> DetectionResult:
+    """The paper's plain protocol: targeted additive inversion for every class, MAD over ASR."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    opt_x, hold_x = split_pool(pool, cfg)
+    size = pool.shape[-1]
+    C = model.n_cls
+    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
+    asr = torch.zeros(C)
+    images: dict[int, torch.Tensor] = {}
+    raw: dict[int, torch.Tensor] = {}
+    with frozen_learner(model):
+        for t in range(C):
+            trig = AdditiveTrigger(size, cfg.eps, gen)
+            optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen)
+            asr[t] = class_shares(model, trig, hold_x, cfg.bf16)[t]
+            images[t] = trig.image()
+            raw[t] = trig.delta().detach()
+            if progress is not None:
+                progress("invert", t + 1, C)
+    anomalies = anomaly_index(asr, floor=cfg.score_floor)
+    top = int(torch.argmax(anomalies))
+    flagged = bool(anomalies[top] > cfg.threshold)
+    classes = [ClassEvidence(k, model.classnames[k], float(anomalies[k]), {"asr_additive": float(asr[k])})
+               for k in range(C)]
+    return DetectionResult(
+        detector="ci-plain", backdoored=flagged, target_index=top if flagged else None,
+        anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,
+        trigger_images=images, raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
+    )

@@ -1,0 +1,40 @@
+"""Detector settings: one frozen dataclass, a comment per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scanner.errors import ConfigError
+
+DETECTORS = ("ci", "ci-plain", "nc", "pixel")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    detector: str = "ci"  # ci (screen + confirm), ci-plain (the paper's per-class loop), nc, pixel
+    n_images: int = 1000  # OOD images used (the first n of the pool); the paper's budget
+    holdout: float = 0.2  # share of those kept out of optimisation to measure a trigger's ASR
+    batch_size: int = 32  # images per optimisation step
+    epochs: int = 1  # passes over the optimisation split per trigger (the paper: a single epoch)
+    lr: float = 0.1  # Adam step on trigger parameters
+    families: tuple[str, ...] = ("additive", "patch")  # trigger families CI searches
+    eps: float = 6 / 255  # L-inf bound of the additive family (pixel units)
+    patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
+    kappa: float = 1.0  # margin (logit units) the targeted objective asks for
+    candidates: int = 3  # classes CI confirms with targeted inversion after screening
+    threshold: float = 2.0  # anomaly-index threshold k (published default; `scanner calibrate` refits it)
+    score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
+    bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"unknown detector {self.detector!r}; expected one of {', '.join(DETECTORS)}")
+        if not 0.05 <= self.holdout <= 0.5:
+            raise ConfigError(f"holdout must be within [0.05, 0.5]; got {self.holdout}")
+        if self.batch_size < 1 or self.epochs < 1 or self.n_images < 2:
+            raise ConfigError("batch_size, epochs must be >= 1 and n_images >= 2")
+        bad = [f for f in self.families if f not in ("additive", "patch")]
+        if bad or not self.families:
+            raise ConfigError(f"families must be a non-empty subset of ('additive', 'patch'); got {self.families}")
+        if self.candidates < 1:
+            raise ConfigError(f"candidates must be >= 1; got {self.candidates}")

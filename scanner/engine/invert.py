@@ -1,0 +1,128 @@
+"""Trigger optimisation over an unlabelled image pool: the one loop every detector shares.
+
+Gradients flow only into the trigger: the encoders and the prompt learner are frozen for the duration
+(``frozen_learner``), so CoOp text features are computed once and cached by ``PromptedCLIP``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from scanner.engine.triggers import Trigger
+from scanner.errors import DetectionError
+from scanner.prompting.classifier import PromptedCLIP
+
+#: objective(logits (B, C) fp32, trigger) -> scalar loss to minimise
+Objective = Callable[[torch.Tensor, Trigger], torch.Tensor]
+
+
+@contextlib.contextmanager
+def frozen_learner(model: PromptedCLIP) -> Iterator[None]:
+    """Freeze the prompt learner (restoring its flags afterwards) and keep the model in eval mode."""
+    params = list(model.learner.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def autocast(enabled: bool) -> contextlib.AbstractContextManager[object]:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def margin_loss(target: int, kappa: float) -> Objective:
+    """Targeted margin: mean over images of max(max_{j != t} z_j - z_t + kappa, 0) (C&W style).
+
+    Once an image is kappa past the boundary it stops contributing, so the trigger is not pushed
+    to ever-larger margins on easy images: what remains is the hardest images' gap to the target.
+    """
+
+    def f(logits: torch.Tensor, trigger: Trigger) -> torch.Tensor:
+        z_t = logits[:, target]
+        other = logits.clone()
+        other[:, target] = -math.inf
+        return F.relu(other.max(dim=1).values - z_t + kappa).mean()
+
+    return f
+
+
+def collapse_loss(logits: torch.Tensor, trigger: Trigger) -> torch.Tensor:
+    """Untargeted collapse: cross-entropy of every image to the batch's currently dominant class.
+
+    A backdoor is a shortcut that sends *any* input to one class; a universal trigger optimised to
+    make a batch agree on one class, whichever it is, slides into that shortcut when one exists.
+    """
+    probs = logits.softmax(dim=1)  # (B, C)
+    k = int(probs.mean(dim=0).argmax())
+    return F.cross_entropy(logits, torch.full((logits.shape[0],), k, dtype=torch.long))
+
+
+@dataclass(frozen=True)
+class InversionSchedule:
+    batch_size: int
+    epochs: int
+    lr: float
+    bf16: bool
+
+
+def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objective: Objective,
+             schedule: InversionSchedule, generator: torch.Generator,
+             size_weight: float | Callable[[int], float] = 0.0) -> list[float]:
+    """Adam on the trigger's parameters over ``pool`` (N, 3, S, S); returns the per-step losses.
+
+    ``size_weight`` adds weight * trigger.size() to the loss (a constant or a function of the step).
+    Raises DetectionError when the loss stops being finite.
+    """
+    opt = torch.optim.Adam(trigger.parameters(), lr=schedule.lr, betas=(0.5, 0.9))
+    n = pool.shape[0]
+    losses: list[float] = []
+    step = 0
+    for _ in range(schedule.epochs):
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - schedule.batch_size + 1, schedule.batch_size):
+            x = pool[order[i:i + schedule.batch_size]]
+            with autocast(schedule.bf16):
+                logits = model(trigger(x)).float()
+            loss = objective(logits, trigger)
+            w = size_weight(step) if callable(size_weight) else size_weight
+            if w:
+                loss = loss + w * trigger.size()
+            if not torch.isfinite(loss):
+                raise DetectionError(
+                    f"the trigger optimisation diverged (loss {float(loss)} at step {step}); the model's "
+                    "forward produces non-finite values — check the checkpoint for NaN/inf weights"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+    return losses
+
+
+@torch.no_grad()
+def class_shares(model: PromptedCLIP, trigger: Trigger | None, pool: torch.Tensor, bf16: bool,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Share of ``pool`` predicted as each class (C,), with the trigger applied (or clean if None)."""
+    counts = torch.zeros(model.n_cls)
+    for i in range(0, pool.shape[0], batch_size):
+        x = pool[i:i + batch_size]
+        if trigger is not None:
+            x = trigger(x)
+        with autocast(bf16):
+            pred = model(x).float().argmax(dim=1)
+        counts += torch.bincount(pred, minlength=model.n_cls).float()
+    return counts / pool.shape[0]

@@ -1,0 +1,42 @@
+"""What a detector returns: a verdict, a suspected target and the per-class evidence behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ClassEvidence:
+    """Evidence for one candidate target class."""
+
+    index: int
+    name: str
+    anomaly_score: float  # robust anomaly index of this class among all classes (higher = more suspicious)
+    # named measurements, e.g. asr (held-out OOD attack success of the reconstructed trigger), margin, norm
+    evidence: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DetectionResult:
+    detector: str  # "ci", "ci-plain", "nc", "pixel"
+    backdoored: bool
+    target_index: int | None  # suspected target class (None when clean)
+    anomaly_score: float  # the decisive score (max over classes)
+    threshold: float
+    classes: list[ClassEvidence]
+    # reconstructed trigger per class index: an image-space tensor (3, S, S) in [0, 1] suitable for a PNG
+    # (for additive triggers: 0.5 + delta scaled for visibility; the raw tensor is in ``raw_triggers``)
+    trigger_images: dict[int, torch.Tensor] = field(default_factory=dict)
+    raw_triggers: dict[int, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+    runtime_s: float = 0.0
+    ood_sha256: str = ""
+    backbone_sha256: str = ""
+
+    @property
+    def target_name(self) -> str | None:
+        if self.target_index is None:
+            return None
+        return self.classes[self.target_index].name

@@ -1,0 +1,92 @@
+"""A prompt-tuned CLIP classifier: frozen backbone + prompt learner -> logits over the learner's classes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scanner.clip.backbone import ClipBackbone
+from scanner.prompting.learners import PromptLearner
+
+
+class PromptedCLIP(nn.Module):
+    """logits = exp(logit_scale) * cos(image feature, text feature of each class).
+
+    Pixels are float in [0, 1] (B, 3, S, S); the backbone normalises. For learners whose prompts do not
+    depend on the image (CoOp), the text features are cached whenever no gradient can flow into the
+    learner (grad disabled, or its parameters frozen as during trigger inversion); the cache is keyed by
+    the version counters of the learner's tensors, so an optimiser step or ``load_state_dict``
+    invalidates it.
+    """
+
+    def __init__(self, backbone: ClipBackbone, learner: PromptLearner) -> None:
+        super().__init__()
+        if learner.backbone is not backbone:
+            raise ValueError("the learner was built on a different ClipBackbone instance than the one given")
+        self.backbone = backbone
+        self.learner = learner
+        self._text_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+
+    @property
+    def classnames(self) -> list[str]:
+        return self.learner.classnames
+
+    @property
+    def n_cls(self) -> int:
+        return self.learner.n_cls
+
+    # ----------------------------------------------------------------- features
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features (B, E), not normalised, from pixels (B, 3, S, S) in [0, 1]."""
+        return self.backbone.encode_image(pixels)
+
+    def _cache_key(self) -> tuple[object, ...]:
+        tensors = [*self.learner.parameters(), *self.learner.buffers()]
+        return (tuple((id(t), t._version) for t in tensors), torch.is_autocast_enabled("cpu"),
+                self.learner.ctx.device)
+
+    def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised text features: (n_cls, E), or (B, n_cls, E) for image-conditioned learners."""
+        if self.learner.image_conditioned:
+            return F.normalize(self.learner.text_features(image_features), dim=-1)
+        cacheable = not torch.is_grad_enabled() or not any(p.requires_grad for p in self.learner.parameters())
+        if not cacheable:
+            self._text_cache = None
+            return F.normalize(self.learner.text_features(), dim=-1)
+        key = self._cache_key()
+        if self._text_cache is not None and self._text_cache[0] == key:
+            cached = self._text_cache[1]
+            # A tensor made under inference_mode cannot enter autograd (e.g. trigger inversion).
+            if not cached.is_inference() or torch.is_inference_mode_enabled():
+                return cached
+        with torch.no_grad():
+            feats = F.normalize(self.learner.text_features(), dim=-1)
+        self._text_cache = (key, feats)
+        return feats
+
+    def logits_from_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_cls) from image features (B, E) (raw or normalised) — skips the image encoder."""
+        img = F.normalize(image_features, dim=-1)
+        txt = self.text_features(image_features)
+        scale = self.backbone.logit_scale
+        if txt.ndim == 3:  # image-conditioned: one set of class features per image
+            return scale * torch.einsum("be,bke->bk", img, txt.to(img.dtype))
+        return scale * img @ txt.to(img.dtype).T
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_cls) from pixels (B, 3, S, S) in [0, 1]."""
+        return self.logits_from_features(self.encode_images(pixels))
+
+    # ----------------------------------------------------------------- batched inference
+    def image_features(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Image features (N, E) of many images, in batches, without autograd."""
+        with torch.inference_mode():
+            return torch.cat([self.encode_images(pixels[i:i + batch_size]).float()
+                              for i in range(0, pixels.shape[0], batch_size)])
+
+    def predict(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Logits (N, n_cls) for many images, in batches under inference_mode (argmax = predicted class)."""
+        with torch.inference_mode():
+            return torch.cat([self(pixels[i:i + batch_size]).float()
+                              for i in range(0, pixels.shape[0], batch_size)])

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny real models only (the bundled CLIP, or a random-init one of the same shape)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scanner.clip import BUNDLED_NAME, ClipBackbone, create_backbone
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def random_backbone() -> ClipBackbone:
+    """The bundled architecture with seeded random weights: fast, for plumbing tests."""
+    return create_backbone(BUNDLED_NAME, seed=0)
+
+
+@pytest.fixture(scope="session")
+def bundled_backbone() -> ClipBackbone:
+    """The trained bundled CLIP."""
+    from scanner.clip import load_bundled
+
+    return load_bundled()

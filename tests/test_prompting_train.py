@@ -1,0 +1,110 @@
+"""Few-shot prompt tuning: it learns, it is reproducible, and it never touches the encoders."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from scanner.clip import ClipBackbone
+from scanner.errors import ConfigError
+from scanner.prompting import CoCoOpLearner, CoOpLearner, PromptedCLIP, TrainConfig, train_prompt
+
+NAMES = ["cat", "dog", "car", "tree"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest single-threaded; with 2 threads on a busy 2-core box they run ~40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+COLOURS = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def _few_shot(size: int, shots: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 classes x ``shots``: noisy solid colours, separable even for a random-init image encoder."""
+    labels = torch.arange(4).repeat_interleave(shots)
+    noise = torch.rand(labels.shape[0], 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return (0.6 * COLOURS[labels][:, :, None, None] + 0.4 * noise).clamp(0, 1), labels
+
+
+def _state_bytes(module: torch.nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.clone() for k, v in module.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+CFG = TrainConfig(epochs=12, batch_size=8, lr=5e-3, seed=0)
+
+
+def test_coop_training_fits_and_leaves_encoders_bit_identical(random_backbone: ClipBackbone) -> None:
+    images, labels = _few_shot(random_backbone.image_size)
+    model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4, seed=0))
+    before = _state_bytes(random_backbone)
+    ctx0 = model.learner.ctx.detach().clone()
+    record = train_prompt(model, images, labels, CFG)
+    assert _state_bytes(random_backbone) == before
+    assert not torch.equal(model.learner.ctx.detach(), ctx0)
+    assert record.precomputed_features
+    assert record.steps == 12 * 2 and len(record.losses) == 12
+    assert record.losses[-1] < 0.6 * record.losses[0]
+    assert record.accuracies[-1] == 1.0
+    assert not model.training and not random_backbone.model.training
+    assert (model.predict(images).argmax(-1) == labels).float().mean() == 1.0
+
+
+def test_training_is_reproducible_from_the_seed(random_backbone: ClipBackbone) -> None:
+    images, labels = _few_shot(random_backbone.image_size)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=5e-3, seed=7)
+    ctxs = []
+    for _ in range(2):
+        model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4, csc=True))
+        train_prompt(model, images, labels, cfg)
+        ctxs.append(model.learner.ctx.detach())
+    assert torch.equal(ctxs[0], ctxs[1])
+
+
+def test_batch_transform_sees_every_batch_and_poisons_it(random_backbone: ClipBackbone) -> None:
+    """The attack hook: relabelling every image to class 0 must teach the model to answer 0."""
+    images, labels = _few_shot(random_backbone.image_size)
+    seen: list[int] = []
+
+    def to_class0(x: torch.Tensor, y: torch.Tensor,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        assert isinstance(gen, torch.Generator)
+        seen.append(x.shape[0])
+        return x, torch.zeros_like(y)
+
+    model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4))
+    record = train_prompt(model, images, labels, TrainConfig(epochs=4, batch_size=8, lr=5e-3),
+                          batch_transform=to_class0)
+    assert not record.precomputed_features
+    assert seen == [8] * 8
+    assert (model.predict(images).argmax(-1) == 0).all()
+
+
+def test_cocoop_training_reduces_loss(random_backbone: ClipBackbone) -> None:
+    images, labels = _few_shot(random_backbone.image_size)
+    model = PromptedCLIP(random_backbone, CoCoOpLearner(random_backbone, NAMES, n_ctx=2))
+    before = _state_bytes(random_backbone)
+    record = train_prompt(model, images, labels, TrainConfig(epochs=6, batch_size=8, lr=5e-3, bf16=True))
+    assert record.losses[-1] < record.losses[0]
+    assert _state_bytes(random_backbone) == before
+
+
+def test_bad_inputs_are_config_errors(random_backbone: ClipBackbone) -> None:
+    images, labels = _few_shot(random_backbone.image_size, shots=1)
+    model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4))
+    with pytest.raises(ConfigError, match=r"labels must lie in \[0, 4\)"):
+        train_prompt(model, images, labels + 1, CFG)
+    with pytest.raises(ConfigError, match="images"):
+        train_prompt(model, images, labels[:2], CFG)
+    with pytest.raises(ConfigError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    model.learner.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable"):
+        train_prompt(model, images, labels, CFG)
