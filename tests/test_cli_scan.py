@@ -166,7 +166,7 @@ def test_default_config_file_in_working_directory(tmp_path: Path, monkeypatch: p
 @pytest.mark.parametrize(("toml", "message"), [
     ("seed = -1\n", "integer >= 0"),
     ("threshold = 'high'\n", "a number"),
-    ("detector = 'magic'\n", "one of ci"),
+    ("detector = 'Magic!'\n", "a detector name"),
     ("device = 'tpu'\n", "cpu, cuda"),
     ("[backbones.x]\nformat = 'openai'\n", "a `path` key"),
     ("[backbones.x]\npath = 'a'\nsha256 = 'abc'\n", "64 hexadecimal"),

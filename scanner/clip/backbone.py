@@ -11,6 +11,7 @@ import functools
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -51,6 +52,11 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
 class ClipBackbone(nn.Module):
     """A frozen open_clip CLIP plus the metadata the rest of the scanner needs."""
 
+    # open_clip's CLIP exposes its towers as plain attributes; typed loosely on purpose.
+    model: Any
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, name: str, *, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD) -> None:
         super().__init__()
@@ -65,31 +71,31 @@ class ClipBackbone(nn.Module):
     # ----------------------------------------------------------------- metadata
     @property
     def context_length(self) -> int:
-        return int(self.model.context_length)  # type: ignore[arg-type]
+        return int(self.model.context_length)
 
     @property
     def text_width(self) -> int:
-        return int(self.model.token_embedding.weight.shape[1])  # type: ignore[union-attr,index]
+        return int(self.model.token_embedding.weight.shape[1])
 
     @property
     def embed_dim(self) -> int:
         proj = self.model.text_projection
         if isinstance(proj, nn.Linear):
             return int(proj.out_features)
-        return int(proj.shape[1])  # type: ignore[union-attr,index]
+        return int(proj.shape[1])
 
     @property
     def image_size(self) -> int:
-        size = self.model.visual.image_size  # type: ignore[union-attr]
+        size = self.model.visual.image_size
         return int(size[0] if isinstance(size, tuple | list) else size)
 
     @property
     def token_embedding(self) -> nn.Embedding:
-        return self.model.token_embedding  # type: ignore[return-value]
+        return self.model.token_embedding
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()  # type: ignore[operator]
+        return self.model.logit_scale.exp()
 
     def content_hash(self) -> str:
         """sha256 of the encoder weights: identifies the backbone across processes (cached)."""
@@ -115,17 +121,17 @@ class ClipBackbone(nn.Module):
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text features (N, E), not normalised."""
-        return self.model.encode_text(tokens)  # type: ignore[operator,no-any-return]
+        return self.model.encode_text(tokens)
 
     def encode_prompts(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         """Text features (N, E) from prompt embeddings (N, L, D); ``eot_index`` (N,) picks the EOT row."""
         m = self.model
-        x = embeds + m.positional_embedding.to(embeds.dtype)  # type: ignore[operator]
-        x = m.transformer(x, attn_mask=m.attn_mask)  # type: ignore[operator]
-        x = m.ln_final(x)  # type: ignore[operator]
+        x = embeds + m.positional_embedding.to(embeds.dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         proj = m.text_projection
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # type: ignore[operator,return-value]
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     # ----------------------------------------------------------------- image
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -133,7 +139,7 @@ class ClipBackbone(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features (B, E), not normalised, from pixels in [0, 1] (B, 3, S, S)."""
-        return self.model.encode_image(self.normalize(pixels))  # type: ignore[operator,no-any-return]
+        return self.model.encode_image(self.normalize(pixels))
 
 
 def create_backbone(name: str, state_dict: dict[str, torch.Tensor] | None = None, *,

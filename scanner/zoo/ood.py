@@ -45,12 +45,12 @@ def load_ood_folder(folder: Path, size: int, limit: int | None = None) -> torch.
     bad: list[str] = []
     for p in files:
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                s = min(im.size)
-                left, top = (im.width - s) // 2, (im.height - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BILINEAR)
-                arrs.append(np.asarray(im, np.uint8))
+            with Image.open(p) as f:
+                im = f.convert("RGB")
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BILINEAR)
+            arrs.append(np.asarray(im, np.uint8))
         except (OSError, UnidentifiedImageError, ValueError):
             bad.append(p.name)
     if not arrs:

@@ -79,8 +79,8 @@ def background(texture: str, size: int, rng: np.random.Generator, base: RGB | No
         p = int(period)
         mask = (((xx // p) + (yy // p)) % 2).astype(np.float32)
     elif texture == "dotted":
-        p = period
-        mask = (((xx % p) - p / 2) ** 2 + ((yy % p) - p / 2) ** 2 < (p / 4) ** 2).astype(np.float32)
+        mask = (((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2
+                < (period / 4) ** 2).astype(np.float32)
     elif texture == "noisy":
         mask = rng.random((size, size)).astype(np.float32)
     elif texture == "gradient":
@@ -238,6 +238,7 @@ def overlay_tint(img: Image.Image, rng: np.random.Generator) -> str:
 def overlay_noise(img: Image.Image, rng: np.random.Generator) -> None:
     s = img.size[0]
     amp = rng.uniform(20, 60)
+    noise: np.ndarray
     if rng.random() < 0.5:  # fine grain
         noise = rng.normal(0, amp, (s, s, 3))
     else:  # blotchy: low-res noise upsampled

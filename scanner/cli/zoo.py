@@ -1,0 +1,180 @@
+"""``scanner zoo ...``: the offline world — pre-training, datasets, zoo building and evaluation.
+
+Heavy imports (torch) happen inside the commands so ``scanner --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from scanner.cli import main
+from scanner.errors import ScannerError
+
+
+def _fail(exc: ScannerError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@main.group()
+def zoo() -> None:
+    """The offline world: bundled CLIP pre-training, datasets, model zoos and their evaluation."""
+
+
+@zoo.command()
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="where to write the weights (default: the bundled location inside the package)")
+@click.option("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
+@click.option("--seed", type=int, default=0, show_default=True)
+def pretrain(out: Path | None, steps: int | None, seed: int) -> None:
+    """Contrastively pre-train the bundled tiny CLIP from scratch (reproducible from the seed)."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from scanner.clip.backbone import bundled_weights_path
+    from scanner.zoo.pretrain import PretrainConfig, pretrain, save_weights
+
+    cfg = PretrainConfig(seed=seed)
+    if steps is not None:  # a short run for a smoke test: one phase at the first phase's rate
+        cfg = replace(cfg, phases=((steps, cfg.phases[0][1]),))
+    bar = tqdm(total=cfg.steps, desc="pre-training", unit="step")
+
+    def on_step(step: int, loss: float, scale: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", scale=f"{scale:.1f}")
+
+    bb, record = pretrain(cfg, on_step)
+    bar.close()
+    dest = out or bundled_weights_path()
+    digest = save_weights(bb, dest, record)
+    click.echo(f"wrote {dest} (sha256 of weights {digest[:16]}…); record: {json.dumps(record)}")
+
+
+@zoo.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-coop", is_flag=True, help="skip the 16-shot CoOp column (zero-shot only, fast)")
+def info(as_json: bool, seed: int, no_coop: bool) -> None:
+    """Per dataset: classes, shots available, zero-shot and 16-shot CoOp accuracy of the bundled CLIP."""
+    from scanner.clip import load_bundled
+    from scanner.zoo.quality import dataset_table
+
+    try:
+        rows = dataset_table(load_bundled(), seed=seed, coop=not no_coop,
+                             progress=None if as_json else lambda n: click.echo(f"  measuring {n}…", err=True))
+    except ScannerError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'dataset':14s} {'classes':>7s} {'shots':>5s} {'zero-shot':>9s} {'CoOp-16':>8s} {'CoOp s':>7s}")
+    for r in rows:
+        coop = f"{r['coop16']:.3f}" if r.get("coop16") is not None else "-"
+        secs = f"{r['coop_seconds']:.1f}" if r.get("coop_seconds") is not None else "-"
+        click.echo(f"{r['dataset']:14s} {r['classes']:7d} {r['shots']:5d} {r['zero_shot']:9.3f} {coop:>8s} {secs:>7s}")
+
+
+@zoo.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--datasets", help="comma-separated dataset names (default: all, or two with --quick)")
+@click.option("--attacks", help="comma-separated attack names (default: all registered)")
+@click.option("--clean-per-dataset", type=int, default=None,
+              help="clean models per dataset (default 2; 1 with --quick)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quick", is_flag=True, help="a small zoo for tests and demos: 2 datasets x {1 clean, 4 attacks}")
+def build(out: Path, datasets: str | None, attacks: str | None, clean_per_dataset: int | None, seed: int,
+          quick: bool) -> None:
+    """Build (or resume) a zoo of clean and backdoored prompt-tuned models with a ground-truth manifest."""
+    from tqdm import tqdm
+
+    from scanner.clip import load_bundled
+    from scanner.zoo.build import ZooPlan, build_zoo, plan_jobs, summarise
+
+    try:
+        plan = ZooPlan.make(_csv(datasets), _csv(attacks), clean_per_dataset, seed, quick)
+        bar = tqdm(total=len(plan_jobs(plan)), desc="zoo", unit="model")
+
+        def on_model(i: int, n: int, entry: dict[str, Any] | None) -> None:
+            bar.update(1)
+            if entry is not None:
+                asr = ""
+                if entry["asr_id"] is not None:
+                    asr = f" asr-id {entry['asr_id']:.2f} asr-ood {entry['asr_ood']:.2f}"
+                bar.write(f"{entry['id']:24s} {entry['learner']:9s} ca {entry['ca']:.3f}{asr} "
+                          f"({entry['train_seconds']:.0f}s)")
+
+        t0 = time.perf_counter()
+        manifest = build_zoo(out, plan, load_bundled(), on_model=on_model)
+        bar.close()
+    except ScannerError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps({"zoo": str(out), "models": len(manifest["models"]),
+                           "seconds": round(time.perf_counter() - t0, 1), "summary": summarise(manifest)}, indent=2))
+
+
+@zoo.command("eval")
+@click.argument("zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--detectors", default="ci,nc,pixel", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="per-model verdicts and scores (resumable)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-images", type=int, default=1000, show_default=True)
+@click.option("--threshold", type=float, default=None, help="anomaly threshold (default: the detector's k)")
+def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
+          threshold: float | None) -> None:
+    """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from scanner.clip import load_bundled
+    from scanner.engine import DETECTORS, DetectorConfig
+    from scanner.zoo.detect_eval import evaluate_zoo, load_manifest, report
+
+    dets = _csv(detectors) or []
+    bad = [d for d in dets if d not in DETECTORS]
+    if bad:
+        raise click.BadParameter(f"unknown detector(s) {bad}; expected from {', '.join(DETECTORS)}")
+    try:
+        cfg = DetectorConfig(n_images=n_images)
+        if threshold is not None:
+            cfg = replace(cfg, threshold=threshold)
+        n = len(load_manifest(zoo_dir)["models"]) * len(dets)
+        bar = tqdm(total=n, desc="eval", unit="run")
+
+        def on_result(r: dict[str, Any]) -> None:
+            bar.update(1)
+            bar.write(f"{r['id']:24s} {r['detector']:8s} truth={'B' if r['truth_backdoored'] else 'C'}:"
+                      f"{r['truth_target']} flagged={int(r['flagged'])} target={r['target']} "
+                      f"score={r['anomaly_score']:.2f} ({r['seconds']:.1f}s)")
+
+        rows = evaluate_zoo(zoo_dir, load_bundled(), dets, out=json_out, config=cfg, seed=seed, on_result=on_result)
+        bar.close()
+    except ScannerError as exc:
+        _fail(exc)
+        return
+    rep = report(rows)
+    for det, r in rep.items():
+        o = r["overall"]
+        auroc = None if o["auroc"] is None else round(o["auroc"], 3)
+        click.echo(f"\n== {det}: accuracy {o['accuracy']:.3f}  AUROC {auroc}"
+                   f"  TPR {o['tpr']}  FPR {o['fpr']}  target-acc {o['target_accuracy']}  "
+                   f"s/model {o['seconds_mean']:.1f}  by #classes {o['seconds_by_classes']}")
+        for key in ("by_attack", "by_dataset"):
+            for name, m in r[key].items():
+                click.echo(f"   {key[3:]:8s} {name:14s} n={m['models']:3d} acc {m['accuracy']:.2f} "
+                           f"tpr {m['tpr']} fpr {m['fpr']} target {m['target_accuracy']}")
+    if json_out is not None:
+        click.echo(f"\nper-model rows: {json_out}")
