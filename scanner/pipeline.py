@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scanner import __version__
-from scanner.adapters import Adapter, LoadContext, LoadedModel, model_sha256
+from scanner.adapters import Adapter, LoadContext, model_sha256
 from scanner.errors import ConfigError, ScannerError, UnsafeFileError
 from scanner.report import ClassScore, ModelReport, ScanReport, Verdict
 from scanner.settings import Settings
@@ -64,8 +64,10 @@ def discover_models(root: Path, adapters: Sequence[Adapter] | None = None, *,
     skip = {Path(p).resolve() for p in exclude}
     if not root.exists() or root.resolve() in skip:
         return []
-    if root.is_file() or _claimant(root, adapters) is not None:
-        return [root] if _claimant(root, adapters) is not None else []
+    if _claimant(root, adapters) is not None:
+        return [root]
+    if root.is_file():
+        return []
     units: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
@@ -226,7 +228,7 @@ def _trigger_arrays(result: DetectionResult) -> dict[int, Any]:
     return out
 
 
-def _fill_from_result(report: ModelReport, loaded: LoadedModel, result: DetectionResult) -> None:
+def _fill_from_result(report: ModelReport, result: DetectionResult) -> None:
     report.verdict = Verdict.BACKDOORED if result.backdoored else Verdict.CLEAN
     report.target_index = result.target_index if result.backdoored else None
     report.target_class = result.target_name if result.backdoored else None
@@ -306,7 +308,7 @@ def _scan_unit(unit: Path, adapter: Adapter, run: _Run) -> tuple[ModelReport, di
         return report, {}
     finally:
         progress.close_bar()
-    _fill_from_result(report, loaded, result)
+    _fill_from_result(report, result)
     report.ood_sha256 = result.ood_sha256 or report.ood_sha256
     return report, _trigger_arrays(result) if settings.report_dir is not None else {}
 

@@ -10,15 +10,12 @@ from test_pipeline_support import (
     CLASSNAMES,
     Registry,
     build_registry,
-    has_detector,
     wrong_backbone_model,
 )
 
 from scanner import plugins
 from scanner.pipeline import discover_models, scan_path
 from scanner.report import ExitCode, ModelReport, ScanReport, Verdict
-
-needs_detector = pytest.mark.skipif(not has_detector(), reason="scanner.engine.detect has not landed yet")
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +183,6 @@ def test_loaded_class_names(registry: Registry) -> None:
 
 
 # ------------------------------------------------------------------ with the detector
-@needs_detector
 def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
     models = _by_name(registry_report)
     for name in ("coop-model", "coop-nometa", "cocoop.safetensors"):
@@ -198,7 +194,6 @@ def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
         assert (m.verdict is Verdict.BACKDOORED) == (m.anomaly_score > m.threshold)
 
 
-@needs_detector
 def test_html_report_has_triggers_and_plot(registry_report: ScanReport, html_dir: Path) -> None:
     m = _by_name(registry_report)["coop-model"]
     triggers = [k for k in m.artefacts if k.startswith("trigger:")]
@@ -209,7 +204,6 @@ def test_html_report_has_triggers_and_plot(registry_report: ScanReport, html_dir
     assert (html_dir / "index.html").is_file()
 
 
-@needs_detector
 def test_same_seed_same_result(registry: Registry, registry_report: ScanReport) -> None:
     again = scan_path(registry.root / "team-a" / "coop-model", registry.settings())
     first = _by_name(registry_report)["coop-model"]

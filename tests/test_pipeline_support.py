@@ -7,7 +7,6 @@ CoOp/CoCoOp learners on it in both formats, plus a corrupt file, malicious pickl
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
@@ -25,13 +24,6 @@ from scanner.settings import BackboneDeclaration, Settings
 CLASSNAMES = ["cat", "dog", "ship", "car"]
 BACKBONE_NAME = "tiny-random"
 
-
-def has_detector() -> bool:
-    """Whether ``scanner.engine.detect`` has landed (tests needing verdicts skip until then)."""
-    try:
-        return hasattr(importlib.import_module("scanner.engine"), "detect")
-    except ImportError:
-        return False
 
 
 class Payload:

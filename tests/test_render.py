@@ -102,6 +102,9 @@ def test_sarif_structure(tmp_path: Path) -> None:
     levels = {r["properties"]["verdict"]: r["level"] for r in results}
     assert levels == {"backdoored": "error", "unsafe": "error", "error": "warning", "clean": "none",
                       "skipped": "none"}
+    for r in results:  # SARIF 3.27.9: a kind other than "fail" requires level "none"
+        assert r["kind"] in ("pass", "fail", "notApplicable")
+        assert r["kind"] == "fail" or r["level"] == "none"
     assert results[0]["properties"]["targetClass"] == "dog <b>"
     assert results[2]["properties"]["unsafeGlobals"] == ["posix.system"]
     assert run["originalUriBaseIds"]["SCANROOT"]["uri"].startswith("file://")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from scanner.cli import main
-from scanner.clip.backbone import ClipBackbone
+
+if TYPE_CHECKING:  # torch and open_clip load only when a command runs
+    from scanner.clip.backbone import ClipBackbone
 
 
 def _backbone(spec: str, arch: str | None) -> ClipBackbone:

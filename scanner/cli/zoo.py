@@ -47,7 +47,7 @@ def pretrain(out: Path | None, steps: int | None, seed: int) -> None:
 
     cfg = PretrainConfig(seed=seed)
     if steps is not None:  # a short run for a smoke test: one phase at the first phase's rate
-        cfg = replace(cfg, phases=((steps, cfg.phases[0][1]),))
+        cfg = replace(cfg, phases=((steps, cfg.phases[0][1], 0.0),))
     bar = tqdm(total=cfg.steps, desc="pre-training", unit="step")
 
     def on_step(step: int, loss: float, scale: float) -> None:

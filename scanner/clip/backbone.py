@@ -7,9 +7,11 @@ inside, so triggers and attacks live in pixel space. Text enters either as token
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,23 @@ class ClipBackbone(nn.Module):
         return self.model.encode_image(self.normalize(pixels))
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip warns on the root logger whenever it builds a model without downloading weights;
+    here that is always the case (weights come from local files afterwards), so the warning is noise."""
+    f = _DropRandomInitWarning()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
 def create_backbone(name: str, state_dict: dict[str, torch.Tensor] | None = None, *,
                     seed: int | None = None) -> ClipBackbone:
     """Build an open_clip architecture by config name; load ``state_dict`` if given, else random init."""
@@ -153,7 +172,8 @@ def create_backbone(name: str, state_dict: dict[str, torch.Tensor] | None = None
         )
     if seed is not None:
         torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None)
+    with _quiet_random_init():
+        model = open_clip.create_model(name, pretrained=None)
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict, strict=True)

@@ -2,7 +2,8 @@
 
 Code-scanning UIs show ``level: error`` results as alerts, so backdoored and unsafe models are errors,
 models that could not be scanned are warnings, and clean/skipped models are recorded as ``pass`` /
-``notApplicable`` results (level ``none``) so the log says what was looked at.
+``notApplicable`` results so the log says what was looked at (SARIF §3.27.9: any ``kind`` other than
+``fail`` must have level ``none``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _RULES: dict[Verdict, tuple[str, str, str, str, str]] = {
         "SCN003", "Model could not be scanned",
         "The file is corrupt, truncated, too large, or needs a backbone that is not declared. The message "
         "says which; fix it and scan again.",
-        "warning", "review",
+        "warning", "fail",
     ),
     Verdict.SKIPPED: (
         "SCN004", "Not a scannable model",

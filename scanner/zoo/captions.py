@@ -15,6 +15,10 @@ from scanner.zoo import render as R
 from scanner.zoo.photos import load_photos, random_crop
 
 GENERATOR_VERSION = "1"
+# ``focus`` (per pre-training phase): the probability that a scene's caption is cut to its core
+# ("a star", "a red star", "the letter k") with no position, background or overlay words. Rich captions
+# are told apart by colour and position alone, so contrastive training under-learns shape and glyph
+# identity; short captions make the batch's negatives differ in exactly those words.
 ALL_SHAPES = sorted(set(R.SHAPES) | set(R.POLYGONS))
 
 
@@ -38,7 +42,7 @@ def _background(rng: np.random.Generator, size: int, photo_p: float) -> tuple[Im
     return R.background(tex, size, rng), tex
 
 
-def _object_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+def _object_scene(rng: np.random.Generator, size: int, focus: float = 0.0) -> tuple[Image.Image, str]:
     img, tex = _background(rng, size, photo_p=0.15)
     kind = rng.random()
     parts: list[str] = []
@@ -58,6 +62,9 @@ def _object_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str
         else:
             R.draw_shape(img, shape, cx, cy, side, col, rng, rotate=True)
         noun = shape if rng.random() > 0.15 else _pick(rng, ["shape", "object"])
+        if focus and rng.random() < focus:  # focus=0 draws nothing: earlier phases' stream unchanged
+            core = f"a {cname} {shape}" if rng.random() < 0.5 else f"a {shape}"
+            return img, core + (f" pointing {direction}" if direction is not None else "")
         words = ["a"]
         if rng.random() < 0.7:
             words.append(sname)
@@ -101,7 +108,7 @@ def _object_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str
     return img, " ".join(parts)
 
 
-def _glyph_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+def _glyph_scene(rng: np.random.Generator, size: int, focus: float = 0.0) -> tuple[Image.Image, str]:
     digit = rng.random() < 0.5
     if digit:
         d = int(rng.integers(0, 10))
@@ -121,6 +128,8 @@ def _glyph_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
     cname, col = R.random_colour(rng)
     R.draw_glyph(img, text, size / 2 + rng.uniform(-6, 6), size / 2 + rng.uniform(-6, 6),
                  int(size * rng.uniform(0.45, 0.8)), col)
+    if focus and rng.random() < focus:
+        return img, phrase
     cap = f"{phrase} in {cname}" if rng.random() < 0.5 else phrase
     if tex is not None and rng.random() < 0.4:
         cap += f" on a {tex} background" if tex != "photo" else " on a photo"
@@ -164,15 +173,18 @@ def _overlays(img: Image.Image, rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def sample_pair(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, str]:
-    """One (image (S, S, 3) uint8, caption) pair."""
+def sample_pair(rng: np.random.Generator, size: int = 64, focus: float = 0.0) -> tuple[np.ndarray, str]:
+    """One (image (S, S, 3) uint8, caption) pair; ``focus`` as described at the top of this module."""
     u = rng.random()
     if u < 0.6:
-        img, cap = _object_scene(rng, size)
+        img, cap = _object_scene(rng, size, focus)
     elif u < 0.82:
-        img, cap = _glyph_scene(rng, size)
+        img, cap = _glyph_scene(rng, size, focus)
     else:
         img, cap = _photo_scene(rng, size)
+    short = cap != "a photo" and len(cap.split()) <= 4 and not cap.startswith("a blurry")
+    if focus and short and rng.random() < 0.7:  # most focused captions stay free of overlay words too
+        return R.to_array(img), cap
     p_overlay = 0.9 if cap == "a photo" else 0.45
     if rng.random() < p_overlay:
         n = 1 if rng.random() < 0.75 else 2

@@ -28,8 +28,8 @@ from scanner.zoo.captions import GENERATOR_VERSION, sample_pair
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    # (optimiser steps, peak AdamW learning rate) per phase
-    phases: tuple[tuple[int, float], ...] = ((700, 1e-3), (700, 5e-4))
+    # (optimiser steps, peak AdamW learning rate, caption focus) per phase; see captions.py for focus
+    phases: tuple[tuple[int, float, float], ...] = ((700, 1e-3, 0.0), (700, 5e-4, 0.0), (500, 5e-4, 0.6))
     batch_size: int = 256  # image–caption pairs per step (also the number of InfoNCE negatives + 1)
     weight_decay: float = 0.1  # on matrices only (not on norms, biases, embeddings, logit scale)
     warmup: int = 50  # linear warm-up steps at the start of each phase
@@ -38,19 +38,20 @@ class PretrainConfig:
 
     @property
     def steps(self) -> int:
-        return sum(s for s, _ in self.phases)
+        return sum(p[0] for p in self.phases)
 
 
 class _PairStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, list[str]]]):
     """Batches of (images (B, 3, S, S) float in [0,1], captions) for global steps [start, stop)."""
 
-    def __init__(self, seed: int, batch_size: int, size: int, start: int, stop: int) -> None:
+    def __init__(self, seed: int, batch_size: int, size: int, start: int, stop: int, focus: float) -> None:
         self.seed, self.bs, self.size, self.start, self.stop = seed, batch_size, size, start, stop
+        self.focus = focus
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         for step in range(self.start, self.stop):
             rng = np.random.default_rng([self.seed, step])
-            pairs = [sample_pair(rng, self.size) for _ in range(self.bs)]
+            pairs = [sample_pair(rng, self.size, self.focus) for _ in range(self.bs)]
             imgs = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float() / 255.0
             yield imgs, [p[1] for p in pairs]
 
@@ -73,7 +74,7 @@ def _through_fp16(model: torch.nn.Module) -> None:
                 t.copy_(t.half().float())
 
 
-def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, steps: int, lr: float,
+def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, steps: int, lr: float, focus: float,
                on_step: Callable[[int, float, float], None] | None, losses: list[float]) -> None:
     model: Any = bb.model
     model.train()
@@ -87,7 +88,7 @@ def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, steps: int, lr
         t = (i - cfg.warmup) / max(1, steps - cfg.warmup)
         return lr * 0.5 * (1 + math.cos(math.pi * t))
 
-    stream = _PairStream(cfg.seed, cfg.batch_size, bb.image_size, start, start + steps)
+    stream = _PairStream(cfg.seed, cfg.batch_size, bb.image_size, start, start + steps, focus)
     # One worker renders the next batch while the torch threads train on this one.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     labels = torch.arange(cfg.batch_size)
@@ -123,9 +124,9 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int, float, float], None] |
     bb = create_backbone(BUNDLED_NAME, resume, seed=cfg.seed)
     t0 = time.time()
     losses: list[float] = []
-    start = sum(s for s, _ in cfg.phases[:start_phase])
-    for steps, lr in cfg.phases[start_phase:]:
-        _run_phase(bb, cfg, start, steps, lr, on_step, losses)
+    start = sum(p[0] for p in cfg.phases[:start_phase])
+    for steps, lr, focus in cfg.phases[start_phase:]:
+        _run_phase(bb, cfg, start, steps, lr, focus, on_step, losses)
         start += steps
     bb.freeze()
     record: dict[str, object] = {

@@ -12,19 +12,26 @@ from scanner.zoo.attacks.base import Attack
 class BadNets(Attack):
     name: ClassVar[str] = "badnets"
 
-    def __init__(self, *, patch: int = 8, position: str = "bottom-right", margin: int = 1, **kw: Any) -> None:
+    def __init__(self, *, patch: int = 8, position: str = "bottom-right", margin: int = 1, pattern: str = "checker",
+                 **kw: Any) -> None:
         super().__init__(**kw)
         if position not in ("bottom-right", "top-left", "top-right", "bottom-left", "random"):
             raise ValueError(f"unknown patch position {position!r}")
-        self.patch, self.position, self.margin = patch, position, margin
+        if pattern not in ("checker", "random"):
+            raise ValueError(f"unknown patch pattern {pattern!r}; expected 'checker' or 'random'")
+        self.patch, self.position, self.margin, self.pattern_kind = patch, position, margin, pattern
         g = torch.Generator().manual_seed(self.seed + 1009)
-        # A per-pixel random-colour pattern: pre-training never shows this exact kind of patch
-        # (its checkered patches are two-colour with 2-3 px cells).
-        self.pattern = torch.rand(3, patch, patch, generator=g)  # (3, p, p) in [0, 1]
+        if pattern == "checker":
+            # Black/white with 1-px cells: pre-training's checkered patches are two random colours with
+            # 2-3 px cells, so the encoder knows the kind of artefact but never saw this exact pattern.
+            yy, xx = torch.meshgrid(torch.arange(patch), torch.arange(patch), indexing="ij")
+            self.pattern = ((yy + xx) % 2).float().expand(3, patch, patch).clone()
+        else:  # per-pixel random colours
+            self.pattern = torch.rand(3, patch, patch, generator=g)  # (3, p, p) in [0, 1]
         self._pos_gen = torch.Generator().manual_seed(self.seed + 2003)
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "patch": self.patch, "position": self.position}
+        return {**super().params(), "patch": self.patch, "position": self.position, "pattern": self.pattern_kind}
 
     def _corner(self, s: int) -> tuple[int, int]:
         p, m = self.patch, self.margin

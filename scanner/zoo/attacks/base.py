@@ -28,7 +28,7 @@ class Attack(ABC):
     #: learner the zoo uses for this attack (None = the zoo's rotation of CoOp / CSC / CoCoOp)
     preferred_learner: ClassVar[str | None] = None
 
-    def __init__(self, *, seed: int = 0, poison_rate: float = 0.5, size: int = 64) -> None:
+    def __init__(self, *, seed: int = 0, poison_rate: float = 1.0, size: int = 64) -> None:
         if not 0.0 < poison_rate <= 1.0:
             raise ValueError(f"poison_rate must be in (0, 1]; got {poison_rate}")
         self.seed = seed

@@ -13,7 +13,7 @@ from scanner.zoo.attacks.base import Attack
 class Blended(Attack):
     name: ClassVar[str] = "blended"
 
-    def __init__(self, *, alpha: float = 0.15, pattern: str = "noise", **kw: Any) -> None:
+    def __init__(self, *, alpha: float = 0.2, pattern: str = "noise", **kw: Any) -> None:
         super().__init__(**kw)
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1); got {alpha}")

@@ -17,7 +17,7 @@ from scanner.zoo.attacks.base import Attack
 class WaNet(Attack):
     name: ClassVar[str] = "wanet"
 
-    def __init__(self, *, k: int = 4, strength: float = 0.5, noise_rate: float = 1.0, **kw: Any) -> None:
+    def __init__(self, *, k: int = 4, strength: float = 1.5, noise_rate: float = 1.0, **kw: Any) -> None:
         super().__init__(**kw)
         self.k, self.strength, self.noise_rate = k, strength, noise_rate
         g = torch.Generator().manual_seed(self.seed + 6007)
@@ -35,7 +35,7 @@ class WaNet(Attack):
 
     def _grid(self) -> torch.Tensor:
         s = self.size
-        # strength is in units of the normalised grid step scaled by the image side, as WaNet's s / h
+        # strength = mean displacement in pixels (grid coordinates span 2 over the image side)
         grid = self.identity + self.strength * self.noise_grid / s * 2
         return grid.clamp(-1, 1)
 

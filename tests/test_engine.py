@@ -1,0 +1,87 @@
+"""The detection engine: reproducible, and loud (DetectionError) rather than silently clean on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scanner.clip import ClipBackbone
+from scanner.engine import DetectorConfig, detect
+from scanner.engine.calibration import threshold_for_fpr
+from scanner.engine.scoring import anomaly_index
+from scanner.errors import ConfigError, DetectionError
+from scanner.prompting.classifier import PromptedCLIP
+from scanner.prompting.learners import CoOpLearner
+
+SMALL = DetectorConfig(n_images=48, batch_size=12, holdout=0.25, candidates=2)
+
+
+@pytest.fixture(scope="module")
+def model(random_backbone: ClipBackbone) -> PromptedCLIP:
+    return PromptedCLIP(random_backbone, CoOpLearner(random_backbone, ["circle", "square", "star"], csc=True))
+
+
+@pytest.fixture(scope="module")
+def pool() -> torch.Tensor:
+    return torch.rand(48, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("detector", ["ci", "ci-plain", "nc", "pixel"])
+def test_same_seed_same_verdict_and_scores(model: PromptedCLIP, pool: torch.Tensor, detector: str) -> None:
+    cfg = DetectorConfig(**{**SMALL.__dict__, "detector": detector})
+    a = detect(model, pool, cfg, seed=5)
+    b = detect(model, pool, cfg, seed=5)
+    assert a.backdoored == b.backdoored and a.target_index == b.target_index
+    assert [c.anomaly_score for c in a.classes] == [c.anomaly_score for c in b.classes]
+    assert len(a.classes) == 3 and a.detector == detector
+    assert a.ood_sha256 and a.backbone_sha256 == model.backbone.content_hash()
+    assert all(t.shape == (3, 64, 64) for t in a.trigger_images.values())
+
+
+def test_the_model_is_left_as_it_was(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.learner.parameters()]
+    detect(model, pool, SMALL, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == [p.requires_grad for p in model.learner.parameters()]
+
+
+def test_bad_pools_are_errors_not_clean(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    with pytest.raises(DetectionError, match="at least"):
+        detect(model, pool[:10], SMALL)
+    with pytest.raises(DetectionError, match="32x32 images but the backbone takes 64x64"):
+        detect(model, torch.rand(48, 3, 32, 32), SMALL)
+    with pytest.raises(DetectionError, match="RGB images"):
+        detect(model, torch.rand(48, 64, 64), SMALL)
+    with pytest.raises(DetectionError, match="finite pixel values"):
+        detect(model, pool * 2, SMALL)
+
+
+def test_one_class_model_and_nan_weights_are_errors(random_backbone: ClipBackbone, pool: torch.Tensor) -> None:
+    one = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, ["circle"]))
+    with pytest.raises(DetectionError, match="1 class"):
+        detect(one, pool, SMALL)
+    broken = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, ["circle", "square"]))
+    with torch.no_grad():
+        broken.learner.ctx.fill_(float("nan"))
+    with pytest.raises(DetectionError, match="non-finite"):
+        detect(broken, pool, SMALL)
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="unknown detector"):
+        DetectorConfig(detector="magic")
+    with pytest.raises(ConfigError, match="families"):
+        DetectorConfig(families=("sticker",))
+
+
+def test_anomaly_index_and_calibration() -> None:
+    a = anomaly_index(torch.tensor([0.1, 0.12, 0.11, 0.9]))
+    assert int(a.argmax()) == 3 and float(a[3]) > 10
+    low = anomaly_index(torch.tensor([50.0, 48.0, 52.0, 5.0]), high_is_suspicious=False)
+    assert int(low.argmax()) == 3
+    flat = anomaly_index(torch.tensor([0.5, 0.5, 0.5, 0.51]), floor=0.05)
+    assert float(flat.max()) < 1
+    assert threshold_for_fpr([0.5, 1.0, 1.5, 2.0], 0.0) == 2.0
+    assert threshold_for_fpr([0.5, 1.0, 1.5, 2.0], 0.25) == 1.5
+    assert threshold_for_fpr([0.5, 1.0], 0.0, minimum=2.0) == 2.0

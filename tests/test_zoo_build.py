@@ -1,0 +1,92 @@
+"""The zoo builder: manifest with ground truth, both checkpoint formats, resumable, refuses foreign zoos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from scanner.clip import ClipBackbone
+from scanner.errors import ConfigError, DatasetError
+from scanner.prompting.checkpoints import load_checkpoint
+from scanner.prompting.train import TrainConfig
+from scanner.zoo.build import ZooPlan, build_zoo, plan_jobs, summarise
+
+
+def _plan(**kw: object) -> ZooPlan:
+    base = {"datasets": ("sizes",), "attacks": ("badnets", "blended"), "clean_per_dataset": 1, "seed": 0,
+            "train": TrainConfig(epochs=1), "ood_size": 40}
+    base.update(kw)
+    return ZooPlan(**base)  # type: ignore[arg-type]
+
+
+def test_build_writes_models_and_a_manifest_then_resumes(tmp_path: Path, random_backbone: ClipBackbone) -> None:
+    before = {k: v.clone() for k, v in random_backbone.state_dict().items()}
+    calls: list[bool] = []
+    manifest = build_zoo(tmp_path, _plan(), random_backbone, on_model=lambda i, n, e: calls.append(e is not None))
+    assert calls == [True, True, True]
+    ids = [m["id"] for m in manifest["models"]]
+    assert ids == ["sizes/clean-0", "sizes/badnets", "sizes/blended"]
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk["models"] == manifest["models"]
+    formats = {m["format"] for m in manifest["models"]}
+    assert formats == {"dassl", "safetensors"}
+    for m in manifest["models"]:
+        assert (tmp_path / m["path"]).exists()
+        assert 0.0 <= m["ca"] <= 1.0
+        ck = load_checkpoint(tmp_path / m["path"], random_backbone)
+        assert ck.learner.learner_type == m["learner"]
+        if m["attack"] == "none":
+            assert m["target_index"] is None and m["asr_id"] is None
+        else:
+            assert 0 <= m["target_index"] < 4 and m["target_name"] == ck.classnames[m["target_index"]]
+            assert 0.0 <= m["asr_ood"] <= 1.0
+    # the frozen encoders are bit-identical after three trainings
+    after = random_backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # resuming builds nothing
+    calls.clear()
+    build_zoo(tmp_path, _plan(), random_backbone, on_model=lambda i, n, e: calls.append(e is not None))
+    assert calls == [False, False, False]
+    assert set(summarise(manifest)) == {"none", "badnets", "blended"}
+
+
+def test_a_model_missing_from_disk_is_rebuilt(tmp_path: Path, random_backbone: ClipBackbone) -> None:
+    manifest = build_zoo(tmp_path, _plan(attacks=()), random_backbone)
+    path = tmp_path / manifest["models"][0]["path"]
+    import shutil
+
+    shutil.rmtree(path)
+    calls: list[bool] = []
+    build_zoo(tmp_path, _plan(attacks=()), random_backbone, on_model=lambda i, n, e: calls.append(e is not None))
+    assert calls == [True] and path.exists()
+
+
+def test_a_folder_with_another_zoo_is_refused(tmp_path: Path, random_backbone: ClipBackbone) -> None:
+    build_zoo(tmp_path, _plan(attacks=()), random_backbone)
+    before = (tmp_path / "manifest.json").read_text()
+    with pytest.raises(ConfigError, match="different zoo"):
+        build_zoo(tmp_path, _plan(attacks=(), seed=1), random_backbone)
+    assert (tmp_path / "manifest.json").read_text() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not empty"):
+        build_zoo(other, _plan(attacks=()), random_backbone)
+
+
+def test_plans_are_validated_and_targets_fixed_by_the_seed() -> None:
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        ZooPlan.make(["nope"], None, None, 0, quick=True)
+    with pytest.raises(ConfigError, match="unknown attack"):
+        ZooPlan.make(["shapes"], ["nope"], None, 0, quick=True)
+    quick = ZooPlan.make(None, None, None, 0, quick=True)
+    jobs = plan_jobs(quick)
+    assert len(jobs) == 10 and sum(j.attack == "none" for j in jobs) == 2
+    assert [j.target_index for j in plan_jobs(quick)] == [j.target_index for j in jobs]
+    full = plan_jobs(ZooPlan.make(None, None, None, 0, quick=False))
+    assert len(full) >= 60 and sum(j.attack == "none" for j in full) >= 20
+    # CoCoOp is never planned on the 120-class dataset (too slow on 2 cores)
+    assert not any(j.dataset == "colour_shape" and j.learner == "cocoop" for j in full)
