@@ -30,11 +30,15 @@ import torch
 from scanner.engine.config import DetectorConfig
 from scanner.engine.invert import (
     InversionSchedule,
+    ReferenceModel,
     class_shares,
-    collapse_loss,
+    differential_collapse,
+    differential_margin,
     frozen_learner,
     margin_loss,
     optimise,
+    optimise_pair,
+    pair_shares,
 )
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
@@ -84,15 +88,17 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     images: dict[int, torch.Tensor] = {}
     raw: dict[int, torch.Tensor] = {}
     with frozen_learner(model):
-        natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
+        ref = ReferenceModel(model)
+        natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
         screen = torch.full((C,), -1.0)
         for fam in cfg.families:
             trig = make_trigger(fam, size, cfg, gen)
-            optimise(model, trig, opt_x, collapse_loss, sched, gen, _size_weight(fam, cfg))
-            shares = class_shares(model, trig, hold_x, cfg.bf16)
+            optimise_pair(model, ref, trig, opt_x, differential_collapse(cfg.reference_weight), sched, gen,
+                          _size_weight(fam, cfg))
+            s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
             for k in range(C):
-                evidence[k][f"screen_{fam}"] = float(shares[k])
-            screen = torch.maximum(screen, shares - natural)
+                evidence[k][f"screen_{fam}"] = float(s_sus[k])
+            screen = torch.maximum(screen, s_sus - torch.maximum(s_ref, natural))
             tick(f"screen:{fam}")
         score = screen.clone()
         cands = [int(k) for k in torch.argsort(screen, descending=True, stable=True)[:m]]
@@ -100,10 +106,13 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             best = -1.0
             for fam in cfg.families:
                 trig = make_trigger(fam, size, cfg, gen)
-                optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen, _size_weight(fam, cfg))
-                asr = float(class_shares(model, trig, hold_x, cfg.bf16)[t])
-                gain = asr - float(natural[t])
-                evidence[t][f"asr_{fam}"] = asr
+                optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
+                              sched, gen, _size_weight(fam, cfg))
+                s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
+                # what the trigger does to the suspect beyond what it does to its clean twin
+                gain = float(s_sus[t]) - max(float(s_ref[t]), float(natural[t]))
+                evidence[t][f"asr_{fam}"] = float(s_sus[t])
+                evidence[t][f"ref_asr_{fam}"] = float(s_ref[t])
                 evidence[t][f"size_{fam}"] = float(trig.size().detach())
                 if gain > best:
                     best = gain
@@ -130,30 +139,40 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
                  progress: Progress | None = None) -> DetectionResult:
-    """The paper's plain protocol: targeted additive inversion for every class, MAD over ASR."""
+    """The paper's plain protocol: a targeted inversion for every class and trigger family (one epoch
+    each); per-class score = best ASR gain over the class's natural share; anomaly index over classes."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     opt_x, hold_x = split_pool(pool, cfg)
     size = pool.shape[-1]
     C = model.n_cls
     sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
-    asr = torch.zeros(C)
+    score = torch.full((C,), -1.0)
+    evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
     images: dict[int, torch.Tensor] = {}
     raw: dict[int, torch.Tensor] = {}
     with frozen_learner(model):
+        natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
         for t in range(C):
-            trig = AdditiveTrigger(size, cfg.eps, gen)
-            optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen)
-            asr[t] = class_shares(model, trig, hold_x, cfg.bf16)[t]
-            images[t] = trig.image()
-            raw[t] = trig.delta().detach()
+            for fam in cfg.families:
+                trig = make_trigger(fam, size, cfg, gen)
+                optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen, _size_weight(fam, cfg))
+                asr = float(class_shares(model, trig, hold_x, cfg.bf16)[t])
+                evidence[t][f"asr_{fam}"] = asr
+                evidence[t][f"size_{fam}"] = float(trig.size().detach())
+                if asr - float(natural[t]) > float(score[t]):
+                    score[t] = asr - float(natural[t])
+                    images[t] = trig.image()
+                    raw[t] = (trig.delta() if isinstance(trig, AdditiveTrigger) else trig.image()).detach()
             if progress is not None:
                 progress("invert", t + 1, C)
-    anomalies = anomaly_index(asr, floor=cfg.score_floor)
+    anomalies = anomaly_index(score, floor=cfg.score_floor)
     top = int(torch.argmax(anomalies))
-    flagged = bool(anomalies[top] > cfg.threshold)
-    classes = [ClassEvidence(k, model.classnames[k], float(anomalies[k]), {"asr_additive": float(asr[k])})
-               for k in range(C)]
+    flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
+    classes = []
+    for k in range(C):
+        evidence[k].update(natural_share=float(natural[k]), score=float(score[k]))
+        classes.append(ClassEvidence(k, model.classnames[k], float(anomalies[k]), evidence[k]))
     return DetectionResult(
         detector="ci-plain", backdoored=flagged, target_index=top if flagged else None,
         anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,

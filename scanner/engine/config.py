@@ -22,6 +22,7 @@ class DetectorConfig:
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
     candidates: int = 3  # classes CI confirms with targeted inversion after screening
+    reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float = 2.0  # anomaly-index threshold k (published default; `scanner calibrate` refits it)
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)

@@ -20,6 +20,58 @@ from scanner.prompting.classifier import PromptedCLIP
 
 #: objective(logits (B, C) fp32, trigger) -> scalar loss to minimise
 Objective = Callable[[torch.Tensor, Trigger], torch.Tensor]
+#: differential objective(suspect logits (B, C), reference logits (B, C)) -> scalar loss
+PairObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ReferenceModel:
+    """The trusted twin of a prompt-tuned model: the same frozen encoders with plain zero-shot prompts.
+
+    The encoders are public and the class names known, so this classifier cannot carry a prompt
+    backdoor. A trigger that moves images into class k only because it *draws* class-k evidence
+    (a red patch for "red") moves the reference too; a planted trigger moves the suspect alone.
+    Its logits reuse the suspect's image features: no extra encoder pass.
+    """
+
+    def __init__(self, model: PromptedCLIP, template: str = "a {}.") -> None:
+        bb = model.backbone
+        with torch.no_grad():
+            text = bb.encode_tokens(bb.tokenize([template.format(c) for c in model.classnames]))
+        self.text = F.normalize(text.float(), dim=-1)  # (C, E)
+        self.scale = float(bb.logit_scale)
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(image_features.float(), dim=-1) @ self.text.T
+
+
+def differential_margin(target: int, kappa: float, weight: float = 1.0) -> PairObjective:
+    """Suspect: target logit above every other (margin); reference: target probability kept low."""
+
+    def f(suspect: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        z_t = suspect[:, target]
+        other = suspect.clone()
+        other[:, target] = -math.inf
+        push = F.relu(other.max(dim=1).values - z_t + kappa).mean()
+        keep = reference.softmax(dim=1)[:, target].mean()
+        return push + weight * keep
+
+    return f
+
+
+def differential_collapse(weight: float = 1.0) -> PairObjective:
+    """Untargeted: send the batch to the class the suspect favours *more than the reference does*.
+
+    Natural sinks (classes both models give OOD images) cancel out, so the search slides into a
+    planted shortcut when there is one, instead of into the most popular class.
+    """
+
+    def f(suspect: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        ps, pr = suspect.softmax(dim=1), reference.softmax(dim=1)
+        k = int((ps.mean(dim=0) - pr.mean(dim=0)).argmax())
+        ce = F.cross_entropy(suspect, torch.full((suspect.shape[0],), k, dtype=torch.long))
+        return ce + weight * pr[:, k].mean()
+
+    return f
 
 
 @contextlib.contextmanager
@@ -111,6 +163,54 @@ def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objectiv
             losses.append(float(loss.detach()))
             step += 1
     return losses
+
+
+def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger, pool: torch.Tensor,
+                  objective: PairObjective, schedule: InversionSchedule, generator: torch.Generator,
+                  size_weight: float = 0.0) -> list[float]:
+    """Like :func:`optimise`, for objectives that compare the suspect with its reference twin."""
+    opt = torch.optim.Adam(trigger.parameters(), lr=schedule.lr, betas=(0.5, 0.9))
+    n = pool.shape[0]
+    losses: list[float] = []
+    for _ in range(schedule.epochs):
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - schedule.batch_size + 1, schedule.batch_size):
+            x = pool[order[i:i + schedule.batch_size]]
+            with autocast(schedule.bf16):
+                feats = model.encode_images(trigger(x))
+                suspect = model.logits_from_features(feats).float()
+            loss = objective(suspect, reference.logits(feats))
+            if size_weight:
+                loss = loss + size_weight * trigger.size()
+            if not torch.isfinite(loss):
+                raise DetectionError(
+                    f"the trigger optimisation diverged (loss {float(loss)}); the model's forward produces "
+                    "non-finite values — check the checkpoint for NaN/inf weights"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+@torch.no_grad()
+def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,
+                bf16: bool, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of ``pool`` predicted as each class by the suspect and by the reference: ((C,), (C,))."""
+    cs = torch.zeros(model.n_cls)
+    cr = torch.zeros(model.n_cls)
+    for i in range(0, pool.shape[0], batch_size):
+        x = pool[i:i + batch_size]
+        if trigger is not None:
+            x = trigger(x)
+        with autocast(bf16):
+            feats = model.encode_images(x)
+            ps = model.logits_from_features(feats).float().argmax(dim=1)
+        pr = reference.logits(feats).argmax(dim=1)
+        cs += torch.bincount(ps, minlength=model.n_cls).float()
+        cr += torch.bincount(pr, minlength=model.n_cls).float()
+    return cs / pool.shape[0], cr / pool.shape[0]
 
 
 @torch.no_grad()
