@@ -92,7 +92,7 @@ def run_neural_cleanse(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorCon
                        progress: Progress | None = None) -> DetectionResult:
     """Mask + pattern per class; decision on the masks' L1 norms (MAD, low side)."""
     return _per_class(model, pool, cfg, seed, "nc", lambda s, g: PatchTrigger(s, g, init_cover=0.1),
-                      lambda tr: float(tr.mask().sum()) if isinstance(tr, PatchTrigger) else 0.0,
+                      lambda tr: float(tr.mask().detach().sum()) if isinstance(tr, PatchTrigger) else 0.0,
                       weight0=1e-3 * 64, asr_goal=0.99, progress=progress)
 
 
