@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -180,22 +179,14 @@ def test_invalid_settings_say_what_and_where(tmp_path: Path, toml: str, message:
     assert str(cfg) in str(info.value)
 
 
-@pytest.mark.slow
-def test_first_progress_line_within_two_seconds(registry: Registry, config: Path) -> None:
-    """No silent start-up: the first stderr line appears before torch is even imported."""
+def test_first_progress_line_comes_before_torch_is_imported(registry: Registry, config: Path) -> None:
+    """No silent start-up: the first stderr line is printed before the (slow) torch import. Torch is made
+    unimportable in the child, so the line can only appear if it is written before torch is needed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from scanner.cli import main; main()", "scan-once",
-         str(registry.root / "team-a"), "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    code = "import sys; sys.modules['torch'] = None; from scanner.cli import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "scan-once", str(registry.root / "team-a"), "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=120,
     )
-    try:
-        assert proc.stderr is not None
-        first = proc.stderr.readline()
-        elapsed = time.perf_counter() - start
-    finally:
-        proc.kill()
-        proc.wait()
-    assert first.startswith("scanner: discovering models under"), first
-    assert elapsed < 2.0, f"first progress line after {elapsed:.2f} s"
+    first = proc.stderr.splitlines()[0] if proc.stderr else ""
+    assert first.startswith("scanner: discovering models under"), proc.stderr[-2000:]

@@ -85,3 +85,18 @@ def test_anomaly_index_and_calibration() -> None:
     assert threshold_for_fpr([0.5, 1.0, 1.5, 2.0], 0.0) == 2.0
     assert threshold_for_fpr([0.5, 1.0, 1.5, 2.0], 0.25) == 1.5
     assert threshold_for_fpr([0.5, 1.0], 0.0, minimum=2.0) == 2.0
+
+
+def test_shifted_trigger_translates_the_triggered_image() -> None:
+    from scanner.engine.triggers import AdditiveTrigger, ShiftedTrigger
+
+    gen = torch.Generator().manual_seed(0)
+    inner = AdditiveTrigger(16, 0.1, gen)
+    shifted = ShiftedTrigger(inner, 3, torch.Generator().manual_seed(1))
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    out = shifted(x)
+    base = inner(x)
+    matches = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+               if torch.equal(out, torch.roll(base, shifts=(dy, dx), dims=(-2, -1)))]
+    assert matches, "the output is not a translation of the inner trigger's output"
+    assert shifted.image().shape == (3, 16, 16) and shifted.family == "additive"

@@ -42,7 +42,7 @@ from scanner.engine.invert import (
 )
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
-from scanner.engine.triggers import AdditiveTrigger, PatchTrigger, Trigger
+from scanner.engine.triggers import AdditiveTrigger, PatchTrigger, ShiftedTrigger, Trigger
 from scanner.prompting.classifier import PromptedCLIP
 
 Progress = Callable[[str, int, int], None]
@@ -50,9 +50,15 @@ MIN_GAIN = 0.5  # a flagged class's trigger must move at least half of the held-
 
 
 def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator) -> Trigger:
-    if family == "additive":
-        return AdditiveTrigger(size, cfg.eps, gen)
-    return PatchTrigger(size, gen)
+    inner: Trigger = AdditiveTrigger(size, cfg.eps, gen) if family == "additive" else PatchTrigger(size, gen)
+    if cfg.max_shift > 0:
+        return ShiftedTrigger(inner, cfg.max_shift, gen)
+    return inner
+
+
+def _raw(trig: Trigger) -> torch.Tensor:
+    inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
+    return (inner.delta() if isinstance(inner, AdditiveTrigger) else inner.image()).detach()
 
 
 def _size_weight(family: str, cfg: DetectorConfig) -> float:
@@ -117,7 +123,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 if gain > best:
                     best = gain
                     images[t] = trig.image()
-                    raw[t] = (trig.delta() if isinstance(trig, AdditiveTrigger) else trig.image()).detach()
+                    raw[t] = _raw(trig)
                 tick(f"confirm:{fam}")
             score[t] = max(best, float(screen[t]))
     anomalies = anomaly_index(score, floor=cfg.score_floor)
@@ -163,7 +169,7 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
                 if asr - float(natural[t]) > float(score[t]):
                     score[t] = asr - float(natural[t])
                     images[t] = trig.image()
-                    raw[t] = (trig.delta() if isinstance(trig, AdditiveTrigger) else trig.image()).detach()
+                    raw[t] = _raw(trig)
             if progress is not None:
                 progress("invert", t + 1, C)
     anomalies = anomaly_index(score, floor=cfg.score_floor)

@@ -21,7 +21,8 @@ class DetectorConfig:
     eps: float = 6 / 255  # L-inf bound of the additive family (pixel units)
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
-    candidates: int = 3  # classes CI confirms with targeted inversion after screening
+    candidates: int = 4  # classes CI confirms with targeted inversion after screening
+    max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float = 2.0  # anomaly-index threshold k (published default; `scanner calibrate` refits it)
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies

@@ -104,3 +104,30 @@ class PixelTrigger(Trigger):
 
     def image(self) -> torch.Tensor:
         return (0.5 + self.delta().detach() / 2).clamp(0, 1)
+
+
+class ShiftedTrigger(Trigger):
+    """Wraps a trigger and translates every triggered image by a random offset (up to ``max_shift`` px,
+    wrapping around). Universal adversarial patterns depend on exact pixel alignment with the encoder's
+    patch grid and break under such shifts; a planted trigger is a feature the prompt was tuned to
+    react to, and survives them."""
+
+    def __init__(self, inner: Trigger, max_shift: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.inner = inner
+        self.family = inner.family
+        self.max_shift = max_shift
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if self.max_shift <= 0:
+            return y
+        dy, dx = (int(v) for v in torch.randint(-self.max_shift, self.max_shift + 1, (2,), generator=self.generator))
+        return torch.roll(y, shifts=(dy, dx), dims=(-2, -1))
+
+    def size(self) -> torch.Tensor:
+        return self.inner.size()
+
+    def image(self) -> torch.Tensor:
+        return self.inner.image()
