@@ -130,14 +130,11 @@ class InversionSchedule:
     bf16: bool
 
 
-def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objective: Objective,
-             schedule: InversionSchedule, generator: torch.Generator,
-             size_weight: float | Callable[[int], float] = 0.0) -> list[float]:
-    """Adam on the trigger's parameters over ``pool`` (N, 3, S, S); returns the per-step losses.
-
-    ``size_weight`` adds weight * trigger.size() to the loss (a constant or a function of the step).
-    Raises DetectionError when the loss stops being finite.
-    """
+def _adam_loop(trigger: Trigger, pool: torch.Tensor, schedule: InversionSchedule, generator: torch.Generator,
+               batch_loss: Callable[[torch.Tensor], torch.Tensor],
+               size_weight: float | Callable[[int], float]) -> list[float]:
+    """Adam on the trigger's parameters over ``pool`` (N, 3, S, S): one step per batch of clean images,
+    ``batch_loss(x)`` + weight * trigger.size(); raises DetectionError when the loss stops being finite."""
     opt = torch.optim.Adam(trigger.parameters(), lr=schedule.lr, betas=(0.5, 0.9))
     n = pool.shape[0]
     losses: list[float] = []
@@ -145,17 +142,14 @@ def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objectiv
     for _ in range(schedule.epochs):
         order = torch.randperm(n, generator=generator)
         for i in range(0, n - schedule.batch_size + 1, schedule.batch_size):
-            x = pool[order[i:i + schedule.batch_size]]
-            with autocast(schedule.bf16):
-                logits = model(trigger(x)).float()
-            loss = objective(logits, trigger)
+            loss = batch_loss(pool[order[i:i + schedule.batch_size]])
             w = size_weight(step) if callable(size_weight) else size_weight
             if w:
                 loss = loss + w * trigger.size()
             if not torch.isfinite(loss):
                 raise DetectionError(
-                    f"the trigger optimisation diverged (loss {float(loss)} at step {step}); the model's "
-                    "forward produces non-finite values — check the checkpoint for NaN/inf weights"
+                    f"the trigger optimisation diverged (loss {float(loss.detach())} at step {step}); the "
+                    "model's forward produces non-finite values — check the checkpoint for NaN/inf weights"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,33 +159,32 @@ def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objectiv
     return losses
 
 
+def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objective: Objective,
+             schedule: InversionSchedule, generator: torch.Generator,
+             size_weight: float | Callable[[int], float] = 0.0) -> list[float]:
+    """Optimise ``trigger`` for ``objective`` on the suspect's logits; returns the per-step losses.
+    ``size_weight`` adds weight * trigger.size() to the loss (a constant or a function of the step)."""
+
+    def batch_loss(x: torch.Tensor) -> torch.Tensor:
+        with autocast(schedule.bf16):
+            logits = model(trigger(x)).float()
+        return objective(logits, trigger)
+
+    return _adam_loop(trigger, pool, schedule, generator, batch_loss, size_weight)
+
+
 def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger, pool: torch.Tensor,
                   objective: PairObjective, schedule: InversionSchedule, generator: torch.Generator,
                   size_weight: float = 0.0) -> list[float]:
     """Like :func:`optimise`, for objectives that compare the suspect with its reference twin."""
-    opt = torch.optim.Adam(trigger.parameters(), lr=schedule.lr, betas=(0.5, 0.9))
-    n = pool.shape[0]
-    losses: list[float] = []
-    for _ in range(schedule.epochs):
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n - schedule.batch_size + 1, schedule.batch_size):
-            x = pool[order[i:i + schedule.batch_size]]
-            with autocast(schedule.bf16):
-                feats = model.encode_images(trigger(x))
-                suspect = model.logits_from_features(feats).float()
-            loss = objective(suspect, reference.logits(feats))
-            if size_weight:
-                loss = loss + size_weight * trigger.size()
-            if not torch.isfinite(loss):
-                raise DetectionError(
-                    f"the trigger optimisation diverged (loss {float(loss)}); the model's forward produces "
-                    "non-finite values — check the checkpoint for NaN/inf weights"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    return losses
+
+    def batch_loss(x: torch.Tensor) -> torch.Tensor:
+        with autocast(schedule.bf16):
+            feats = model.encode_images(trigger(x))
+            suspect = model.logits_from_features(feats).float()
+        return objective(suspect, reference.logits(feats))
+
+    return _adam_loop(trigger, pool, schedule, generator, batch_loss, size_weight)
 
 
 @torch.no_grad()
