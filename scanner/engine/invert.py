@@ -188,9 +188,9 @@ def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigg
 
 
 @torch.no_grad()
-def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,
-                bf16: bool, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shares of ``pool`` predicted as each class by the suspect and by the reference: ((C,), (C,))."""
+def _shares(model: PromptedCLIP, reference: ReferenceModel | None, trigger: Trigger | None, pool: torch.Tensor,
+            bf16: bool, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class prediction shares (C,) of the suspect and (zeros when None) of the reference."""
     cs = torch.zeros(model.n_cls)
     cr = torch.zeros(model.n_cls)
     for i in range(0, pool.shape[0], batch_size):
@@ -200,22 +200,19 @@ def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger
         with autocast(bf16):
             feats = model.encode_images(x)
             ps = model.logits_from_features(feats).float().argmax(dim=1)
-        pr = reference.logits(feats).argmax(dim=1)
         cs += torch.bincount(ps, minlength=model.n_cls).float()
-        cr += torch.bincount(pr, minlength=model.n_cls).float()
+        if reference is not None:
+            cr += torch.bincount(reference.logits(feats).argmax(dim=1), minlength=model.n_cls).float()
     return cs / pool.shape[0], cr / pool.shape[0]
 
 
-@torch.no_grad()
+def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,
+                bf16: bool, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shares of ``pool`` predicted as each class by the suspect and by the reference: ((C,), (C,))."""
+    return _shares(model, reference, trigger, pool, bf16, batch_size)
+
+
 def class_shares(model: PromptedCLIP, trigger: Trigger | None, pool: torch.Tensor, bf16: bool,
                  batch_size: int = 256) -> torch.Tensor:
     """Share of ``pool`` predicted as each class (C,), with the trigger applied (or clean if None)."""
-    counts = torch.zeros(model.n_cls)
-    for i in range(0, pool.shape[0], batch_size):
-        x = pool[i:i + batch_size]
-        if trigger is not None:
-            x = trigger(x)
-        with autocast(bf16):
-            pred = model(x).float().argmax(dim=1)
-        counts += torch.bincount(pred, minlength=model.n_cls).float()
-    return counts / pool.shape[0]
+    return _shares(model, None, trigger, pool, bf16, batch_size)[0]
