@@ -2,22 +2,25 @@
 
 Design (ours; the paper's details are not public), cost independent of the class count:
 
-1. *Natural behaviour.* The share ``p_k`` of clean held-out OOD images each class already receives:
-   some classes are natural sinks for OOD inputs and must not be mistaken for backdoor targets.
-2. *Screen all classes at once.* For each trigger family (a bounded additive perturbation and a small
-   patch), optimise one *untargeted collapse* trigger — every image pushed to whichever class the batch
-   currently agrees on. A backdoor is a shortcut that sends any input to its target, so the collapse
-   slides into it when one exists. Screening score per class: the share of triggered held-out images
-   it receives, minus its natural share. One epoch per family, whatever the number of classes.
-3. *Confirm the few suspicious classes.* For the top ``candidates`` classes, run a targeted inversion
-   (margin objective: the target logit above every other) per family at the same small budget, and
-   measure the held-out ASR gain over the natural share.
-4. *Decide.* Per-class score = confirmed gain (candidates) or screening gain (others); the robust
-   anomaly index (median/MAD across classes) of the best class against threshold ``k`` flags the
-   model, and a backdoor must also make its trigger work (gain >= ``min_gain``).
+1. *A trusted twin.* The encoders are frozen and public and the class names known, so the same encoders
+   with plain zero-shot prompts form a classifier that cannot carry a prompt backdoor
+   (``ReferenceModel``). A trigger that works because it *draws* class-k evidence moves both models;
+   a planted trigger moves the suspect alone. The twin reuses the suspect's image features.
+2. *Robust triggers only.* Every reconstructed trigger is followed by a random translation (±
+   ``max_shift`` px) during optimisation and evaluation: small universal adversarial patterns, which
+   reach any class of a small CLIP, do not survive it; a feature the prompt was tuned to react to does.
+3. *Screen all classes at once.* Per trigger family (bounded additive, small patch), one untargeted
+   "differential collapse" trigger sends a batch to the class the suspect favours more than its twin.
+   Screening score per class: its share of triggered held-out images minus the larger of its natural
+   share (clean images) and the twin's share.
+4. *Confirm the few suspicious classes* with a targeted differential margin objective (target logit
+   above every other for the suspect, target probability kept low for the twin).
+5. *Decide.* Per-class score = confirmed gain (candidates) or screening gain (others); the robust anomaly
+   index (median/MAD across classes) of the best class against threshold ``k`` flags the model, and its
+   trigger must also work (gain >= ``MIN_GAIN``).
 
 The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*
-class, one epoch each, anomaly index over the per-class ASR.
+class, one epoch each, anomaly index over the per-class ASR gain.
 """
 
 from __future__ import annotations
