@@ -111,17 +111,6 @@ def margin_loss(target: int, kappa: float) -> Objective:
     return f
 
 
-def collapse_loss(logits: torch.Tensor, trigger: Trigger) -> torch.Tensor:
-    """Untargeted collapse: cross-entropy of every image to the batch's currently dominant class.
-
-    A backdoor is a shortcut that sends *any* input to one class; a universal trigger optimised to
-    make a batch agree on one class, whichever it is, slides into that shortcut when one exists.
-    """
-    probs = logits.softmax(dim=1)  # (B, C)
-    k = int(probs.mean(dim=0).argmax())
-    return F.cross_entropy(logits, torch.full((logits.shape[0],), k, dtype=torch.long))
-
-
 @dataclass(frozen=True)
 class InversionSchedule:
     batch_size: int
