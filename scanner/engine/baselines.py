@@ -58,6 +58,7 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
     sizes = torch.zeros(C)
     asrs = torch.zeros(C)
     images: dict[int, torch.Tensor] = {}
+    raw: dict[int, torch.Tensor] = {}
     with frozen_learner(model):
         for t in range(C):
             trig = make(pool.shape[-1], gen)
@@ -73,6 +74,7 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
             sizes[t] = size_of(trig)
             asrs[t] = class_shares(model, trig, hold_x, cfg.bf16)[t]
             images[t] = trig.image()
+            raw[t] = trig.raw()
             if progress is not None:
                 progress("invert", t + 1, C)
     # Small triggers are suspicious: the anomaly index is taken on the low side of the sizes.
@@ -84,7 +86,7 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
     return DetectionResult(
         detector=name, backdoored=flagged, target_index=top if flagged else None,
         anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes, trigger_images=images,
-        seed=seed, runtime_s=time.perf_counter() - start,
+        raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
     )
 
 

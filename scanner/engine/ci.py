@@ -60,8 +60,8 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
 
 
 def _raw(trig: Trigger) -> torch.Tensor:
-    inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
-    return (inner.delta() if isinstance(inner, AdditiveTrigger) else inner.image()).detach()
+    """The re-applicable raw form of a reconstructed trigger (see scanner.engine.triggers.apply_raw)."""
+    return trig.raw()
 
 
 def _size_weight(family: str, cfg: DetectorConfig) -> float:

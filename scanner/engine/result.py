@@ -29,11 +29,20 @@ class DetectionResult:
     # reconstructed trigger per class index: an image-space tensor (3, S, S) in [0, 1] suitable for a PNG
     # (for additive triggers: 0.5 + delta scaled for visibility; the raw tensor is in ``raw_triggers``)
     trigger_images: dict[int, torch.Tensor] = field(default_factory=dict)
+    # the same triggers in re-applicable raw form (C, S, S): C = 2 warp, 3 additive, 4 patch/blend;
+    # ``scanner.engine.triggers.apply_raw(raw, images)`` stamps one on new images (repair uses them)
     raw_triggers: dict[int, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
     runtime_s: float = 0.0
     ood_sha256: str = ""
     backbone_sha256: str = ""
+
+    @property
+    def trigger_forms(self) -> dict[int, str]:
+        """Per class with a raw trigger, how it is applied: ``"warp"``, ``"additive"`` or ``"patch"``."""
+        from scanner.engine.triggers import raw_form
+
+        return {k: raw_form(v) for k, v in self.raw_triggers.items()}
 
     @property
     def target_name(self) -> str | None:

@@ -1,10 +1,56 @@
 """Trigger families that inversion optimises: each maps clean pixels (B, 3, S, S) in [0, 1] to
-triggered pixels, and reports its size (what the trigger *costs*)."""
+triggered pixels, and reports its size (what the trigger *costs*).
+
+Every trigger also has a *raw* form (:meth:`Trigger.raw`): one detached tensor from which it can be
+re-applied to new images without its optimiser parameters (:func:`apply_raw`); detectors store it in
+``DetectionResult.raw_triggers`` and repair stamps it on clean images. Its channel count names the form:
+
+* ``(2, S, S)`` — a warp: the sampling-grid displacement (grid units, x then y), applied with grid_sample;
+* ``(3, S, S)`` — an additive delta (additive and pixel families): ``x' = clamp(x + delta, 0, 1)``;
+* ``(4, S, S)`` — a pattern ``p`` (channels 0-2) under a mask ``m`` (channel 3), the patch and blend
+  families: ``x' = (1 - m) x + m p``.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+RAW_FORMS: dict[int, str] = {2: "warp", 3: "additive", 4: "patch"}  # raw channel count -> how it is applied
+
+
+def raw_form(raw: torch.Tensor) -> str:
+    """``"warp"``, ``"additive"`` or ``"patch"`` for a raw trigger (C, S, S); ValueError for anything else."""
+    if raw.ndim != 3 or int(raw.shape[0]) not in RAW_FORMS or raw.shape[1] != raw.shape[2]:
+        raise ValueError(
+            f"a raw trigger is (2, S, S) warp, (3, S, S) additive or (4, S, S) patch; got {tuple(raw.shape)}"
+        )
+    return RAW_FORMS[int(raw.shape[0])]
+
+
+def identity_grid(size: int) -> torch.Tensor:
+    """grid_sample's identity sampling grid (1, S, S, 2), (x, y) order, corners aligned."""
+    lin = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+    return torch.stack((xx, yy), dim=2)[None]
+
+
+def apply_raw(raw: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Stamp a raw trigger (C, S, S) on pixels (B, 3, S, S) in [0, 1]; returns new pixels in [0, 1]."""
+    form = raw_form(raw)
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != raw.shape[-2:]:
+        raise ValueError(
+            f"images must be (B, 3, {raw.shape[-2]}, {raw.shape[-1]}) to take this trigger; got {tuple(images.shape)}"
+        )
+    r = raw.to(images.dtype)
+    if form == "additive":
+        return (images + r).clamp(0, 1)
+    if form == "patch":
+        m = r[3:].clamp(0, 1)
+        return ((1 - m) * images + m * r[:3].clamp(0, 1)).clamp(0, 1)
+    grid = (identity_grid(images.shape[-1]).to(images.dtype) + r.permute(1, 2, 0)[None]).clamp(-1, 1)
+    return F.grid_sample(images, grid.expand(images.shape[0], -1, -1, -1), align_corners=True).clamp(0, 1)
 
 
 class Trigger(nn.Module):
@@ -16,6 +62,10 @@ class Trigger(nn.Module):
 
     def image(self) -> torch.Tensor:
         """(3, S, S) in [0, 1]: a picture of the trigger for reports."""
+        raise NotImplementedError
+
+    def raw(self) -> torch.Tensor:
+        """The re-applicable raw form, detached: (3, S, S) delta or (4, S, S) pattern + mask (see module)."""
         raise NotImplementedError
 
 
@@ -40,6 +90,9 @@ class AdditiveTrigger(Trigger):
 
     def image(self) -> torch.Tensor:
         return (0.5 + self.delta().detach() / (2 * self.eps)).clamp(0, 1)
+
+    def raw(self) -> torch.Tensor:
+        return self.delta().detach().clone()
 
 
 class PatchTrigger(Trigger):
@@ -73,6 +126,9 @@ class PatchTrigger(Trigger):
     def image(self) -> torch.Tensor:
         return (self.mask() * self.pattern()).detach()
 
+    def raw(self) -> torch.Tensor:
+        return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
+
 
 class PixelTrigger(Trigger):
     """Pixel-Backdoor form: x' = clamp(x + P+ - P-) with non-negative P+, P- (3, S, S) each.
@@ -105,6 +161,9 @@ class PixelTrigger(Trigger):
     def image(self) -> torch.Tensor:
         return (0.5 + self.delta().detach() / 2).clamp(0, 1)
 
+    def raw(self) -> torch.Tensor:
+        return self.delta().detach().clone()
+
 
 class ShiftedTrigger(Trigger):
     """Wraps a trigger and translates every triggered image by a random offset (up to ``max_shift`` px,
@@ -131,3 +190,6 @@ class ShiftedTrigger(Trigger):
 
     def image(self) -> torch.Tensor:
         return self.inner.image()
+
+    def raw(self) -> torch.Tensor:
+        return self.inner.raw()  # the translation is a random test-time augmentation, not part of the trigger
