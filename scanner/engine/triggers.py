@@ -43,13 +43,13 @@ def apply_raw(raw: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"images must be (B, 3, {raw.shape[-2]}, {raw.shape[-1]}) to take this trigger; got {tuple(images.shape)}"
         )
-    r = raw.to(images.dtype)
+    r = raw.to(images)  # dtype and device of the images
     if form == "additive":
         return (images + r).clamp(0, 1)
     if form == "patch":
         m = r[3:].clamp(0, 1)
         return ((1 - m) * images + m * r[:3].clamp(0, 1)).clamp(0, 1)
-    grid = (identity_grid(images.shape[-1]).to(images.dtype) + r.permute(1, 2, 0)[None]).clamp(-1, 1)
+    grid = (identity_grid(images.shape[-1]).to(images) + r.permute(1, 2, 0)[None]).clamp(-1, 1)
     return F.grid_sample(images, grid.expand(images.shape[0], -1, -1, -1), align_corners=True).clamp(0, 1)
 
 

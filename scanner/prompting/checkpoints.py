@@ -24,7 +24,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ CLASSNAMES_FILE = "classnames.txt"
 META_FILE = "scanner.json"
 _EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
 _TOKEN_KEYS = ("token_prefix", "token_suffix")
+_EXTRA_KEY = "extra"  # safetensors metadata key of save_safetensors(extra_metadata=...) (one JSON object)
 _ATOL = 1e-4  # stored token rows must equal the backbone's table rows up to this (in the stored dtype)
 
 
@@ -110,10 +111,11 @@ def _prompt_state(learner: PromptLearner, include_tokens: bool) -> dict[str, tor
 
 def save_dassl(learner: PromptLearner, model_dir: Path, *, epoch: int,
                optimizer: torch.optim.Optimizer | None = None, write_classnames: bool = True,
-               write_metadata: bool = True) -> Path:
+               write_metadata: bool = True, extra_metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``model_dir/prompt_learner/model.pth.tar-<epoch>`` like Dassl; returns the file's path.
 
-    Also writes ``classnames.txt`` and ``scanner.json`` next to ``prompt_learner/`` unless disabled.
+    Also writes ``classnames.txt`` and ``scanner.json`` next to ``prompt_learner/`` unless disabled;
+    ``extra_metadata`` (JSON-able, e.g. ``{"repair": {...}}``) joins ``scanner.json``'s top level.
     On error nothing new is left behind (files or directories created by this call).
     """
     model_dir = Path(model_dir)
@@ -135,7 +137,7 @@ def save_dassl(learner: PromptLearner, model_dir: Path, *, epoch: int,
             written.append(names)
         if write_metadata:
             meta = model_dir / META_FILE
-            text = json.dumps(_metadata(learner), indent=2, sort_keys=True) + "\n"
+            text = json.dumps({**dict(extra_metadata or {}), **_metadata(learner)}, indent=2, sort_keys=True) + "\n"
             _atomic_write(meta, lambda tmp: tmp.write_text(text))
             written.append(meta)
     except BaseException:
@@ -148,11 +150,13 @@ def save_dassl(learner: PromptLearner, model_dir: Path, *, epoch: int,
     return target
 
 
-def save_safetensors(learner: PromptLearner, path: Path, *, include_tokens: bool = True) -> Path:
+def save_safetensors(learner: PromptLearner, path: Path, *, include_tokens: bool = True,
+                     extra_metadata: Mapping[str, Any] | None = None) -> Path:
     """Write the learner as one ``.safetensors`` file with JSON-string metadata; returns ``path``.
 
     ``include_tokens=False`` drops ``token_prefix``/``token_suffix`` (they are rebuilt from the stored
-    class names on load), which keeps files small for real backbones.
+    class names on load), which keeps files small for real backbones. ``extra_metadata`` (JSON-able,
+    e.g. ``{"repair": {...}}``) is stored as one JSON string and comes back in the loaded metadata.
     """
     path = Path(path)
     meta = _metadata(learner)
@@ -166,6 +170,8 @@ def save_safetensors(learner: PromptLearner, path: Path, *, include_tokens: bool
         "learner_config": json.dumps(config, sort_keys=True),
         "classnames": json.dumps(learner.classnames),
     }
+    if extra_metadata:
+        strings[_EXTRA_KEY] = json.dumps(dict(extra_metadata), sort_keys=True)
     tensors = _prompt_state(learner, include_tokens)
     created = _make_dirs(path.parent)
     try:
@@ -272,9 +278,11 @@ def _decode_metadata(strings: dict[str, str], path: Path) -> dict[str, Any]:
     try:
         config = json.loads(strings.get("learner_config", "{}"))
         names = json.loads(strings["classnames"]) if "classnames" in strings else None
+        extra = json.loads(strings[_EXTRA_KEY]) if _EXTRA_KEY in strings else {}
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from exc
     return {
+        **(extra if isinstance(extra, dict) else {}),
         "format": FORMAT_NAME,
         "format_version": version,
         "backbone": strings.get("backbone"),

@@ -41,8 +41,18 @@ def load_ood_folder(folder: Path, size: int, limit: int | None = None) -> torch.
             f"OOD folder {folder} holds no images (expected *.png, *.jpg or *.jpeg); add images or omit --ood "
             "to use the bundled pool"
         )
+    pixels, bad = read_images(files, size)
+    if pixels.shape[0] == 0:
+        names = [p.name for p in bad[:3]]
+        raise DatasetError(f"none of the {len(files)} images in {folder} could be read (e.g. {names})")
+    return pixels
+
+
+def read_images(files: list[Path], size: int) -> tuple[torch.Tensor, list[Path]]:
+    """The readable ``files`` centre-cropped and resized: (N, 3, size, size) in [0, 1] in the given order,
+    and the files that could not be read (skipped)."""
     arrs = []
-    bad: list[str] = []
+    bad: list[Path] = []
     for p in files:
         try:
             with Image.open(p) as f:
@@ -52,10 +62,10 @@ def load_ood_folder(folder: Path, size: int, limit: int | None = None) -> torch.
             im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BILINEAR)
             arrs.append(np.asarray(im, np.uint8))
         except (OSError, UnidentifiedImageError, ValueError):
-            bad.append(p.name)
+            bad.append(p)
     if not arrs:
-        raise DatasetError(f"none of the {len(files)} images in {folder} could be read (e.g. {bad[:3]})")
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0)
+        return torch.zeros(0, 3, size, size), bad
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div_(255.0), bad
 
 
 def pool_sha256(pool: torch.Tensor) -> str:
