@@ -1,0 +1,42 @@
+"""Repair settings: one frozen dataclass, a comment per field."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from scanner.errors import ConfigError
+
+MODES = ("finetune", "reinit")
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """How a backdoored prompt is re-aligned. Defaults were measured on the quick zoo (see README)."""
+
+    mode: str = "finetune"  # finetune: start from the delivered prompt; reinit: fresh context, re-tuned
+    epochs: int = 10  # passes over the repair set (clean images + their triggered and overlaid copies)
+    reinit_epochs: int = 25  # passes when mode = "reinit" (a fresh prompt needs the zoo's full schedule)
+    lr: float = 2e-3  # peak learning rate (AdamW, warm-up then cosine, as prompt tuning)
+    batch_size: int = 32  # images per step
+    max_steps: int = 400  # cap on optimiser steps (keeps CoCoOp, whose step costs B x classes prompts, bounded)
+    trigger_copies: int = 2  # copies of every clean image carrying a reconstructed trigger, true label kept
+    generic_copies: int = 1  # copies carrying a random generic overlay (patch, blend, noise, warp), true label
+    max_shift: int = 6  # random translation (px) of a reconstructed trigger per copy: the real one may sit elsewhere
+    max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
+    min_per_class: int = 2  # fewest labelled images per class a repair accepts
+    bf16: bool = False  # bfloat16 autocast for the one image-encoder pass and the prompt steps
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown repair mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        for name in ("epochs", "reinit_epochs", "batch_size", "max_steps", "max_triggers", "min_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"repair {name} must be >= 1; got {getattr(self, name)}")
+        if self.trigger_copies < 0 or self.generic_copies < 0 or self.max_shift < 0:
+            raise ConfigError("trigger_copies, generic_copies and max_shift must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"repair lr must be > 0; got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,138 @@
+"""Repair (library): re-aligning a backdoored tiny model lowers its real-trigger ASR, keeps its clean
+accuracy, never touches the input model, and rejects unusable inputs with clear errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from scanner.clip import ClipBackbone
+from scanner.errors import ConfigError, DatasetError
+from scanner.prompting.classifier import PromptedCLIP
+from scanner.prompting.learners import CoOpLearner
+from scanner.prompting.train import TrainConfig
+from scanner.repair import RepairConfig, repair_prompt
+from scanner.repair.augment import generic_overlays, shift_raw, stamp_triggers
+from scanner.zoo import attack_eval as E
+from scanner.zoo.attacks import make_attack
+from scanner.zoo.attacks.base import Attack
+from scanner.zoo.datasets import get_spec, load_split
+
+N_CLS = 4  # the first classes of "colours": enough for a backdoor, cheap to tune
+TARGET = 2
+FAST = RepairConfig(epochs=8, trigger_copies=1, generic_copies=0)  # the reconstructed trigger alone
+
+
+@dataclass
+class Backdoored:
+    model: PromptedCLIP
+    attack: Attack
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor
+    x_te: torch.Tensor
+    y_te: torch.Tensor
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.nonzero(y < N_CLS).flatten()[::every]
+    return x[keep], y[keep]
+
+
+@pytest.fixture(scope="module")
+def backdoored(bundled_backbone: ClipBackbone) -> Backdoored:
+    """A BadNets-backdoored CSC-CoOp on 4 colour classes (8 shots each), implanted through the prompt."""
+    names = list(get_spec("colours").classnames[:N_CLS])
+    x_tr, y_tr = _subset(*load_split("colours", "train", shots=8, size=64))
+    x_te, y_te = _subset(*load_split("colours", "test", size=64), every=4)
+    torch.manual_seed(0)
+    model = PromptedCLIP(bundled_backbone, CoOpLearner(bundled_backbone, names, n_ctx=4, csc=True, seed=0))
+    attack = make_attack("badnets", seed=1, size=64)
+    attack.implant(model, x_tr, y_tr, TARGET, TrainConfig(epochs=15, lr=5e-3, seed=0))
+    return Backdoored(model, attack, x_tr, y_tr, x_te, y_te)
+
+
+def _patch_raw(attack: Attack, size: int = 64) -> torch.Tensor:
+    """The BadNets patch as a raw (4, S, S) pattern + mask, moved 3 px away from where it was planted:
+    a reconstruction is never exact."""
+    zeros, ones = torch.zeros(1, 3, size, size), torch.ones(1, 3, size, size)
+    stamped = attack.apply(zeros)[0]
+    mask = ((stamped != 0) | (attack.apply(ones)[0] != 1)).any(0, keepdim=True).float()
+    return shift_raw(torch.cat([stamped, mask]), -3, -3)
+
+
+def test_repair_lowers_the_real_trigger_asr_and_keeps_clean_accuracy(backdoored: Backdoored) -> None:
+    b = backdoored
+    asr_before = E.asr_in_distribution(b.model, b.attack, b.x_te, b.y_te, TARGET)
+    ca_before = E.clean_accuracy(b.model, b.x_te, b.y_te)
+    assert asr_before > 0.8, "the fixture's backdoor did not take"
+    state = {k: v.clone() for k, v in b.model.learner.state_dict().items()}
+
+    res = repair_prompt(b.model, b.x_tr, b.y_tr, [_patch_raw(b.attack)], FAST, seed=0, target=TARGET)
+
+    asr_after = E.asr_in_distribution(res.model, b.attack, b.x_te, b.y_te, TARGET)
+    ca_after = E.clean_accuracy(res.model, b.x_te, b.y_te)
+    assert asr_after < 0.2 and asr_after < asr_before - 0.6
+    assert ca_after >= ca_before - 0.05
+    # the measures on the repair data say the same
+    assert res.before.target_share is not None and res.after.target_share is not None
+    assert res.after.target_share < res.before.target_share
+    # pure: the input model is untouched; the repaired one shares the frozen backbone
+    assert all(torch.equal(state[k], v) for k, v in b.model.learner.state_dict().items())
+    assert res.model.backbone is b.model.backbone and res.model.learner is not b.model.learner
+    assert res.n_trained == 2 * len(b.y_tr) and res.trigger_forms == ["patch"]
+    assert res.to_dict()["after"]["clean_accuracy"] == res.after.clean_accuracy
+    # control: the same fine-tuning on clean images alone leaves the backdoor largely in place
+    control = repair_prompt(b.model, b.x_tr, b.y_tr, [], RepairConfig(epochs=8, trigger_copies=0, generic_copies=0))
+    assert E.asr_in_distribution(control.model, b.attack, b.x_te, b.y_te, TARGET) > asr_after + 0.3
+
+
+def test_same_seed_same_repair(backdoored: Backdoored) -> None:
+    b = backdoored
+    cfg = RepairConfig(epochs=1, trigger_copies=1, generic_copies=1)
+    one = repair_prompt(b.model, b.x_tr, b.y_tr, [_patch_raw(b.attack)], cfg, seed=3)
+    two = repair_prompt(b.model, b.x_tr, b.y_tr, [_patch_raw(b.attack)], cfg, seed=3)
+    assert torch.equal(one.model.learner.ctx, two.model.learner.ctx)
+    assert not torch.equal(one.model.learner.ctx, b.model.learner.ctx)
+
+
+def test_reinit_starts_from_a_fresh_context(backdoored: Backdoored) -> None:
+    b = backdoored
+    cfg = RepairConfig(mode="reinit", reinit_epochs=1, trigger_copies=0, generic_copies=0)
+    res = repair_prompt(b.model, b.x_tr, b.y_tr, [], cfg, seed=5)
+    assert res.mode == "reinit" and res.steps == 1 and res.before.triggered_accuracy is None
+    fresh = CoOpLearner(b.model.backbone, b.model.classnames, n_ctx=4, csc=True, seed=5).ctx.detach()
+    ctx = res.model.learner.ctx.detach()
+    assert ctx.shape == b.model.learner.ctx.shape
+    assert float((ctx - fresh).norm()) < float((ctx - b.model.learner.ctx.detach()).norm())
+
+
+def test_bad_inputs_are_clear_errors(backdoored: Backdoored) -> None:
+    b = backdoored
+    one_per_class = torch.cat([torch.nonzero(b.y_tr == k).flatten()[:1] for k in range(N_CLS)])
+    with pytest.raises(DatasetError, match=r"too few labelled images.*at least 2.*'red' \(1\)"):
+        repair_prompt(b.model, b.x_tr[one_per_class], b.y_tr[one_per_class], [], FAST)
+    with pytest.raises(DatasetError, match="backbone takes 64x64"):
+        repair_prompt(b.model, torch.rand(8, 3, 32, 32), b.y_tr[:8], [], FAST)
+    with pytest.raises(DatasetError, match="labels must lie"):
+        repair_prompt(b.model, b.x_tr, b.y_tr + 10, [], FAST)
+    with pytest.raises(ConfigError, match="reconstructed trigger 0"):
+        repair_prompt(b.model, b.x_tr, b.y_tr, [torch.zeros(5, 64, 64)], FAST)
+    with pytest.raises(ConfigError, match="unknown repair mode"):
+        RepairConfig(mode="magic")
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        RepairConfig(epochs=0)
+
+
+def test_augmentations_keep_pixels_in_range_and_count() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 64, 64, generator=gen)
+    over = generic_overlays(x, 2, gen)
+    assert over.shape == (10, 3, 64, 64) and float(over.min()) >= 0 and float(over.max()) <= 1
+    assert not torch.equal(over[:5], x)
+    raw = torch.zeros(3, 64, 64)
+    raw[:, :4, :4] = 0.5
+    stamped = stamp_triggers(x, [raw], 3, 6, gen)
+    assert stamped.shape == (15, 3, 64, 64) and float((stamped - x.repeat(3, 1, 1, 1)).abs().max()) > 0.1
+    assert stamp_triggers(x, [], 3, 6, gen).shape == (0, 3, 64, 64)
