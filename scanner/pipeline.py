@@ -310,7 +310,19 @@ def _scan_unit(unit: Path, adapter: Adapter, run: _Run) -> tuple[ModelReport, di
         progress.close_bar()
     _fill_from_result(report, result)
     report.ood_sha256 = result.ood_sha256 or report.ood_sha256
+    if settings.report_dir is not None and result.raw_triggers and report.sha256:
+        _save_detection(settings.report_dir, report, result, report.sha256)
     return report, _trigger_arrays(result) if settings.report_dir is not None else {}
+
+
+def _save_detection(report_dir: Path, report: ModelReport, result: DetectionResult, sha256: str) -> None:
+    """The re-applicable triggers for ``scanner repair --report`` (artefact ``detection``)."""
+    from scanner.render.html import MODELS_DIR, model_slug
+    from scanner.repair.saved_detection import FILE_NAME, SavedDetection, save_detection
+
+    rel = Path(MODELS_DIR) / model_slug(report) / FILE_NAME
+    save_detection(SavedDetection.from_result(result, sha256), report_dir / rel)
+    report.artefacts["detection"] = rel.as_posix()
 
 
 def _backbone_store(settings: Settings) -> Any:

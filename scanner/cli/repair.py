@@ -1,0 +1,210 @@
+"""``scanner repair`` and ``scanner zoo repair-eval`` / ``repair-bench``: thin shells over scanner.repair.
+
+Exit codes of ``repair``: 0 a repaired model was written (warnings, e.g. "the model scans clean", go to
+stderr); 2 usage or input the user can fix (bad flag, data folder that does not match the model's
+classes, too few images, output path that exists or would touch the input, saved detection of another
+model) — nothing written; 3 the model could not be loaded or processed (corrupt, unsafe, missing
+backbone, detector failure) — nothing written; 4 no adapter recognises MODEL.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from scanner.cli import main
+from scanner.cli.zoo import zoo
+from scanner.errors import ConfigError, DatasetError, ScannerError
+from scanner.report import ExitCode
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"scanner: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+@main.command("repair")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Labelled images: one sub-folder of PNG/JPEG images per class name (few-shot is enough).")
+@click.option("--shots", type=int, help="Use at most K images per class (the first by path).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Where to write the repaired model (default: MODEL-repaired/ or NAME.repaired.safetensors).")
+@click.option("--report", type=click.Path(exists=True, path_type=Path),
+              help="Reuse a saved detection (detection.safetensors, or a scan-once --report-dir) instead of "
+                   "detecting again.")
+@click.option("--save-detection", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the detection used (detection.safetensors) here, for later --report.")
+@click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True,
+              help="finetune: re-align the delivered prompt; reinit: fresh context re-tuned on the same set.")
+@click.option("--ood", "ood_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of PNG/JPEG images to use as the detector's OOD pool (default: the bundled pool).")
+@click.option("--seed", type=int, help="Seed of every random choice (default 0).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Settings TOML file (default: ./scanner.toml when present).")
+@click.option("--backbone", "backbones", multiple=True, metavar="NAME=PATH",
+              help="Declare a local CLIP backbone file or folder (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the repair record as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None, report: Path | None,
+               save_detection: Path | None, mode: str, ood_dir: Path | None, seed: int | None, config: Path | None,
+               backbones: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Repair a backdoored prompt: fine-tune it on labelled clean images plus the same images carrying the
+    reconstructed trigger under their true labels; write the result next to MODEL (never over it).
+
+    \b
+    Exit codes: 0 repaired model written; 2 usage / input to fix (nothing written);
+    3 model could not be loaded or processed; 4 no adapter recognises MODEL.
+    """
+    from scanner.settings import load_settings, parse_backbone_pairs
+
+    try:
+        bb = parse_backbone_pairs(list(backbones), "flag --backbone") if backbones else None
+        settings = load_settings(config_file=config, flags={"seed": seed, "ood_dir": ood_dir, "backbones": bb})
+        from scanner.repair import RepairConfig
+        from scanner.repair.run import NothingToRepair, repair_path
+
+        cfg = RepairConfig(mode=mode)
+    except ConfigError as exc:
+        _fail(str(exc), int(ExitCode.USAGE))
+        return
+
+    def emit(msg: str) -> None:
+        if not quiet:
+            click.echo(f"scanner: {msg}", err=True)
+
+    try:
+        outcome = repair_path(model, data_dir, settings, out=out, shots=shots, report=report, config=cfg,
+                              save_detection_to=save_detection, emit=emit)
+    except (ConfigError, DatasetError) as exc:
+        _fail(f"{exc} (nothing was written)", int(ExitCode.USAGE))
+        return
+    except NothingToRepair as exc:
+        _fail(str(exc), int(ExitCode.NOTHING_SCANNABLE))
+        return
+    except ScannerError as exc:
+        _fail(f"{exc} (nothing was written)", int(ExitCode.ERROR))
+        return
+    for w in outcome.warnings:
+        click.echo(f"scanner: warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps({"output": str(outcome.output), "format": outcome.format, "warnings": outcome.warnings,
+                               "repair": outcome.metadata}, indent=2))
+        return
+    r = outcome.result
+    click.echo(f"repaired model: {outcome.output} ({outcome.format}, {r.mode}, {r.steps} steps, {r.seconds:.1f} s)")
+    trig = outcome.metadata["trigger"]
+    click.echo(f"detection: {'backdoored' if trig['flagged'] else 'clean'}"
+               + (f", suspected target {trig['target_name']!r}" if trig["target_name"] else "")
+               + f", {len(trig['classes'])} reconstructed trigger(s) used ({trig['detection']})")
+    click.echo(f"on the {r.n_images} labelled images (the repair's own data):  before -> after")
+    b, a = r.before, r.after
+    for label, before, after in (("clean accuracy", b.clean_accuracy, a.clean_accuracy),
+                                 ("accuracy with reconstructed trigger", b.triggered_accuracy, a.triggered_accuracy),
+                                 ("triggered images sent to target", b.target_share, a.target_share)):
+        click.echo(f"  {label:36s} {_pct(before):>6s} -> {_pct(after)}")
+    if outcome.detection_path is not None:
+        click.echo(f"detection saved: {outcome.detection_path}")
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    def f(v: float | None) -> str:
+        return "  – " if v is None else f"{v:.2f}"
+
+    return (f"{r['id']:22s} flagged={int(r['flagged'])} suspect={r['suspect']}/{r['truth_target']} "
+            f"ASR-ID {f(r['asr_id_before'])}->{f(r['asr_id_after'])} ASR-OOD {f(r['asr_ood_before'])}->"
+            f"{f(r['asr_ood_after'])} CA {r['ca_before']:.3f}->{r['ca_after']:.3f} "
+            f"rescan={'B' if r['rescan_flagged'] else 'C'} ({r['repair_seconds']:.1f}s repair)")
+
+
+@zoo.command("repair-eval")
+@click.argument("zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="per-model rows (resumable JSON)")
+@click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-images", type=int, default=1000, show_default=True, help="OOD images for detection / re-scan")
+def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int) -> None:
+    """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
+    with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
+    from scanner.clip import load_bundled
+    from scanner.engine import DetectorConfig
+    from scanner.repair import RepairConfig
+    from scanner.zoo.repair_eval import evaluate_repairs, summarise
+
+    try:
+        rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=DetectorConfig(n_images=n_images),
+                                repair=RepairConfig(mode=mode), seed=seed,
+                                on_result=lambda r: click.echo(_row_line(r), err=True))
+    except ScannerError as exc:
+        _fail(str(exc), int(ExitCode.USAGE))
+        return
+    click.echo(f"{'attack':9s} {'n':>2s} {'ASR-ID before->after':>21s} {'ASR-OOD before->after':>22s} "
+               f"{'CA before->after':>17s} {'flagged':>7s} {'rescan clean':>12s} {'repair s':>8s}")
+    for name, s in summarise(rows).items():
+        def f(v: float | None) -> str:
+            return "  –  " if v is None else f"{v:5.3f}"
+
+        click.echo(f"{name:9s} {s['models']:2d} {f(s['asr_id_before']):>10s}->{f(s['asr_id_after']):<10s} "
+                   f"{f(s['asr_ood_before']):>11s}->{f(s['asr_ood_after']):<10s} "
+                   f"{f(s['ca_before']):>8s}->{f(s['ca_after']):<8s} {s['flagged_before']:7.2f} "
+                   f"{s['rescan_clean']:12.2f} {s['repair_seconds']:8.1f}")
+    if json_out is not None:
+        click.echo(f"\nper-model rows: {json_out}")
+
+
+@zoo.command("repair-bench")
+@click.argument("zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--model", "model_id", default=None, help="zoo model id (default: the first backdoored one)")
+@click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def repair_bench(zoo_dir: Path, model_id: str | None, mode: str, seed: int) -> None:
+    """Time the repair of one zoo model (detection timed separately): the "one tiny model" figure."""
+    import time
+
+    import torch
+
+    from scanner.clip import load_bundled
+    from scanner.engine import DetectorConfig, detect
+    from scanner.prompting.checkpoints import load_checkpoint
+    from scanner.prompting.classifier import PromptedCLIP
+    from scanner.repair import RepairConfig, repair_prompt
+    from scanner.zoo.datasets import load_split
+    from scanner.zoo.detect_eval import EVAL_SEED_OFFSET, load_manifest
+    from scanner.zoo.ood import default_ood_pool
+    from scanner.zoo.repair_eval import suspects
+
+    try:
+        manifest = load_manifest(zoo_dir)
+        entries = [m for m in manifest["models"] if (m["id"] == model_id if model_id else m["attack"] != "none")]
+        if not entries:
+            raise ConfigError(f"no model {model_id!r} in {zoo_dir}" if model_id
+                              else f"{zoo_dir} has no backdoored model")
+        m = entries[0]
+        bb = load_bundled()
+        model = PromptedCLIP(bb, load_checkpoint(zoo_dir / m["path"], bb).learner)
+        x, y = load_split(m["dataset"], "train", shots=m["shots"], seed=int(manifest["zoo"].get("seed", 0)),
+                          size=bb.image_size)
+        pool = default_ood_pool(1000, bb.image_size, seed=seed + EVAL_SEED_OFFSET)
+        t0 = time.perf_counter()
+        res = detect(model, pool, DetectorConfig(), seed=seed)
+        t_detect = time.perf_counter() - t0
+        target, triggers = suspects(res)
+        t0 = time.perf_counter()
+        rep = repair_prompt(model, x, y, triggers, RepairConfig(mode=mode), seed=seed, target=target)
+        t_repair = time.perf_counter() - t0
+    except ScannerError as exc:
+        _fail(str(exc), int(ExitCode.USAGE))
+        return
+    click.echo(json.dumps({"model": m["id"], "learner": m["learner"], "classes": m["n_classes"], "images": len(y),
+                           "mode": mode, "threads": torch.get_num_threads(), "repair_seconds": round(t_repair, 1),
+                           "repair_steps": rep.steps, "detect_seconds": round(t_detect, 1),
+                           "total_seconds": round(t_repair + t_detect, 1)}, indent=2))

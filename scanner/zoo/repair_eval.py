@@ -1,0 +1,198 @@
+"""Repair every backdoored model of a zoo and measure it against the manifest's ground truth.
+
+Per backdoored model: detect (CI, the zoo-eval pool), repair with the dataset's few-shot training split
+and the detection's reconstructed triggers, then measure with the *real* trigger (rebuilt from the
+manifest, never shown to detection or repair): ASR-ID / ASR-OOD and clean accuracy before and after,
+and the verdict of a re-scan of the repaired model. Rows are appended to a JSON file as they come, so
+an interrupted evaluation resumes where it stopped.
+
+BadCLIP learns its trigger with the prompt and the zoo does not store it; it is recovered by re-running
+the zoo's (deterministic) implant and accepted only when it hashes to the manifest's ``trigger_sha256``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scanner.clip.backbone import ClipBackbone
+from scanner.engine import DetectionResult, DetectorConfig, detect
+from scanner.errors import ConfigError
+from scanner.prompting.checkpoints import load_checkpoint
+from scanner.prompting.classifier import PromptedCLIP
+from scanner.prompting.learners import learner_from_config
+from scanner.prompting.train import TrainConfig
+from scanner.repair import RepairConfig, repair_prompt
+from scanner.zoo import attack_eval as E
+from scanner.zoo.attacks import Attack, make_attack
+from scanner.zoo.datasets import get_spec, load_split
+from scanner.zoo.detect_eval import EVAL_SEED_OFFSET, load_manifest
+from scanner.zoo.ood import default_ood_pool, pool_sha256
+
+ASR_OOD_SIZES = (300, 500)  # the builder's ASR-OOD pool sizes (quick, full); drawn from zoo seed + 1
+
+
+def trigger_sha(attack: Attack, size: int) -> str:
+    """The zoo builder's fingerprint of a trigger: its stamp on a grey image."""
+    return pool_sha256(attack.apply(torch.full((1, 3, size, size), 0.5)))
+
+
+def real_attack(entry: dict[str, Any], zoo_seed: int, backbone: ClipBackbone) -> tuple[Attack | None, str]:
+    """The model's real trigger rebuilt from its manifest entry, or (None, why) when it cannot be."""
+    size = backbone.image_size
+    params = {k: v for k, v in (entry.get("attack_params") or {}).items()}
+    try:
+        attack = make_attack(entry["attack"], **params, size=size)
+    except (ConfigError, TypeError, ValueError) as exc:
+        return None, f"cannot rebuild attack {entry['attack']!r}: {exc}"
+    expected = entry.get("trigger_sha256")
+    if expected is None or trigger_sha(attack, size) == expected:
+        return attack, ""
+    # A learned trigger (BadCLIP): re-run the builder's implant with the same seeds.
+    spec = get_spec(entry["dataset"])
+    x_tr, y_tr = load_split(entry["dataset"], "train", shots=entry["shots"], seed=zoo_seed, size=size)
+    torch.manual_seed(entry["seed"])
+    learner = learner_from_config(backbone, list(spec.classnames), {"learner_type": entry["learner"]},
+                                  seed=entry["seed"])
+    attack.implant(PromptedCLIP(backbone, learner), x_tr, y_tr, entry["target_index"],
+                   TrainConfig(seed=entry["seed"]))
+    if trigger_sha(attack, size) != expected:
+        return None, "the learned trigger could not be reproduced (hash differs from the manifest's)"
+    return attack, ""
+
+
+def asr_ood_pool(manifest: dict[str, Any], size: int) -> torch.Tensor:
+    """The OOD pool the builder measured ASR-OOD on (identified by the manifest's ``ood_sha256``)."""
+    seed = int(manifest["zoo"].get("seed", 0)) + 1
+    for n in ASR_OOD_SIZES:
+        pool = default_ood_pool(n, size, seed=seed)
+        if pool_sha256(pool) == manifest["zoo"].get("ood_sha256"):
+            return pool
+    return default_ood_pool(ASR_OOD_SIZES[0], size, seed=seed)
+
+
+def _asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.Tensor, ood: torch.Tensor,
+         target: int) -> tuple[float | None, float | None]:
+    if attack is None:
+        return None, None
+    return E.asr_in_distribution(model, attack, x, y, target), E.asr_ood(model, attack, ood, target)
+
+
+def suspects(res: DetectionResult) -> tuple[int | None, list[torch.Tensor]]:
+    """The class to treat as the target and the raw triggers to repair with (that class's first, then
+    the other candidates' by anomaly score). Unflagged models: the most anomalous class with a trigger."""
+    ranked = sorted((c for c in res.classes if c.index in res.raw_triggers), key=lambda c: -c.anomaly_score)
+    order = [c.index for c in ranked]
+    target = res.target_index if res.target_index is not None else (order[0] if order else None)
+    if target is not None and target in order:
+        order.remove(target)
+        order.insert(0, target)
+    return target, [res.raw_triggers[k] for k in order]
+
+
+def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = None,
+                     config: DetectorConfig | None = None, repair: RepairConfig | None = None, seed: int = 0,
+                     on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """One row per backdoored model of the zoo (see module docstring); resumable through ``out``."""
+    manifest = load_manifest(zoo)
+    det_cfg = config or DetectorConfig()
+    rep_cfg = repair or RepairConfig()
+    zoo_seed = int(manifest["zoo"].get("seed", 0))
+    size = backbone.image_size
+    pool = default_ood_pool(det_cfg.n_images, size, seed=seed + EVAL_SEED_OFFSET)
+    asr_pool = asr_ood_pool(manifest, size)
+    settings = {"detector": _jsonable(det_cfg.__dict__), "repair": rep_cfg.to_dict(), "seed": seed,
+                "ood_sha256": pool_sha256(pool)}
+    rows: list[dict[str, Any]] = []
+    if out is not None and out.exists():
+        prev = json.loads(out.read_text())
+        if prev.get("settings") == settings:
+            rows = list(prev["rows"])
+    done = {r["id"] for r in rows}
+    for m in manifest["models"]:
+        if m["attack"] == "none" or m["id"] in done:
+            continue
+        row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed)
+        rows.append(row)
+        if out is not None:
+            _write(out, {"settings": settings, "rows": rows})
+        if on_result is not None:
+            on_result(row)
+    return rows
+
+
+def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch.Tensor, asr_pool: torch.Tensor,
+               det_cfg: DetectorConfig, rep_cfg: RepairConfig, zoo_seed: int, seed: int) -> dict[str, Any]:
+    """Detect, repair, re-scan and measure one backdoored zoo model."""
+    size = backbone.image_size
+    model = PromptedCLIP(backbone, load_checkpoint(zoo / m["path"], backbone).learner)
+    x_tr, y_tr = load_split(m["dataset"], "train", shots=m["shots"], seed=zoo_seed, size=size)
+    x_te, y_te = load_split(m["dataset"], "test", seed=zoo_seed, size=size)
+    target = int(m["target_index"])
+    attack, why = real_attack(m, zoo_seed, backbone)
+    t0 = time.perf_counter()
+    res = detect(model, pool, det_cfg, seed=seed)
+    detect_s = time.perf_counter() - t0
+    suspect, triggers = suspects(res)
+    rep = repair_prompt(model, x_tr, y_tr, triggers, rep_cfg, seed=seed, target=suspect)
+    t0 = time.perf_counter()
+    rescan = detect(rep.model, pool, det_cfg, seed=seed)
+    rescan_s = time.perf_counter() - t0
+    asr_id_b, asr_ood_b = _asr(model, attack, x_te, y_te, asr_pool, target)
+    asr_id_a, asr_ood_a = _asr(rep.model, attack, x_te, y_te, asr_pool, target)
+    return {
+        "id": m["id"], "dataset": m["dataset"], "attack": m["attack"], "learner": m["learner"],
+        "n_classes": m["n_classes"], "truth_target": target, "real_trigger": attack is not None,
+        "real_trigger_note": why, "flagged": res.backdoored, "suspect": suspect,
+        "suspect_is_target": suspect == target, "n_triggers": len(triggers),
+        "ca_before": E.clean_accuracy(model, x_te, y_te), "ca_after": E.clean_accuracy(rep.model, x_te, y_te),
+        "asr_id_before": asr_id_b, "asr_id_after": asr_id_a, "asr_ood_before": asr_ood_b, "asr_ood_after": asr_ood_a,
+        "rescan_flagged": rescan.backdoored, "rescan_target": rescan.target_index,
+        "rescan_score": rescan.anomaly_score, "repair_seconds": rep.seconds, "detect_seconds": detect_s,
+        "rescan_seconds": rescan_s, "repair": rep.to_dict(),
+    }
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per attack (and ``all``): means of every before/after figure, re-scan-clean share, seconds."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["attack"], []).append(r)
+    groups["all"] = list(rows)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in groups.items():
+        if not rs:
+            continue
+        out[name] = {
+            "models": len(rs),
+            **{k: _mean([r[k] for r in rs]) for k in ("asr_id_before", "asr_id_after", "asr_ood_before",
+                                                       "asr_ood_after", "ca_before", "ca_after")},
+            "ca_change": _mean([r["ca_after"] - r["ca_before"] for r in rs]),
+            "flagged_before": float(np.mean([r["flagged"] for r in rs])),
+            "rescan_clean": float(np.mean([not r["rescan_flagged"] for r in rs])),
+            "repair_seconds": float(np.mean([r["repair_seconds"] for r in rs])),
+        }
+    return out
