@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -131,7 +132,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _children(root: Path, n: int, go: Path) -> list[dict[str, object]]:
+def _children(root: Path, n: int, go: Path) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [
         subprocess.Popen(

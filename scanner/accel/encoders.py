@@ -54,6 +54,7 @@ class AccelStats:
     sessions_created: int = 0  # onnxruntime sessions opened by this process
     fallbacks: int = 0  # encoders served by torch because ONNX was impossible
     pool_encodes: int = 0  # cache misses of cached_image_features
+    pool_rows_encoded: int = 0  # rows of registered pools encoded by ForwardFeatures (memo misses)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -69,9 +70,12 @@ _TEMP_ROOT: list[Path] = []
 
 def reset_registry() -> None:
     """Forget every shared session and cached pool feature of this process (tests, long daemons)."""
+    from scanner.accel.features import reset_feature_memo
+
     with _LOCK:
         _REGISTRY.clear()
         _POOL_FEATURES.clear()
+    reset_feature_memo()
 
 
 def _temp_cache_root() -> Path:
@@ -113,6 +117,7 @@ class ForwardEncoders:
         image_variant: str = "fp32",
         int8_agreement: float | None = None,
         fallbacks: int = 0,
+        fallback_reasons: Mapping[str, str] | None = None,
         metrics_hook: MetricsHook | None = None,
     ) -> None:
         self.backbone = backbone  # kept for the torch fallback
@@ -123,6 +128,8 @@ class ForwardEncoders:
         self.int8_agreement = int8_agreement
         #: encoders of this instance served by torch because ONNX export/loading/running failed
         self.fallbacks = fallbacks
+        #: why each torch-served encoder is not on onnxruntime ("image"/"text" -> message)
+        self.fallback_reasons: dict[str, str] = dict(fallback_reasons or {})
         self.metrics_hook = metrics_hook
 
     # ----------------------------------------------------------------- construction
@@ -261,8 +268,9 @@ class ForwardEncoders:
     ) -> torch.Tensor:
         dev = next(self.backbone.parameters()).device
         outs = []
-        # no_grad, not inference_mode: the features may later meet tensors that require grad.
-        with torch.no_grad():
+        # no_grad, not inference_mode: the features may later meet tensors that require grad. fp32 like
+        # the onnxruntime path, whatever autocast the caller runs under.
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):
             for start in range(0, int(inputs[0].shape[0]), batch_size):
                 chunk = [t[start : start + batch_size].to(dev) for t in inputs]
                 outs.append(fn(*chunk).float())
@@ -279,6 +287,7 @@ class ForwardEncoders:
             exc,
         )
         self.fallbacks += 1
+        self.fallback_reasons[which] = f"onnxruntime failed while running: {type(exc).__name__}: {exc}"
         _count_fallback(which, "runtime", self.metrics_hook)
 
 
@@ -345,6 +354,7 @@ def _build(
     sessions: dict[str, OnnxEncoder | None] = {}
     graphs: dict[str, CachedGraph] = {}
     fallbacks = 0
+    reasons: dict[str, str] = {}
     for which in ENCODERS:
 
         def produce(tmp: Path, which: Which = which) -> dict[str, Any]:
@@ -369,6 +379,7 @@ def _build(
             )
             sessions[which] = None
             fallbacks += 1
+            reasons[which] = str(exc)
             _count_fallback(which, str(reason), hook)
     image_variant, agreement = "fp32", None
     if quantize and sessions.get("image") is not None:
@@ -403,6 +414,7 @@ def _build(
         image_variant=image_variant,
         int8_agreement=agreement,
         fallbacks=fallbacks,
+        fallback_reasons=reasons,
         metrics_hook=hook,
     )
 

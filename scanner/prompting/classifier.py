@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from scanner.clip.backbone import ClipBackbone
-from scanner.prompting.learners import PromptLearner
+from scanner.prompting.learners import PromptEncoder, PromptLearner
+
+#: forward-only image encoder: pixels (B, 3, S, S) in [0, 1] -> features (B, E)
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 class PromptedCLIP(nn.Module):
@@ -18,6 +23,9 @@ class PromptedCLIP(nn.Module):
     learner (grad disabled, or its parameters frozen as during trigger inversion); the cache is keyed by
     the version counters of the learner's tensors, so an optimiser step or ``load_state_dict``
     invalidates it.
+
+    Forward-only encoders (e.g. onnxruntime sessions from ``scanner.accel``) can be injected with
+    :meth:`use_forward_only`; they serve every encoder call made while gradients are disabled.
     """
 
     def __init__(self, backbone: ClipBackbone, learner: PromptLearner) -> None:
@@ -27,6 +35,18 @@ class PromptedCLIP(nn.Module):
         self.backbone = backbone
         self.learner = learner
         self._text_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
+        self.forward_images: ImageEncoder | None = None
+
+    def use_forward_only(self, images: ImageEncoder | None, prompts: PromptEncoder | None = None) -> None:
+        """Serve encoder calls made with gradients disabled by ``images`` (pixels -> image features) and
+        ``prompts`` (prompt embeddings, EOT rows -> text features); None restores the backbone.
+
+        Calls that may need gradients (trigger optimisation, prompt tuning) always use the backbone, so
+        the functions need no autograd: plain tensor in, tensor out, fp32 or the caller's dtype.
+        """
+        self.forward_images = images
+        self.learner.forward_prompts = prompts
+        self._text_cache = None
 
     @property
     def classnames(self) -> list[str]:
@@ -39,6 +59,8 @@ class PromptedCLIP(nn.Module):
     # ----------------------------------------------------------------- features
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features (B, E), not normalised, from pixels (B, 3, S, S) in [0, 1]."""
+        if self.forward_images is not None and not torch.is_grad_enabled():
+            return self.forward_images(pixels)
         return self.backbone.encode_image(pixels)
 
     def _cache_key(self) -> tuple[object, ...]:

@@ -19,7 +19,7 @@ prompt (what a provider delivers). :class:`scanner.prompting.classifier.Prompted
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -30,6 +30,8 @@ from scanner.clip.backbone import ClipBackbone
 from scanner.errors import ConfigError
 from scanner.prompting.classnames import simple_tokenizer
 
+#: forward-only prompt encoder: embeds (N, L, D), EOT positions (N,) -> text features (N, E)
+PromptEncoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Position = Literal["end", "middle", "front"]
 POSITIONS: tuple[str, ...] = ("end", "middle", "front")
 DEFAULT_N_CTX = 16
@@ -49,6 +51,8 @@ class PromptLearner(nn.Module):
 
     image_conditioned: ClassVar[bool] = False
     _backbone: ClipBackbone  # referenced, not a submodule (see module docstring)
+    #: used instead of the backbone when gradients are disabled (see PromptedCLIP.use_forward_only)
+    forward_prompts: PromptEncoder | None = None
     ctx: nn.Parameter  # (M, D), or (n_cls, M, D) class-specific: set by subclasses
 
     token_prefix: torch.Tensor
@@ -148,10 +152,15 @@ class PromptLearner(nn.Module):
         return torch.gather(prompts, -2, index)
 
     def encode(self, prompts: torch.Tensor) -> torch.Tensor:
-        """Text features (..., n_cls, E) of assembled prompts (..., n_cls, L, D)."""
+        """Text features (..., n_cls, E) of assembled prompts (..., n_cls, L, D).
+
+        With gradients disabled and ``forward_prompts`` set, that function encodes instead of the backbone.
+        """
         lead = prompts.shape[:-2]
         flat = prompts.reshape(-1, *prompts.shape[-2:])
         eot = self.eot_index.expand(*lead).reshape(-1)
+        if self.forward_prompts is not None and not torch.is_grad_enabled():
+            return self.forward_prompts(flat, eot).reshape(*lead, -1)
         return self.backbone.encode_prompts(flat, eot).reshape(*lead, -1)
 
 
