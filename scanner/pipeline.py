@@ -9,6 +9,7 @@ first progress line is printed before the heavy imports so a scan never starts s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     import torch
 
     from scanner.engine.result import DetectionResult
+
+log = logging.getLogger(__name__)
 
 Emit = Callable[[str], None]
 #: the detector's progress callback: (stage, done, total)
@@ -297,6 +300,7 @@ def _scan_unit(unit: Path, adapter: Adapter, run: _Run) -> tuple[ModelReport, di
         model = loaded.model.to(settings.device)
         pool, pool_hash = run.pools.get(model.backbone.image_size)
         report.ood_sha256 = pool_hash
+        report.accel = _attach_accel(settings, model, pool, pool_hash)
         result = run.detect(model, pool.to(settings.device), run.config, seed=settings.seed,
                             progress=progress.stage)
     except ScannerError as exc:
@@ -313,6 +317,34 @@ def _scan_unit(unit: Path, adapter: Adapter, run: _Run) -> tuple[ModelReport, di
     if settings.report_dir is not None and result.raw_triggers and report.sha256:
         _save_detection(settings.report_dir, report, result, report.sha256)
     return report, _trigger_arrays(result) if settings.report_dir is not None else {}
+
+
+def _attach_accel(settings: Settings, model: Any, pool: torch.Tensor, pool_hash: str) -> dict[str, Any]:
+    """Inject forward-only encoders (onnxruntime, per ``settings.accel``) into ``model``; what serves it.
+
+    The pool is registered so its clean features are encoded once per backbone per process, whichever
+    model asks first. Never raises: anything unexpected leaves the model on torch (logged, reported).
+    """
+    if settings.accel == "torch":
+        return {"image": "torch", "text": "torch"}
+    from scanner.accel.features import INT8_GATE_IMAGES, forward_features
+
+    try:
+        feats = forward_features(model.backbone, settings.accel, cache_dir=settings.cache_dir / "onnx",
+                                 int8=settings.accel_int8, device=settings.device)
+        if feats is None:
+            return {"image": "torch", "text": "torch"}
+        feats.register_pool(pool, pool_hash)
+        gate = pool[-INT8_GATE_IMAGES:] if settings.accel_int8 else None
+        info = feats.attach(model, gate)
+    except Exception as exc:  # the scan goes on in torch whatever happened here
+        model.use_forward_only(None, None)
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning("forward-only encoders unavailable for backbone %s (%s); using torch", model.backbone.name, why)
+        return {"image": "torch-fallback", "text": "torch-fallback", "image_fallback_reason": why,
+                "text_fallback_reason": why}
+    log.info("forward-only work of backbone %s: image %s, text %s", model.backbone.name, info.image, info.text)
+    return info.to_dict()
 
 
 def _save_detection(report_dir: Path, report: ModelReport, result: DetectionResult, sha256: str) -> None:

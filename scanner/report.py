@@ -71,6 +71,9 @@ class ModelReport:
     duration_s: float = 0.0
     # paths (relative to a report dir) of evidence artefacts, e.g. trigger PNGs
     artefacts: dict[str, str] = field(default_factory=dict)
+    # what served forward-only encoder work: {"image": "onnx-fp32" | "onnx-int8" | "torch" |
+    # "torch-fallback", "text": ..., "<encoder>_fallback_reason": why, "int8_agreement": top-1 agreement}
+    accel: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

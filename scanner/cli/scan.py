@@ -62,9 +62,12 @@ def _render(report: ScanReport, fmt: str) -> str:
               help="Settings TOML file (default: ./scanner.toml when present).")
 @click.option("--backbone", "backbones", multiple=True, metavar="NAME=PATH",
               help="Declare a local CLIP backbone file or folder (repeatable).")
+@click.option("--accel", type=click.Choice(["auto", "onnx", "torch"]), default=None,
+              help="Forward-only encoder work: onnxruntime (torch fallback), torch, or auto (default).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def scan_once(path: Path, fmt: str, output: Path | None, report_dir: Path | None, ood_dir: Path | None,
-              seed: int | None, config: Path | None, backbones: tuple[str, ...], quiet: bool) -> None:
+              seed: int | None, config: Path | None, backbones: tuple[str, ...], accel: str | None,
+              quiet: bool) -> None:
     """Scan PATH (a checkpoint, a model directory or a registry tree) once and exit with its verdict.
 
     \b
@@ -76,7 +79,7 @@ def scan_once(path: Path, fmt: str, output: Path | None, report_dir: Path | None
     except ConfigError as exc:
         _fail(str(exc), int(ExitCode.USAGE))
     settings = _settings_or_exit(config, {"seed": seed, "ood_dir": ood_dir, "report_dir": report_dir,
-                                          "backbones": bb})
+                                          "backbones": bb, "accel": accel})
     from scanner.pipeline import describe_adapters, scan_path
 
     try:

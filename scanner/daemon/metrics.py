@@ -22,6 +22,8 @@ STAGES = ("hash", "scan", "quarantine")
 #: scans of the tiny bundled CLIP take seconds; real backbones on CPU minutes
 DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERFLOW_SOURCES = ("inotify", "queue")
+#: encoders whose forward-only work can fall back from onnxruntime to torch
+ACCEL_ENCODERS = ("image", "text")
 
 
 class DaemonMetrics:
@@ -77,6 +79,13 @@ class DaemonMetrics:
             ["source"],
             registry=registry,
         )
+        self.accel_fallbacks = Counter(
+            "scanner_onnx_torch_fallbacks",
+            "Scans whose forward-only encoder work wanted onnxruntime but ran in torch (export impossible, "
+            "unwritable cache, onnxruntime failure), by encoder.",
+            ["encoder"],
+            registry=registry,
+        )
         self.build_info = Info("scanner_build", "Scanner build.", registry=registry)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         for v in Verdict:
@@ -88,6 +97,8 @@ class DaemonMetrics:
         for source in OVERFLOW_SOURCES:
             self.overflows.labels(source=source)
         self.errors.labels(category="internal")
+        for encoder in ACCEL_ENCODERS:
+            self.accel_fallbacks.labels(encoder=encoder)
 
     def serve(self, addr: str) -> WSGIServer:
         """Serve ``/metrics`` on ``addr`` (``host:port``) in a daemon thread; ``ConfigError`` if busy."""

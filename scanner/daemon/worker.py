@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scanner.daemon.accepted_risk import AcceptedRiskList
-from scanner.daemon.metrics import DaemonMetrics
+from scanner.daemon.metrics import ACCEL_ENCODERS, DaemonMetrics
 from scanner.daemon.quarantine import Quarantine, QuarantineError
 from scanner.daemon.state import ModelRecord, StateStore
 from scanner.daemon.units import content_hash, signature
@@ -201,6 +201,9 @@ class Processor:
             self._metrics.last_success.set(time.time())
         if report.verdict is Verdict.ERROR:
             self._metrics.errors.labels(category=report.category or "error").inc()
+        for encoder in ACCEL_ENCODERS:
+            if report.accel.get(encoder) == "torch-fallback":
+                self._metrics.accel_fallbacks.labels(encoder=encoder).inc()
 
     def _enforce(self, model: ModelRecord) -> None:
         """Quarantine every present copy of a flagged hash, unless its risk was accepted."""
