@@ -132,8 +132,11 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True)
 @click.option("--threshold", type=float, default=None, help="anomaly threshold (default: the detector's k)")
+@click.option("--accel", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
+              help="forward-only encoder work: onnxruntime (torch fallback), torch, or onnx when installed")
+@click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
-          threshold: float | None) -> None:
+          threshold: float | None, accel: str, accel_int8: bool) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -160,7 +163,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
                       f"{r['truth_target']} flagged={int(r['flagged'])} target={r['target']} "
                       f"score={r['anomaly_score']:.2f} ({r['seconds']:.1f}s)")
 
-        rows = evaluate_zoo(zoo_dir, load_bundled(), dets, out=json_out, config=cfg, seed=seed, on_result=on_result)
+        rows = evaluate_zoo(zoo_dir, load_bundled(), dets, out=json_out, config=cfg, seed=seed, on_result=on_result,
+                            accel=accel, accel_int8=accel_int8)
         bar.close()
     except ScannerError as exc:
         _fail(exc)

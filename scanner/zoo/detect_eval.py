@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,10 @@ from scanner.prompting.classifier import PromptedCLIP
 from scanner.zoo.build import MANIFEST
 from scanner.zoo.ood import default_ood_pool, pool_sha256
 
+if TYPE_CHECKING:
+    from scanner.accel.features import ForwardFeatures
+
+INT8_GATE_IMAGES = 256  # scanner.accel.features.INT8_GATE_IMAGES (not imported: onnxruntime stays optional)
 EVAL_SEED_OFFSET = 12345  # the detector's OOD pool is drawn apart from the zoo's ASR pool
 
 
@@ -36,17 +40,25 @@ def load_manifest(zoo: Path) -> dict[str, Any]:
 
 def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *, out: Path | None = None,
                  config: DetectorConfig | None = None, seed: int = 0, ood: torch.Tensor | None = None,
-                 on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Per (model, detector) rows: verdict, suspected target, anomaly score, seconds, ground truth."""
+                 on_result: Callable[[dict[str, Any]], None] | None = None, accel: str = "auto",
+                 accel_int8: bool = False, cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Per (model, detector) rows: verdict, suspected target, anomaly score, seconds, ground truth.
+
+    ``accel`` ("auto" | "onnx" | "torch") picks what does the forward-only encoder work, as in a scan
+    (``scanner.accel.features``); the pool's clean features are encoded once for the whole zoo.
+    ``cache_dir`` is the ONNX cache folder (default ``scanner.accel.default_cache_dir()``).
+    """
     manifest = load_manifest(zoo)
     base = config or DetectorConfig()
     pool = ood if ood is not None else default_ood_pool(base.n_images, backbone.image_size,
                                                          seed=seed + EVAL_SEED_OFFSET)
     pool_hash = pool_sha256(pool)
+    feats = _forward_features(backbone, accel, accel_int8, cache_dir, pool, pool_hash)
     rows: list[dict[str, Any]] = []
     if out is not None and out.exists():
         prev = json.loads(out.read_text())
-        if prev.get("ood_sha256") == pool_hash and prev.get("config") == _config_dict(base):
+        if (prev.get("ood_sha256") == pool_hash and prev.get("config") == _config_dict(base)
+                and prev.get("accel", "torch") == accel):
             rows = list(prev["rows"])
     done = {(r["id"], r["detector"]) for r in rows}
     for m in manifest["models"]:
@@ -57,6 +69,10 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
             if ckpt is None:
                 ckpt = load_checkpoint(zoo / m["path"], backbone)
             model = PromptedCLIP(backbone, ckpt.learner)
+            info: dict[str, Any] = {"image": "torch", "text": "torch"}
+            if feats is not None:
+                gate = pool[: base.n_images][-INT8_GATE_IMAGES:] if accel_int8 else None
+                info = feats.attach(model, gate).to_dict()
             cfg = DetectorConfig(**{**_config_dict(base), "detector": det})
             t0 = time.perf_counter()
             res = detect(model, pool, cfg, seed=seed)
@@ -67,14 +83,26 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
                 "target": res.target_index, "anomaly_score": res.anomaly_score, "threshold": res.threshold,
                 "seconds": time.perf_counter() - t0,
                 "class_scores": [c.anomaly_score for c in res.classes],
-                "evidence": [c.evidence for c in res.classes],
+                "evidence": [c.evidence for c in res.classes], "accel": info,
             }
             rows.append(row)
             if out is not None:
-                _write(out, {"ood_sha256": pool_hash, "config": _config_dict(base), "rows": rows})
+                _write(out, {"ood_sha256": pool_hash, "config": _config_dict(base), "accel": accel, "rows": rows})
             if on_result is not None:
                 on_result(row)
     return rows
+
+
+def _forward_features(backbone: ClipBackbone, accel: str, int8: bool, cache_dir: Path | None, pool: torch.Tensor,
+                      pool_hash: str) -> ForwardFeatures | None:
+    if accel == "torch":
+        return None
+    from scanner.accel.features import forward_features
+
+    feats = forward_features(backbone, accel, cache_dir=cache_dir, int8=int8)
+    if feats is not None:
+        feats.register_pool(pool, pool_hash)
+    return feats
 
 
 def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
