@@ -101,11 +101,19 @@ def bench_cmd(
     cache_dir: Path | None,
 ) -> None:
     """Images/s (and prompts/s) of torch eager vs onnxruntime fp32/int8, parity and int8 agreement."""
+    import os
+    import sys
+
+    if "torch" not in sys.modules:  # OpenMP reads it once, when torch loads (see scanner.accel.bench)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from scanner.accel.bench import format_rows, run_bench
     from scanner.accel.sessions import physical_cores
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     n = threads or physical_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    click.echo(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, onnxruntime spinning off, "
+               f"1-min load average {load:.1f} on {os.cpu_count()} CPUs")
     rows = []
     for arch in [a.strip() for a in archs.split(",") if a.strip()]:
         rows += run_bench(
