@@ -101,7 +101,8 @@ def test_second_model_on_same_backbone_exports_and_encodes_nothing(
     assert first.accel == {"image": "onnx-fp32", "text": "onnx-fp32"}
     exports, sessions, rows = _counters()
     assert (exports - before[0], sessions - before[1]) == (2, 2)  # image + text graph, once
-    assert rows - before[2] == N_HOLD  # the clean held-out images, encoded by onnxruntime
+    # The clean images the detector looks at (at least its held-out split), each encoded once by onnxruntime.
+    assert N_HOLD <= rows - before[2] <= OOD
     assert "forward-only work of backbone scanner-tiny: image onnx-fp32, text onnx-fp32" in caplog.text
 
     second = scan_path(models / "coop-2.safetensors", settings).models[0]
