@@ -4,20 +4,24 @@ Design (ours; the paper's details are not public), cost independent of the class
 
 1. *A trusted twin.* The encoders are frozen and public and the class names known, so the same encoders
    with plain zero-shot prompts form a classifier that cannot carry a prompt backdoor
-   (``ReferenceModel``). A trigger that works because it *draws* class-k evidence moves both models;
-   a planted trigger moves the suspect alone. The twin reuses the suspect's image features.
+   (``ReferenceModel``, a panel of templates). A trigger that works because it *draws* class-k evidence
+   moves both models; a planted trigger moves the suspect alone. The twin reuses the suspect's image
+   features.
 2. *Robust triggers only.* Every reconstructed trigger is followed by a random translation (±
    ``max_shift`` px) during optimisation and evaluation: small universal adversarial patterns, which
    reach any class of a small CLIP, do not survive it; a feature the prompt was tuned to react to does.
-3. *Screen all classes at once.* Per trigger family (bounded additive, small patch), one untargeted
-   "differential collapse" trigger sends a batch to the class the suspect favours more than its twin.
-   Screening score per class: its share of triggered held-out images minus the larger of its natural
-   share (clean images) and the twin's share.
-4. *Confirm the few suspicious classes* with a targeted differential margin objective (target logit
-   above every other for the suspect, target probability kept low for the twin).
-5. *Decide.* Per-class score = confirmed gain (candidates) or screening gain (others); the robust anomaly
-   index (median/MAD across classes) of the best class against threshold ``k`` flags the model, and its
-   trigger must also work (gain >= ``MIN_GAIN``).
+3. *Four trigger families*, one per way a trigger can be laid on an image: bounded additive, small
+   patch (mask + pattern), full-image blend, smooth warp.
+4. *Screen all classes at once.* Per family, one untargeted "differential collapse" search sends the
+   batch to the class the trigger moves the suspect into more than the twin. Every class's gain is
+   recorded: its share of triggered held-out images minus the larger of its natural share and the
+   twin's share.
+5. *Confirm the few most suspicious classes* with a targeted differential margin objective (target
+   logit above every other for the suspect, target probability kept low for the twin), in the family
+   that screened them best. Cost: (families + candidates) epochs, whatever the class count.
+6. *Decide.* Per-class score = best gain; the robust anomaly index (median/MAD across classes) of the
+   best class against threshold ``k`` flags the model, and its trigger must also work
+   (gain >= ``MIN_GAIN``).
 
 The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*
 class, one epoch each, anomaly index over the per-class ASR gain.
@@ -34,6 +38,7 @@ from scanner.engine.config import DetectorConfig
 from scanner.engine.invert import (
     InversionSchedule,
     ReferenceModel,
+    autocast,
     class_shares,
     differential_collapse,
     differential_margin,
@@ -45,7 +50,14 @@ from scanner.engine.invert import (
 )
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
-from scanner.engine.triggers import AdditiveTrigger, PatchTrigger, ShiftedTrigger, Trigger
+from scanner.engine.triggers import (
+    AdditiveTrigger,
+    BlendTrigger,
+    PatchTrigger,
+    ShiftedTrigger,
+    Trigger,
+    WarpTrigger,
+)
 from scanner.prompting.classifier import PromptedCLIP
 
 Progress = Callable[[str, int, int], None]
@@ -53,7 +65,15 @@ MIN_GAIN = 0.5  # a flagged class's trigger must move at least half of the held-
 
 
 def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator) -> Trigger:
-    inner: Trigger = AdditiveTrigger(size, cfg.eps, gen) if family == "additive" else PatchTrigger(size, gen)
+    inner: Trigger
+    if family == "additive":
+        inner = AdditiveTrigger(size, cfg.eps, gen)
+    elif family == "patch":
+        inner = PatchTrigger(size, gen)
+    elif family == "blend":
+        inner = BlendTrigger(size, cfg.blend_alpha, gen)
+    else:
+        inner = WarpTrigger(size, cfg.warp_px, gen)
     if cfg.max_shift > 0:
         return ShiftedTrigger(inner, cfg.max_shift, gen)
     return inner
@@ -75,6 +95,19 @@ def split_pool(pool: torch.Tensor, cfg: DetectorConfig) -> tuple[torch.Tensor, t
     return x[:-n_hold], x[-n_hold:]
 
 
+def _twin(model: PromptedCLIP, x: torch.Tensor, cfg: DetectorConfig) -> tuple[ReferenceModel, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """The trusted twin (templates + a member distilled on clean ``x``) and the mean class probabilities
+    (C,) of the suspect and of the twin on ``x`` (no gradient)."""
+    ref = ReferenceModel(model)
+    with torch.no_grad(), autocast(cfg.bf16):
+        feats = model.image_features(x)
+        sus = model.logits_from_features(feats).float()
+    if cfg.distil_twin:
+        ref.distil(feats, sus)
+    return ref, sus.softmax(dim=1).mean(dim=0), ref.logits(feats).softmax(dim=1).mean(dim=0)
+
+
 def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
            progress: Progress | None = None) -> DetectionResult:
     start = time.perf_counter()
@@ -84,7 +117,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     C = model.n_cls
     sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     m = min(cfg.candidates, C)
-    total = len(cfg.families) * (1 + m)
+    total = len(cfg.families) + m
     done = 0
 
     def tick(stage: str) -> None:
@@ -97,38 +130,43 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     images: dict[int, torch.Tensor] = {}
     raw: dict[int, torch.Tensor] = {}
     with frozen_learner(model):
-        ref = ReferenceModel(model)
+        ref, base_s, base_r = _twin(model, opt_x, cfg)
         natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
-        screen = torch.full((C,), -1.0)
+        score = torch.full((C,), -1.0)
+        best_family: dict[int, str] = {}
+        # 1. screen: one untargeted differential search per family; every class's gain is recorded
         for fam in cfg.families:
             trig = make_trigger(fam, size, cfg, gen)
-            optimise_pair(model, ref, trig, opt_x, differential_collapse(cfg.reference_weight), sched, gen,
-                          _size_weight(fam, cfg))
+            optimise_pair(model, ref, trig, opt_x, differential_collapse(base_s, base_r, cfg.reference_weight),
+                          sched, gen, _size_weight(fam, cfg))
             s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
+            gain = s_sus - torch.maximum(s_ref, natural)  # (C,)
             for k in range(C):
-                evidence[k][f"screen_{fam}"] = float(s_sus[k])
-            screen = torch.maximum(screen, s_sus - torch.maximum(s_ref, natural))
+                evidence[k][f"screen_{fam}"] = float(gain[k])
+                if float(gain[k]) > float(score[k]):
+                    score[k] = gain[k]
+                    best_family[k] = fam
+                    images[k] = trig.image()
+                    raw[k] = _raw(trig)
             tick(f"screen:{fam}")
-        score = screen.clone()
-        cands = [int(k) for k in torch.argsort(screen, descending=True, stable=True)[:m]]
+        # 2. confirm: a targeted differential inversion for the most suspicious classes, in the family
+        #    that screened them best
+        cands = [int(k) for k in torch.argsort(score, descending=True, stable=True)[:m]]
         for t in cands:
-            best = -1.0
-            for fam in cfg.families:
-                trig = make_trigger(fam, size, cfg, gen)
-                optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
-                              sched, gen, _size_weight(fam, cfg))
-                s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
-                # what the trigger does to the suspect beyond what it does to its clean twin
-                gain = float(s_sus[t]) - max(float(s_ref[t]), float(natural[t]))
-                evidence[t][f"asr_{fam}"] = float(s_sus[t])
-                evidence[t][f"ref_asr_{fam}"] = float(s_ref[t])
-                evidence[t][f"size_{fam}"] = float(trig.size().detach())
-                if gain > best:
-                    best = gain
-                    images[t] = trig.image()
-                    raw[t] = _raw(trig)
-                tick(f"confirm:{fam}")
-            score[t] = max(best, float(screen[t]))
+            fam = best_family.get(t, cfg.families[0])
+            trig = make_trigger(fam, size, cfg, gen)
+            optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
+                          sched, gen, _size_weight(fam, cfg))
+            s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
+            # what the trigger does to the suspect beyond what it does to its clean twin
+            gain_t = float(s_sus[t]) - max(float(s_ref[t]), float(natural[t]))
+            evidence[t].update({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
+                                f"size_{fam}": float(trig.size().detach()), "confirm": gain_t})
+            if gain_t > float(score[t]):
+                score[t] = gain_t
+                images[t] = trig.image()
+                raw[t] = _raw(trig)
+            tick(f"confirm:{fam}")
     anomalies = anomaly_index(score, floor=cfg.score_floor)
     top = int(torch.argmax(anomalies))
     flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)

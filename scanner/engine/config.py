@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from scanner.errors import ConfigError
 
 DETECTORS = ("ci", "ci-plain", "nc", "pixel")
+FAMILIES = ("additive", "patch", "blend", "warp")  # trigger families CI can search
 
 
 @dataclass(frozen=True)
@@ -17,12 +18,15 @@ class DetectorConfig:
     batch_size: int = 32  # images per optimisation step
     epochs: int = 1  # passes over the optimisation split per trigger (the paper: a single epoch)
     lr: float = 0.1  # Adam step on trigger parameters
-    families: tuple[str, ...] = ("additive", "patch")  # trigger families CI searches
+    families: tuple[str, ...] = FAMILIES  # trigger families CI searches
     eps: float = 6 / 255  # L-inf bound of the additive family (pixel units)
+    blend_alpha: float = 0.25  # largest opacity of the blend family's pattern
+    warp_px: float = 2.0  # largest displacement (pixels) of the warp family's control points
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
-    candidates: int = 4  # classes CI confirms with targeted inversion after screening
+    candidates: int = 2  # classes CI confirms with targeted inversion after screening
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
+    distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float = 2.0  # anomaly-index threshold k (published default; `scanner calibrate` refits it)
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
@@ -35,8 +39,8 @@ class DetectorConfig:
             raise ConfigError(f"holdout must be within [0.05, 0.5]; got {self.holdout}")
         if self.batch_size < 1 or self.epochs < 1 or self.n_images < 2:
             raise ConfigError("batch_size, epochs must be >= 1 and n_images >= 2")
-        bad = [f for f in self.families if f not in ("additive", "patch")]
+        bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
-            raise ConfigError(f"families must be a non-empty subset of ('additive', 'patch'); got {self.families}")
+            raise ConfigError(f"families must be a non-empty subset of {FAMILIES}; got {self.families}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")

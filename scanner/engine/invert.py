@@ -24,24 +24,63 @@ Objective = Callable[[torch.Tensor, Trigger], torch.Tensor]
 PairObjective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+#: generic zero-shot templates of the trusted twin: the scanner does not know the delivered model's task
+REFERENCE_TEMPLATES = ("{}.", "a {}.", "a photo of a {}.", "a {} shape.", "an image of a {}.")
+
+
 class ReferenceModel:
     """The trusted twin of a prompt-tuned model: the same frozen encoders with plain zero-shot prompts.
 
     The encoders are public and the class names known, so this classifier cannot carry a prompt
     backdoor. A trigger that moves images into class k only because it *draws* class-k evidence
-    (a red patch for "red") moves the reference too; a planted trigger moves the suspect alone.
-    Its logits reuse the suspect's image features: no extra encoder pass.
+    (a red patch for "red") moves the twin too; a planted trigger moves the suspect alone.
+    One zero-shot template reads some class names poorly, so the twin is a panel of templates and a
+    class's twin probability is the *largest* any template gives it: evidence that convinces any plain
+    prompt counts as natural. Its logits reuse the suspect's image features: no extra encoder pass.
     """
 
-    def __init__(self, model: PromptedCLIP, template: str = "a {}.") -> None:
+    def __init__(self, model: PromptedCLIP, templates: tuple[str, ...] = REFERENCE_TEMPLATES) -> None:
         bb = model.backbone
         with torch.no_grad():
-            text = bb.encode_tokens(bb.tokenize([template.format(c) for c in model.classnames]))
-        self.text = F.normalize(text.float(), dim=-1)  # (C, E)
+            text = torch.stack([bb.encode_tokens(bb.tokenize([t.format(c) for c in model.classnames])).float()
+                                for t in templates])
+        self.text = F.normalize(text, dim=-1)  # (T, C, E)
         self.scale = float(bb.logit_scale)
 
+    def distil(self, clean_features: torch.Tensor, suspect_logits: torch.Tensor, steps: int = 150,
+               lr: float = 0.02, pull: float = 10.0) -> None:
+        """Add one panel member: the zero-shot classifier fine-tuned to agree with the suspect on clean
+        OOD images (features (N, E), suspect logits (N, C)).
+
+        Prompt tuning teaches the suspect genuine evidence the zero-shot prompts lack; on a backbone
+        that reads some classes poorly, a trigger drawing that evidence would otherwise look planted.
+        A backdoor is dormant on clean images, so agreeing with the suspect there copies what it has
+        learned about natural content and not the shortcut. The member is a free linear head (C, E)
+        started at the templates' mean and pulled back towards it, so directions the clean images do
+        not exercise stay zero-shot. ``pull`` = 10 keeps the planted trigger out of the member on the zoo
+        (real trigger -> target: suspect 0.50-1.00, member 0.00-0.01) while it agrees with the suspect on
+        0.78-0.94 of clean held-out images (zero-shot alone: 0.35-0.75).
+        """
+        f = F.normalize(clean_features.float(), dim=-1)  # (N, E)
+        target = suspect_logits.float().softmax(dim=-1)  # (N, C)
+        w0 = F.normalize(self.text.mean(dim=0), dim=-1)  # (C, E)
+        w = w0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                logits = self.scale * f @ F.normalize(w, dim=-1).T
+                loss = F.kl_div(logits.log_softmax(dim=-1), target, reduction="batchmean")
+                loss = loss + pull * (w - w0).pow(2).sum(dim=-1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        self.text = torch.cat([self.text, F.normalize(w.detach(), dim=-1)[None]])
+
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(image_features.float(), dim=-1) @ self.text.T
+        """(B, C) log of the per-class maximum over panel members of the member's softmax probability."""
+        f = F.normalize(image_features.float(), dim=-1)  # (B, E)
+        probs = (self.scale * torch.einsum("be,tce->tbc", f, self.text)).softmax(dim=-1)  # (T, B, C)
+        return probs.amax(dim=0).clamp_min(1e-12).log()
 
 
 def differential_margin(target: int, kappa: float, weight: float = 1.0) -> PairObjective:
@@ -58,16 +97,20 @@ def differential_margin(target: int, kappa: float, weight: float = 1.0) -> PairO
     return f
 
 
-def differential_collapse(weight: float = 1.0) -> PairObjective:
-    """Untargeted: send the batch to the class the suspect favours *more than the reference does*.
+def differential_collapse(base_suspect: torch.Tensor, base_reference: torch.Tensor,
+                          weight: float = 1.0) -> PairObjective:
+    """Untargeted: send the batch to the class the *trigger* moves the suspect into more than the twin.
 
-    Natural sinks (classes both models give OOD images) cancel out, so the search slides into a
-    planted shortcut when there is one, instead of into the most popular class.
+    ``base_suspect`` / ``base_reference`` (C,) are the models' mean class probabilities on clean images.
+    Each step aims at the class whose mean probability the trigger has raised most for the suspect
+    beyond what it raised for the twin. Measuring the change rather than the level keeps the search out
+    of natural sinks (classes a tuned prompt already over-predicts on OOD images) and lets it slide
+    into a planted shortcut when there is one.
     """
 
     def f(suspect: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         ps, pr = suspect.softmax(dim=1), reference.softmax(dim=1)
-        k = int((ps.mean(dim=0) - pr.mean(dim=0)).argmax())
+        k = int(((ps.mean(dim=0) - base_suspect) - (pr.mean(dim=0) - base_reference)).argmax())
         ce = F.cross_entropy(suspect, torch.full((suspect.shape[0],), k, dtype=torch.long))
         return ce + weight * pr[:, k].mean()
 

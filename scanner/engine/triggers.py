@@ -130,6 +130,77 @@ class PatchTrigger(Trigger):
         return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
 
 
+class BlendTrigger(Trigger):
+    """x' = (1 - a) x + a p: a full-image pattern p (3, S, S) blended in with a learned opacity a in
+    (0, ``alpha_max``) — the Blended attack's form. ``size`` is a / alpha_max."""
+
+    family = "blend"
+
+    def __init__(self, size: int, alpha_max: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.alpha_max = alpha_max
+        self.a = nn.Parameter(torch.zeros(()))  # sigmoid(0) = half the bound
+        self.p = nn.Parameter(torch.randn(3, size, size, generator=generator))
+
+    def alpha(self) -> torch.Tensor:
+        return self.alpha_max * torch.sigmoid(self.a)
+
+    def pattern(self) -> torch.Tensor:
+        return torch.sigmoid(self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.alpha()
+        return (1 - a) * x + a * self.pattern()
+
+    def size(self) -> torch.Tensor:
+        return self.alpha() / self.alpha_max
+
+    def image(self) -> torch.Tensor:
+        return self.pattern().detach()
+
+    def raw(self) -> torch.Tensor:
+        mask = self.alpha().detach().expand(1, *self.p.shape[1:])
+        return torch.cat([self.pattern().detach(), mask])  # (4, S, S): a patch with a uniform mask
+
+
+class WarpTrigger(Trigger):
+    """A smooth warp (WaNet's form): a coarse displacement field (2, k, k), bounded to ``max_px`` pixels
+    by tanh, upsampled bicubically to (S, S) and applied with grid_sample. ``size`` is the mean
+    displacement as a share of the bound."""
+
+    family = "warp"
+    identity: torch.Tensor  # (1, S, S, 2) the identity sampling grid
+
+    def __init__(self, size: int, max_px: float, generator: torch.Generator, k: int = 4) -> None:
+        super().__init__()
+        self.s, self.max_px = size, max_px
+        self.flow = nn.Parameter(torch.randn(1, 2, k, k, generator=generator) * 0.1)
+        lin = torch.linspace(-1, 1, size)
+        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
+        self.register_buffer("identity", torch.stack((xx, yy), dim=2)[None], persistent=False)  # (1, S, S, 2)
+
+    def displacement(self) -> torch.Tensor:
+        """(1, S, S, 2) in grid units (2 / (S - 1) per pixel with align_corners), grid_sample's (x, y) order."""
+        coarse = self.max_px * torch.tanh(self.flow) * 2 / (self.s - 1)
+        return F.interpolate(coarse, size=(self.s, self.s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (self.identity + self.displacement()).clamp(-1, 1).expand(x.shape[0], -1, -1, -1)
+        return F.grid_sample(x, grid, align_corners=True).clamp(0, 1)
+
+    def size(self) -> torch.Tensor:
+        return self.displacement().abs().mean() * (self.s - 1) / 2 / self.max_px
+
+    def image(self) -> torch.Tensor:
+        # the warp applied to a fine grid pattern, so the report shows the distortion
+        lin = torch.arange(self.s)
+        grid = (((lin[:, None] // 4 + lin[None, :] // 4) % 2).float())[None, None].expand(1, 3, -1, -1)
+        return self.forward(grid).detach()[0]
+
+    def raw(self) -> torch.Tensor:
+        return self.displacement().detach()[0].permute(2, 0, 1).contiguous()  # (2, S, S)
+
+
 class PixelTrigger(Trigger):
     """Pixel-Backdoor form: x' = clamp(x + P+ - P-) with non-negative P+, P- (3, S, S) each.
 
