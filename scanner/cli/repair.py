@@ -199,7 +199,7 @@ def repair_bench(zoo_dir: Path, model_id: str | None, mode: str, seed: int) -> N
         t_detect = time.perf_counter() - t0
         target, triggers = suspects(res)
         t0 = time.perf_counter()
-        rep = repair_prompt(model, x, y, triggers, RepairConfig(mode=mode), seed=seed, target=target)
+        rep = repair_prompt(model, x, y, triggers, RepairConfig(mode=mode), seed=seed, target=target, ood=pool)
         t_repair = time.perf_counter() - t0
     except ScannerError as exc:
         _fail(str(exc), int(ExitCode.USAGE))

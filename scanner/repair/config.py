@@ -8,6 +8,7 @@ from typing import Any
 from scanner.errors import ConfigError
 
 MODES = ("finetune", "reinit")
+OOD_LABELS = ("zero-shot", "model")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class RepairConfig:
     trigger_copies: int = 2  # copies of every clean image carrying a reconstructed trigger, true label kept
     generic_copies: int = 1  # copies carrying a random generic overlay (patch, blend, noise, warp), true label
     max_shift: int = 6  # random translation (px) of a reconstructed trigger per copy: the real one may sit elsewhere
+    ood_images: int = 0  # unlabelled OOD images added to the repair set (pseudo-labelled), with their copies
+    ood_labels: str = "zero-shot"  # who labels them: "zero-shot" (the trusted twin) or "model" (the delivered one)
     max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
     bf16: bool = False  # bfloat16 autocast for the one image-encoder pass and the prompt steps
@@ -33,8 +36,10 @@ class RepairConfig:
         for name in ("epochs", "reinit_epochs", "batch_size", "max_steps", "max_triggers", "min_per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"repair {name} must be >= 1; got {getattr(self, name)}")
-        if self.trigger_copies < 0 or self.generic_copies < 0 or self.max_shift < 0:
-            raise ConfigError("trigger_copies, generic_copies and max_shift must be >= 0")
+        if self.ood_labels not in OOD_LABELS:
+            raise ConfigError(f"ood_labels must be one of {', '.join(OOD_LABELS)}; got {self.ood_labels!r}")
+        if min(self.trigger_copies, self.generic_copies, self.max_shift, self.ood_images) < 0:
+            raise ConfigError("trigger_copies, generic_copies, max_shift and ood_images must be >= 0")
         if not self.lr > 0:
             raise ConfigError(f"repair lr must be > 0; got {self.lr}")
 

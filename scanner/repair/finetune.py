@@ -31,6 +31,7 @@ from scanner.prompting.learners import learner_from_config
 from scanner.prompting.train import TrainConfig, train_prompt
 from scanner.repair.augment import generic_overlays, stamp_triggers
 from scanner.repair.config import RepairConfig
+from scanner.repair.pseudo import model_labels, zero_shot_labels
 
 MEASURE_SEED_OFFSET = 7717  # the fixed draw of triggered images for before/after measures
 
@@ -147,12 +148,15 @@ def _new_model(model: PromptedCLIP, mode: str, seed: int) -> PromptedCLIP:
 
 def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor,
                   triggers: Sequence[torch.Tensor], cfg: RepairConfig | None = None, *, seed: int = 0,
-                  target: int | None = None) -> RepairResult:
+                  target: int | None = None, ood: torch.Tensor | None = None) -> RepairResult:
     """Re-align ``model``'s prompt with correctly labelled clean and triggered images.
 
     images: (N, 3, S, S) in [0, 1], labels: (N,) class indices (few-shot: >= ``cfg.min_per_class`` per
     class); triggers: reconstructed raw triggers (C, S, S) (``DetectionResult.raw_triggers`` values,
-    the suspected target's first); target: the suspected target class (for the target-share measure).
+    the suspected target's first); target: the suspected target class (for the target-share measure);
+    ood: unlabelled images (M, 3, S, S) — with ``cfg.ood_images`` > 0 the first of them join the repair
+    set under pseudo-labels (``cfg.ood_labels``: the zero-shot twin's, by default), with the same
+    triggered / overlaid copies: a triggered photo must not land in the target either.
     Returns a :class:`RepairResult` holding a *new* model; ``model`` is not modified. Same seed and
     inputs give the same repair.
     """
@@ -161,6 +165,12 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     labels = labels.long()
     validate_repair_data(model, images, labels, cfg)
     trigs = _validate_triggers(list(triggers)[: cfg.max_triggers], model.backbone.image_size, images.device)
+    if ood is not None and cfg.ood_images > 0:
+        size = model.backbone.image_size
+        if ood.ndim != 4 or tuple(ood.shape[1:]) != (3, size, size):
+            raise DatasetError(f"OOD images must be (M, 3, {size}, {size}); got {tuple(ood.shape)}")
+        if not torch.isfinite(ood).all() or float(ood.min()) < 0 or float(ood.max()) > 1:
+            raise DatasetError("OOD images must hold finite pixel values in [0, 1]")
     if target is not None and not 0 <= target < model.n_cls:
         raise ConfigError(f"target {target} is not a class index of this model (0..{model.n_cls - 1})")
     images = images.float()
@@ -172,10 +182,16 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         before = measure(model, images, labels, probe, target)
 
         copies = cfg.trigger_copies if trigs else 0
-        parts = [images, stamp_triggers(images, trigs, copies, cfg.max_shift, gen),
-                 generic_overlays(images, cfg.generic_copies, gen)]
+        base_x, base_y = images, labels
+        if ood is not None and cfg.ood_images > 0:
+            extra = ood[: cfg.ood_images].to(images)
+            label = zero_shot_labels if cfg.ood_labels == "zero-shot" else model_labels
+            pseudo = label(model, extra).to(labels.device)
+            base_x, base_y = torch.cat([images, extra]), torch.cat([labels, pseudo])
+        parts = [base_x, stamp_triggers(base_x, trigs, copies, cfg.max_shift, gen),
+                 generic_overlays(base_x, cfg.generic_copies, gen)]
         x = torch.cat(parts)
-        y = torch.cat([labels, labels.repeat(copies), labels.repeat(cfg.generic_copies)])
+        y = torch.cat([base_y, base_y.repeat(copies), base_y.repeat(cfg.generic_copies)])
         repaired = _new_model(model, cfg.mode, seed)
         epochs = cfg.epochs if cfg.mode == "finetune" else cfg.reinit_epochs
         steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)

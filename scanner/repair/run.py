@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scanner import __version__
 from scanner.adapters import Adapter, LoadContext, LoadedModel
@@ -23,6 +23,9 @@ from scanner.repair.data import LabelledImages, load_image_folder
 from scanner.repair.finetune import RepairResult, repair_prompt
 from scanner.repair.saved_detection import SavedDetection, find_detection, load_detection, save_detection
 from scanner.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 Emit = Callable[[str], None]
 DASSL_ADAPTER = "coop"
@@ -90,6 +93,12 @@ def _load_unit(path: Path, settings: Settings, adapters: Sequence[Adapter] | Non
     return adapter.load(path, ctx), adapter
 
 
+def _ood_pool(settings: Settings, size: int) -> torch.Tensor:
+    from scanner.pipeline import _Pools
+
+    return _Pools(settings).get(size)[0]
+
+
 def _detection(loaded: LoadedModel, settings: Settings, report: Path | None,
                progress: Callable[[str, int, int], None] | None) -> SavedDetection:
     if report is not None:
@@ -107,10 +116,10 @@ def _detection(loaded: LoadedModel, settings: Settings, report: Path | None,
                               f"{len(loaded.classnames)}")
         return det
     from scanner.engine import detect
-    from scanner.pipeline import _Pools, detector_config
+    from scanner.pipeline import detector_config
 
     model = loaded.model.to(settings.device)
-    pool, _ = _Pools(settings).get(model.backbone.image_size)
+    pool = _ood_pool(settings, model.backbone.image_size)
     result = detect(model, pool.to(settings.device), detector_config(settings), seed=settings.seed,
                     progress=progress)
     return SavedDetection.from_result(result, loaded.sha256)
@@ -170,8 +179,9 @@ def repair_path(path: Path, data_dir: Path, settings: Settings | None = None, *,
     say(f"repairing ({cfg.mode}) with {len(order)} reconstructed trigger(s)"
         + (f", suspected target {name!r}" if name else ""))
     model = model.to(settings.device)
+    ood = _ood_pool(settings, model.backbone.image_size).to(settings.device) if cfg.ood_images > 0 else None
     result = repair_prompt(model, data.images.to(settings.device), data.labels.to(settings.device),
-                           [det.raw_triggers[k] for k in order], cfg, seed=settings.seed, target=target)
+                           [det.raw_triggers[k] for k in order], cfg, seed=settings.seed, target=target, ood=ood)
     record = {
         "scanner_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

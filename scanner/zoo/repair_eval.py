@@ -141,7 +141,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
     res = detect(model, pool, det_cfg, seed=seed)
     detect_s = time.perf_counter() - t0
     suspect, triggers = suspects(res)
-    rep = repair_prompt(model, x_tr, y_tr, triggers, rep_cfg, seed=seed, target=suspect)
+    rep = repair_prompt(model, x_tr, y_tr, triggers, rep_cfg, seed=seed, target=suspect, ood=pool)
     t0 = time.perf_counter()
     rescan = detect(rep.model, pool, det_cfg, seed=seed)
     rescan_s = time.perf_counter() - t0
