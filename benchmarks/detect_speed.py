@@ -1,0 +1,67 @@
+"""Detection cost against the class count: CI (screen + confirm) vs the paper's plain per-class protocol.
+
+    python benchmarks/detect_speed.py [--n-images 1000] [--plain-classes 10]
+
+Builds CSC-CoOp models on the bundled CLIP for the 10-class ``shapes`` and the 120-class
+``colour_shape`` class lists (the prompts are not trained: cost depends on the shapes of the work, not on
+the prompt's values), then times ``detect`` side by side in one run on the same OOD pool:
+
+* ``ci`` on both models (the product's default configuration);
+* ``ci-plain`` (one targeted inversion per class and family, one epoch each) on the 10-class model,
+  timed on ``--plain-classes`` classes and scaled linearly to the class count — the plain protocol is a
+  per-class loop of identical epochs, so its cost is linear by construction (printed as "extrapolated"
+  unless every class was run).
+
+Printed figures: seconds per model, ci(120) / ci(10) (the issue's bar: <= 2x) and plain / ci ratios.
+Timings on a shared machine vary; the ratios are measured in one run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+
+from scanner.clip.backbone import load_bundled
+from scanner.engine import DetectorConfig, detect
+from scanner.prompting.classifier import PromptedCLIP
+from scanner.prompting.learners import CoOpLearner
+from scanner.zoo.datasets import get_spec
+from scanner.zoo.ood import default_ood_pool
+
+
+def _time(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig) -> float:
+    t0 = time.perf_counter()
+    detect(model, pool, cfg, seed=0)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n-images", type=int, default=1000)
+    ap.add_argument("--plain-classes", type=int, default=10, help="classes the plain protocol is timed on")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bb = load_bundled()
+    pool = default_ood_pool(args.n_images, bb.image_size, seed=0)
+    cfg = DetectorConfig(n_images=args.n_images)
+    models = {n: PromptedCLIP(bb, CoOpLearner(bb, list(get_spec(d).classnames), csc=True, seed=0))
+              for n, d in (("10", "shapes"), ("120", "colour_shape"))}
+    _time(models["10"], pool, replace(cfg, families=("additive",), candidates=1))  # warm-up (allocations, caches)
+    ci = {n: _time(m, pool, cfg) for n, m in models.items()}
+    small = models["10"]
+    k = min(args.plain_classes, small.n_cls)
+    sub = PromptedCLIP(bb, CoOpLearner(bb, list(small.classnames[:k]), csc=True, seed=0))
+    plain = _time(sub, pool, replace(cfg, detector="ci-plain")) * small.n_cls / k
+    tag = "" if k == small.n_cls else f" (extrapolated from {k} classes)"
+    print(f"OOD images {args.n_images}, families {', '.join(cfg.families)}, threads {torch.get_num_threads()}")
+    print(f"ci        10 classes: {ci['10']:7.1f} s")
+    print(f"ci       120 classes: {ci['120']:7.1f} s   ratio 120/10 = {ci['120'] / ci['10']:.2f}x (bar <= 2x)")
+    print(f"ci-plain  10 classes: {plain:7.1f} s{tag}   plain/ci = {plain / ci['10']:.1f}x")
+    print(f"ci-plain 120 classes: {plain * 12:7.1f} s (linear in classes)   plain/ci = {plain * 12 / ci['120']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
