@@ -23,6 +23,7 @@ from scanner.repair.saved_detection import SavedDetection, load_detection, save_
 from scanner.zoo.datasets import load_split
 
 NAMES = ["red", "green", "blue"]  # the first three classes of the "colours" dataset
+_SMALL_POOL: list[Path] = []  # a settings file with a 16-image OOD pool, written by the ``world`` fixture
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,15 @@ def world(bundled_backbone: ClipBackbone, tmp_path_factory: pytest.TempPathFacto
     det = SavedDetection(model_sha256=model_sha256(st), detector="ci", backdoored=True, target_index=1,
                          anomaly_scores=[0.0, 5.0, 0.5], classnames=NAMES, raw_triggers={1: _patch()})
     save_detection(det, root / "det.safetensors")
+    (root / "scanner.toml").write_text("ood_size = 16\n")
+    _SMALL_POOL[:] = [root / "scanner.toml"]
     return World(st, dassl, root / "data", root / "det.safetensors", root)
 
 
 def run(*args: str) -> tuple[int, str, str]:
+    """``scanner repair ARGS`` with a small OOD pool (the repair adds up to that many pseudo-labelled photos)."""
+    if "--config" not in args:
+        args = (*args, "--config", str(_SMALL_POOL[0]))
     result = CliRunner().invoke(main, ["repair", *args], catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 

@@ -147,18 +147,41 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
     except ScannerError as exc:
         _fail(str(exc), int(ExitCode.USAGE))
         return
-    click.echo(f"{'attack':9s} {'n':>2s} {'ASR-ID before->after':>21s} {'ASR-OOD before->after':>22s} "
-               f"{'CA before->after':>17s} {'flagged':>7s} {'rescan clean':>12s} {'repair s':>8s}")
-    for name, s in summarise(rows).items():
-        def f(v: float | None) -> str:
-            return "  –  " if v is None else f"{v:5.3f}"
+    def f(v: float | None) -> str:
+        return "  –  " if v is None else f"{v:5.3f}"
 
-        click.echo(f"{name:9s} {s['models']:2d} {f(s['asr_id_before']):>10s}->{f(s['asr_id_after']):<10s} "
-                   f"{f(s['asr_ood_before']):>11s}->{f(s['asr_ood_after']):<10s} "
-                   f"{f(s['ca_before']):>8s}->{f(s['ca_after']):<8s} {s['flagged_before']:7.2f} "
-                   f"{s['rescan_clean']:12.2f} {s['repair_seconds']:8.1f}")
+    click.echo(f"{'attack':9s} {'n':>2s}  {'ASR-ID before->after (clean model)':34s} "
+               f"{'ASR-OOD before->after (clean model)':35s} {'CA before->after':17s} {'flagged':>7s} "
+               f"{'rescan clean':>12s} {'repair s':>8s}")
+    summary = summarise(rows)
+    for name, s in summary.items():
+        click.echo(f"{name:9s} {s['models']:2d}  {f(s['asr_id_before'])} -> {f(s['asr_id_after'])} "
+                   f"({f(s['asr_id_clean_model'])}){'':13s} {f(s['asr_ood_before'])} -> {f(s['asr_ood_after'])} "
+                   f"({f(s['asr_ood_clean_model'])}){'':14s} {f(s['ca_before'])} -> {f(s['ca_after'])}  "
+                   f"{s['flagged_before']:7.2f} {s['rescan_clean']:12.2f} {s['repair_seconds']:8.1f}")
+    for line in bar_lines(summary):
+        click.echo(line)
     if json_out is not None:
         click.echo(f"\nper-model rows: {json_out}")
+
+
+def bar_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's bars, per attack: ASR (real trigger) <= 5% after, CA within 2 points, >= 90% re-scan clean."""
+    out = ["", "bars (per attack, averaged): ASR-ID / ASR-OOD after <= 0.05; CA after >= before - 0.02; "
+           "re-scan clean >= 0.90"]
+    for name, s in summary.items():
+        if name == "all":
+            continue
+        checks = []
+        for key in ("asr_id_after", "asr_ood_after"):
+            v = s[key]
+            checks.append(f"{key[:-6]} {'–' if v is None else ('met' if v <= 0.05 else 'NOT met')}")
+        ca = s["ca_change"]
+        checks.append(f"CA {'–' if ca is None else ('met' if ca >= -0.02 else 'NOT met')} ({ca:+.3f})"
+                      if ca is not None else "CA –")
+        checks.append(f"rescan {'met' if s['rescan_clean'] >= 0.9 else 'NOT met'}")
+        out.append(f"  {name:9s} " + "; ".join(checks))
+    return out
 
 
 @zoo.command("repair-bench")

@@ -20,11 +20,12 @@ class RepairConfig:
     reinit_epochs: int = 25  # passes when mode = "reinit" (a fresh prompt needs the zoo's full schedule)
     lr: float = 2e-3  # peak learning rate (AdamW, warm-up then cosine, as prompt tuning)
     batch_size: int = 32  # images per step
-    max_steps: int = 400  # cap on optimiser steps (keeps CoCoOp, whose step costs B x classes prompts, bounded)
+    max_steps: int = 400  # cap on optimiser steps
+    max_steps_conditioned: int = 150  # the cap for CoCoOp-like learners (a step encodes batch x classes prompts)
     trigger_copies: int = 2  # copies of every clean image carrying a reconstructed trigger, true label kept
     generic_copies: int = 1  # copies carrying a random generic overlay (patch, blend, noise, warp), true label
     max_shift: int = 6  # random translation (px) of a reconstructed trigger per copy: the real one may sit elsewhere
-    ood_images: int = 0  # unlabelled OOD images added to the repair set (pseudo-labelled), with their copies
+    ood_images: int = 192  # unlabelled OOD images added to the repair set (pseudo-labelled), with their copies
     ood_labels: str = "zero-shot"  # who labels them: "zero-shot" (the trusted twin) or "model" (the delivered one)
     max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
@@ -33,7 +34,8 @@ class RepairConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"unknown repair mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        for name in ("epochs", "reinit_epochs", "batch_size", "max_steps", "max_triggers", "min_per_class"):
+        for name in ("epochs", "reinit_epochs", "batch_size", "max_steps", "max_steps_conditioned", "max_triggers",
+                     "min_per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"repair {name} must be >= 1; got {getattr(self, name)}")
         if self.ood_labels not in OOD_LABELS:

@@ -195,7 +195,8 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         repaired = _new_model(model, cfg.mode, seed)
         epochs = cfg.epochs if cfg.mode == "finetune" else cfg.reinit_epochs
         steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
-        epochs = max(1, min(epochs, cfg.max_steps // steps_per_epoch))
+        cap = cfg.max_steps_conditioned if model.learner.image_conditioned else cfg.max_steps
+        epochs = max(1, min(epochs, cap // steps_per_epoch))
         train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, bf16=cfg.bf16)
         record = train_prompt(repaired, x, y, train_cfg)
         after = measure(repaired, images, labels, probe, target)

@@ -93,10 +93,14 @@ def _load_unit(path: Path, settings: Settings, adapters: Sequence[Adapter] | Non
     return adapter.load(path, ctx), adapter
 
 
-def _ood_pool(settings: Settings, size: int) -> torch.Tensor:
-    from scanner.pipeline import _Pools
+def _ood_pool(settings: Settings, size: int, limit: int | None = None) -> torch.Tensor:
+    """The settings' OOD pool (``--ood`` folder or the bundled photos), its first ``limit`` images."""
+    from scanner.zoo.ood import default_ood_pool, load_ood_folder
 
-    return _Pools(settings).get(size)[0]
+    n = settings.ood_size if limit is None else min(limit, settings.ood_size)
+    if settings.ood_dir is not None:
+        return load_ood_folder(settings.ood_dir, size, limit=n)
+    return default_ood_pool(n, size, settings.seed)  # a prefix of the detector's pool (same seed)
 
 
 def _detection(loaded: LoadedModel, settings: Settings, report: Path | None,
@@ -179,7 +183,8 @@ def repair_path(path: Path, data_dir: Path, settings: Settings | None = None, *,
     say(f"repairing ({cfg.mode}) with {len(order)} reconstructed trigger(s)"
         + (f", suspected target {name!r}" if name else ""))
     model = model.to(settings.device)
-    ood = _ood_pool(settings, model.backbone.image_size).to(settings.device) if cfg.ood_images > 0 else None
+    ood = (_ood_pool(settings, model.backbone.image_size, cfg.ood_images).to(settings.device)
+           if cfg.ood_images > 0 else None)
     result = repair_prompt(model, data.images.to(settings.device), data.labels.to(settings.device),
                            [det.raw_triggers[k] for k in order], cfg, seed=settings.seed, target=target, ood=ood)
     record = {

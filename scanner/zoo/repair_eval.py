@@ -70,12 +70,11 @@ def real_attack(entry: dict[str, Any], zoo_seed: int, backbone: ClipBackbone) ->
 
 def asr_ood_pool(manifest: dict[str, Any], size: int) -> torch.Tensor:
     """The OOD pool the builder measured ASR-OOD on (identified by the manifest's ``ood_sha256``)."""
-    seed = int(manifest["zoo"].get("seed", 0)) + 1
-    for n in ASR_OOD_SIZES:
-        pool = default_ood_pool(n, size, seed=seed)
-        if pool_sha256(pool) == manifest["zoo"].get("ood_sha256"):
-            return pool
-    return default_ood_pool(ASR_OOD_SIZES[0], size, seed=seed)
+    pool = default_ood_pool(max(ASR_OOD_SIZES), size, seed=int(manifest["zoo"].get("seed", 0)) + 1)
+    for n in ASR_OOD_SIZES:  # a smaller pool is a prefix of a larger one (one crop per image, in order)
+        if pool_sha256(pool[:n]) == manifest["zoo"].get("ood_sha256"):
+            return pool[:n]
+    return pool[: ASR_OOD_SIZES[0]]
 
 
 def _asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.Tensor, ood: torch.Tensor,
@@ -119,7 +118,8 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
     for m in manifest["models"]:
         if m["attack"] == "none" or m["id"] in done:
             continue
-        row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed)
+        clean = next((c for c in manifest["models"] if c["dataset"] == m["dataset"] and c["attack"] == "none"), None)
+        row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed, clean)
         rows.append(row)
         if out is not None:
             _write(out, {"settings": settings, "rows": rows})
@@ -129,8 +129,11 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
 
 
 def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch.Tensor, asr_pool: torch.Tensor,
-               det_cfg: DetectorConfig, rep_cfg: RepairConfig, zoo_seed: int, seed: int) -> dict[str, Any]:
-    """Detect, repair, re-scan and measure one backdoored zoo model."""
+               det_cfg: DetectorConfig, rep_cfg: RepairConfig, zoo_seed: int, seed: int,
+               clean: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Detect, repair, re-scan and measure one backdoored zoo model. ``clean``: the manifest entry of a
+    clean model of the same dataset, whose real-trigger ASR is the floor a repair can reach (a trigger
+    can send images to the target on a model that never saw it, e.g. when the target is a natural sink)."""
     size = backbone.image_size
     model = PromptedCLIP(backbone, load_checkpoint(zoo / m["path"], backbone).learner)
     x_tr, y_tr = load_split(m["dataset"], "train", shots=m["shots"], seed=zoo_seed, size=size)
@@ -147,6 +150,10 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
     rescan_s = time.perf_counter() - t0
     asr_id_b, asr_ood_b = _asr(model, attack, x_te, y_te, asr_pool, target)
     asr_id_a, asr_ood_a = _asr(rep.model, attack, x_te, y_te, asr_pool, target)
+    asr_id_ref = asr_ood_ref = None
+    if clean is not None:
+        ref = PromptedCLIP(backbone, load_checkpoint(zoo / clean["path"], backbone).learner)
+        asr_id_ref, asr_ood_ref = _asr(ref, attack, x_te, y_te, asr_pool, target)
     return {
         "id": m["id"], "dataset": m["dataset"], "attack": m["attack"], "learner": m["learner"],
         "n_classes": m["n_classes"], "truth_target": target, "real_trigger": attack is not None,
@@ -154,6 +161,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
         "suspect_is_target": suspect == target, "n_triggers": len(triggers),
         "ca_before": E.clean_accuracy(model, x_te, y_te), "ca_after": E.clean_accuracy(rep.model, x_te, y_te),
         "asr_id_before": asr_id_b, "asr_id_after": asr_id_a, "asr_ood_before": asr_ood_b, "asr_ood_after": asr_ood_a,
+        "asr_id_clean_model": asr_id_ref, "asr_ood_clean_model": asr_ood_ref,
         "rescan_flagged": rescan.backdoored, "rescan_target": rescan.target_index,
         "rescan_score": rescan.anomaly_score, "repair_seconds": rep.seconds, "detect_seconds": detect_s,
         "rescan_seconds": rescan_s, "repair": rep.to_dict(),
@@ -189,7 +197,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out[name] = {
             "models": len(rs),
             **{k: _mean([r[k] for r in rs]) for k in ("asr_id_before", "asr_id_after", "asr_ood_before",
-                                                       "asr_ood_after", "ca_before", "ca_after")},
+                                                       "asr_ood_after", "asr_id_clean_model",
+                                                       "asr_ood_clean_model", "ca_before", "ca_after")},
             "ca_change": _mean([r["ca_after"] - r["ca_before"] for r in rs]),
             "flagged_before": float(np.mean([r["flagged"] for r in rs])),
             "rescan_clean": float(np.mean([not r["rescan_flagged"] for r in rs])),
