@@ -10,21 +10,16 @@ backbone, detector failure) — nothing written; 4 no adapter recognises MODEL.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from scanner.cli import main
+from scanner.cli._shared import fail, model_source_options, settings_or_exit
 from scanner.cli.zoo import zoo
 from scanner.errors import ConfigError, DatasetError, ScannerError
 from scanner.report import ExitCode
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"scanner: error: {message}", err=True)
-    sys.exit(code)
 
 
 def _pct(v: float | None) -> str:
@@ -45,13 +40,7 @@ def _pct(v: float | None) -> str:
               help="Also write the detection used (detection.safetensors) here, for later --report.")
 @click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True,
               help="finetune: re-align the delivered prompt; reinit: fresh context re-tuned on the same set.")
-@click.option("--ood", "ood_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of PNG/JPEG images to use as the detector's OOD pool (default: the bundled pool).")
-@click.option("--seed", type=int, help="Seed of every random choice (default 0).")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Settings TOML file (default: ./scanner.toml when present).")
-@click.option("--backbone", "backbones", multiple=True, metavar="NAME=PATH",
-              help="Declare a local CLIP backbone file or folder (repeatable).")
+@model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the repair record as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None, report: Path | None,
@@ -64,18 +53,14 @@ def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None,
     Exit codes: 0 repaired model written; 2 usage / input to fix (nothing written);
     3 model could not be loaded or processed; 4 no adapter recognises MODEL.
     """
-    from scanner.settings import load_settings, parse_backbone_pairs
+    settings = settings_or_exit(config, backbones, {"seed": seed, "ood_dir": ood_dir})
+    from scanner.repair import RepairConfig
+    from scanner.repair.run import NothingToRepair, repair_path
 
     try:
-        bb = parse_backbone_pairs(list(backbones), "flag --backbone") if backbones else None
-        settings = load_settings(config_file=config, flags={"seed": seed, "ood_dir": ood_dir, "backbones": bb})
-        from scanner.repair import RepairConfig
-        from scanner.repair.run import NothingToRepair, repair_path
-
         cfg = RepairConfig(mode=mode)
     except ConfigError as exc:
-        _fail(str(exc), int(ExitCode.USAGE))
-        return
+        fail(str(exc), int(ExitCode.USAGE))
 
     def emit(msg: str) -> None:
         if not quiet:
@@ -85,14 +70,11 @@ def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None,
         outcome = repair_path(model, data_dir, settings, out=out, shots=shots, report=report, config=cfg,
                               save_detection_to=save_detection, emit=emit)
     except (ConfigError, DatasetError) as exc:
-        _fail(f"{exc} (nothing was written)", int(ExitCode.USAGE))
-        return
+        fail(f"{exc} (nothing was written)", int(ExitCode.USAGE))
     except NothingToRepair as exc:
-        _fail(str(exc), int(ExitCode.NOTHING_SCANNABLE))
-        return
+        fail(str(exc), int(ExitCode.NOTHING_SCANNABLE))
     except ScannerError as exc:
-        _fail(f"{exc} (nothing was written)", int(ExitCode.ERROR))
-        return
+        fail(f"{exc} (nothing was written)", int(ExitCode.ERROR))
     for w in outcome.warnings:
         click.echo(f"scanner: warning: {w}", err=True)
     if as_json:
@@ -145,8 +127,7 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
                                 repair=RepairConfig(mode=mode), seed=seed,
                                 on_result=lambda r: click.echo(_row_line(r), err=True))
     except ScannerError as exc:
-        _fail(str(exc), int(ExitCode.USAGE))
-        return
+        fail(str(exc), int(ExitCode.USAGE))
     def f(v: float | None) -> str:
         return "  –  " if v is None else f"{v:5.3f}"
 
@@ -225,8 +206,7 @@ def repair_bench(zoo_dir: Path, model_id: str | None, mode: str, seed: int) -> N
         rep = repair_prompt(model, x, y, triggers, RepairConfig(mode=mode), seed=seed, target=target, ood=pool)
         t_repair = time.perf_counter() - t0
     except ScannerError as exc:
-        _fail(str(exc), int(ExitCode.USAGE))
-        return
+        fail(str(exc), int(ExitCode.USAGE))
     click.echo(json.dumps({"model": m["id"], "learner": m["learner"], "classes": m["n_classes"], "images": len(y),
                            "mode": mode, "threads": torch.get_num_threads(), "repair_seconds": round(t_repair, 1),
                            "repair_steps": rep.steps, "detect_seconds": round(t_detect, 1),

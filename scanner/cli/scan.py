@@ -11,28 +11,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from scanner import plugins
 from scanner.cli import main
+from scanner.cli._shared import fail, model_source_options, settings_or_exit
 from scanner.errors import ConfigError, ScannerError
 from scanner.report import ExitCode, ScanReport
-from scanner.settings import Settings, load_settings, parse_backbone_pairs
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"scanner: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _settings_or_exit(config: Path | None, flags: dict[str, Any]) -> Settings:
-    try:
-        return load_settings(config_file=config, flags=flags)
-    except ConfigError as exc:
-        _fail(str(exc), int(ExitCode.USAGE))
-        raise  # unreachable: _fail exits
+from scanner.settings import Settings
 
 
 def _render(report: ScanReport, fmt: str) -> str:
@@ -55,13 +42,7 @@ def _render(report: ScanReport, fmt: str) -> str:
               help="Write the report to FILE instead of stdout.")
 @click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write an HTML report per model (triggers, per-class scores) and index.html here.")
-@click.option("--ood", "ood_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of PNG/JPEG images to use as the OOD pool (default: the bundled pool).")
-@click.option("--seed", type=int, help="Seed of every random choice (default 0).")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Settings TOML file (default: ./scanner.toml when present).")
-@click.option("--backbone", "backbones", multiple=True, metavar="NAME=PATH",
-              help="Declare a local CLIP backbone file or folder (repeatable).")
+@model_source_options
 @click.option("--accel", type=click.Choice(["auto", "onnx", "torch"]), default=None,
               help="Forward-only encoder work: onnxruntime (torch fallback), torch, or auto (default).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
@@ -74,20 +55,16 @@ def scan_once(path: Path, fmt: str, output: Path | None, report_dir: Path | None
     Exit codes: 0 all scanned models clean; 1 any backdoored or unsafe;
     3 any error and none flagged; 4 nothing scannable; 2 usage error.
     """
-    try:
-        bb = parse_backbone_pairs(list(backbones), "flag --backbone") if backbones else None
-    except ConfigError as exc:
-        _fail(str(exc), int(ExitCode.USAGE))
-    settings = _settings_or_exit(config, {"seed": seed, "ood_dir": ood_dir, "report_dir": report_dir,
-                                          "backbones": bb, "accel": accel})
+    settings = settings_or_exit(config, backbones, {"seed": seed, "ood_dir": ood_dir, "report_dir": report_dir,
+                                                    "accel": accel})
     from scanner.pipeline import describe_adapters, scan_path
 
     try:
         report = scan_path(path, settings, progress=not quiet)
     except ConfigError as exc:
-        _fail(str(exc), int(ExitCode.USAGE))
+        fail(str(exc), int(ExitCode.USAGE))
     except ScannerError as exc:  # plugin or other run-level failure: nothing was scanned
-        _fail(str(exc), int(ExitCode.ERROR))
+        fail(str(exc), int(ExitCode.ERROR))
     text = _render(report, fmt)
     if output is not None:
         output.write_text(text, encoding="utf-8")
@@ -112,7 +89,7 @@ def plugins_cmd(as_json: bool) -> None:
         infos = plugins.plugin_infos()
         owners = plugins.adapter_owners()
     except plugins.PluginError as exc:
-        _fail(str(exc), int(ExitCode.ERROR))
+        fail(str(exc), int(ExitCode.ERROR))
     adapters_of = {i.name: sorted(a for a, p in owners.items() if p == i.name) for i in infos}
     if as_json:
         rows = [{"name": i.name, "distribution": i.distribution, "version": i.version, "hooks": list(i.hooks),
@@ -135,7 +112,7 @@ def plugins_cmd(as_json: bool) -> None:
               help="Settings TOML file (default: ./scanner.toml when present).")
 def settings_cmd(defaults: bool, config: Path | None) -> None:
     """Print settings as TOML (effective: flag > SCANNER_* env > file > default)."""
-    settings = Settings() if defaults else _settings_or_exit(config, {})
+    settings = Settings() if defaults else settings_or_exit(config, (), {})
     click.echo(settings.to_toml(), nl=False)
 
 

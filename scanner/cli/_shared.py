@@ -1,0 +1,51 @@
+"""What the model-scanning commands (``scan-once``, ``repair``) share: how they fail, the options that
+say where models, backbones and OOD images come from, and turning those options into Settings.
+
+Not a command module (the leading underscore keeps ``scanner.cli`` from registering it); it imports
+nothing heavy, so ``scanner --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from scanner.errors import ConfigError
+from scanner.report import ExitCode
+from scanner.settings import Settings, load_settings, parse_backbone_pairs
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"scanner: error: {message}", err=True)
+    sys.exit(code)
+
+
+def model_source_options(f: F) -> F:
+    """--ood, --seed, --config and --backbone, in that order (as ood_dir, seed, config, backbones)."""
+    for decorate in reversed((
+        click.option("--ood", "ood_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="Folder of PNG/JPEG images to use as the OOD pool (default: the bundled pool)."),
+        click.option("--seed", type=int, help="Seed of every random choice (default 0)."),
+        click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Settings TOML file (default: ./scanner.toml when present)."),
+        click.option("--backbone", "backbones", multiple=True, metavar="NAME=PATH",
+                     help="Declare a local CLIP backbone file or folder (repeatable)."),
+    )):
+        f = decorate(f)
+    return f
+
+
+def settings_or_exit(config: Path | None, backbones: tuple[str, ...], flags: dict[str, Any]) -> Settings:
+    """Settings from the TOML file, the environment and ``flags`` (plus ``--backbone`` pairs); a usage
+    error (exit 2) with the reason when any of them is invalid."""
+    try:
+        bb = parse_backbone_pairs(list(backbones), "flag --backbone") if backbones else None
+        return load_settings(config_file=config, flags={**flags, "backbones": bb})
+    except ConfigError as exc:
+        fail(str(exc), int(ExitCode.USAGE))
