@@ -79,11 +79,6 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
     return inner
 
 
-def _raw(trig: Trigger) -> torch.Tensor:
-    """The re-applicable raw form of a reconstructed trigger (see scanner.engine.triggers.apply_raw)."""
-    return trig.raw()
-
-
 def _size_weight(family: str, cfg: DetectorConfig) -> float:
     return cfg.patch_weight if family == "patch" else 0.0
 
@@ -147,7 +142,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                     score[k] = gain[k]
                     best_family[k] = fam
                     images[k] = trig.image()
-                    raw[k] = _raw(trig)
+                    raw[k] = trig.raw()
             tick(f"screen:{fam}")
         # 2. confirm: a targeted differential inversion for the most suspicious classes, in the family
         #    that screened them best
@@ -165,7 +160,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             if gain_t > float(score[t]):
                 score[t] = gain_t
                 images[t] = trig.image()
-                raw[t] = _raw(trig)
+                raw[t] = trig.raw()
             tick(f"confirm:{fam}")
     anomalies = anomaly_index(score, floor=cfg.score_floor)
     top = int(torch.argmax(anomalies))
@@ -210,7 +205,7 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
                 if asr - float(natural[t]) > float(score[t]):
                     score[t] = asr - float(natural[t])
                     images[t] = trig.image()
-                    raw[t] = _raw(trig)
+                    raw[t] = trig.raw()
             if progress is not None:
                 progress("invert", t + 1, C)
     anomalies = anomaly_index(score, floor=cfg.score_floor)

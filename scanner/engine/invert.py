@@ -57,9 +57,10 @@ class ReferenceModel:
         A backdoor is dormant on clean images, so agreeing with the suspect there copies what it has
         learned about natural content and not the shortcut. The member is a free linear head (C, E)
         started at the templates' mean and pulled back towards it, so directions the clean images do
-        not exercise stay zero-shot. ``pull`` = 10 keeps the planted trigger out of the member on the zoo
-        (real trigger -> target: suspect 0.50-1.00, member 0.00-0.01) while it agrees with the suspect on
-        0.78-0.94 of clean held-out images (zero-shot alone: 0.35-0.75).
+        not exercise stay zero-shot. ``pull`` = 10 keeps the planted trigger out of the member on the quick
+        zoo (real trigger -> target: suspect 0.50-1.00, member 0.00-0.01) while it agrees with the suspect
+        on 0.78-0.94 of clean held-out images (the templates' mean head: 0.32-0.77); measured by
+        ``python benchmarks/twin_check.py``.
         """
         f = F.normalize(clean_features.float(), dim=-1)  # (N, E)
         target = suspect_logits.float().softmax(dim=-1)  # (N, C)

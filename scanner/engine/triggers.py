@@ -95,7 +95,27 @@ class AdditiveTrigger(Trigger):
         return self.delta().detach().clone()
 
 
-class PatchTrigger(Trigger):
+class MaskedPatternTrigger(Trigger):
+    """x' = (1 - m) x + m p: a pattern p = sigmoid(self.p) (3, S, S) laid over the image under a mask m
+    (1, S, S) that subclasses define; its raw form is the (4, S, S) pattern + mask."""
+
+    p: nn.Parameter  # (3, S, S) pattern logits
+
+    def mask(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pattern(self) -> torch.Tensor:
+        return torch.sigmoid(self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask()
+        return (1 - m) * x + m * self.pattern()
+
+    def raw(self) -> torch.Tensor:
+        return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
+
+
+class PatchTrigger(MaskedPatternTrigger):
     """x' = (1 - m) x + m p with a soft mask m (1, S, S) and a pattern p (3, S, S) (Neural-Cleanse form).
 
     ``size`` is the mask's mean: the share of the image the trigger covers.
@@ -113,24 +133,14 @@ class PatchTrigger(Trigger):
     def mask(self) -> torch.Tensor:
         return torch.sigmoid(self.m)
 
-    def pattern(self) -> torch.Tensor:
-        return torch.sigmoid(self.p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mask()
-        return (1 - m) * x + m * self.pattern()
-
     def size(self) -> torch.Tensor:
         return self.mask().mean()
 
     def image(self) -> torch.Tensor:
         return (self.mask() * self.pattern()).detach()
 
-    def raw(self) -> torch.Tensor:
-        return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
 
-
-class BlendTrigger(Trigger):
+class BlendTrigger(MaskedPatternTrigger):
     """x' = (1 - a) x + a p: a full-image pattern p (3, S, S) blended in with a learned opacity a in
     (0, ``alpha_max``) — the Blended attack's form. ``size`` is a / alpha_max."""
 
@@ -145,22 +155,14 @@ class BlendTrigger(Trigger):
     def alpha(self) -> torch.Tensor:
         return self.alpha_max * torch.sigmoid(self.a)
 
-    def pattern(self) -> torch.Tensor:
-        return torch.sigmoid(self.p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.alpha()
-        return (1 - a) * x + a * self.pattern()
+    def mask(self) -> torch.Tensor:
+        return self.alpha().expand(1, *self.p.shape[1:])  # (1, S, S): one opacity everywhere
 
     def size(self) -> torch.Tensor:
         return self.alpha() / self.alpha_max
 
     def image(self) -> torch.Tensor:
         return self.pattern().detach()
-
-    def raw(self) -> torch.Tensor:
-        mask = self.alpha().detach().expand(1, *self.p.shape[1:])
-        return torch.cat([self.pattern().detach(), mask])  # (4, S, S): a patch with a uniform mask
 
 
 class WarpTrigger(Trigger):
@@ -175,9 +177,7 @@ class WarpTrigger(Trigger):
         super().__init__()
         self.s, self.max_px = size, max_px
         self.flow = nn.Parameter(torch.randn(1, 2, k, k, generator=generator) * 0.1)
-        lin = torch.linspace(-1, 1, size)
-        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-        self.register_buffer("identity", torch.stack((xx, yy), dim=2)[None], persistent=False)  # (1, S, S, 2)
+        self.register_buffer("identity", identity_grid(size), persistent=False)  # (1, S, S, 2)
 
     def displacement(self) -> torch.Tensor:
         """(1, S, S, 2) in grid units (2 / (S - 1) per pixel with align_corners), grid_sample's (x, y) order."""

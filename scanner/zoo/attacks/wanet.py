@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from scanner.engine.triggers import identity_grid
 from scanner.zoo.attacks.base import Attack
 
 
@@ -25,9 +26,7 @@ class WaNet(Attack):
         ins = ins / ins.abs().mean()  # unit mean displacement before scaling, as in WaNet
         s = self.size
         self.noise_grid = F.interpolate(ins, size=(s, s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        lin = torch.linspace(-1, 1, s)
-        yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-        self.identity = torch.stack((xx, yy), dim=2)[None]  # (1, S, S, 2), grid_sample's (x, y) order
+        self.identity = identity_grid(s)  # (1, S, S, 2), grid_sample's (x, y) order
         self._noise_gen = torch.Generator().manual_seed(self.seed + 7001)
 
     def params(self) -> dict[str, Any]:
