@@ -37,7 +37,8 @@ MAX_TRIGGER_PNGS = 16  # per model: the target plus the highest-scoring classes
 
 
 # --------------------------------------------------------------------------- discovery
-def _claimant(path: Path, adapters: Sequence[Adapter]) -> Adapter | None:
+def claimant(path: Path, adapters: Sequence[Adapter]) -> Adapter | None:
+    """The first adapter that claims ``path`` as a model unit, or None."""
     for adapter in adapters:
         try:
             if adapter.claims(path):
@@ -47,7 +48,8 @@ def _claimant(path: Path, adapters: Sequence[Adapter]) -> Adapter | None:
     return None
 
 
-def _loaded_adapters(settings: Settings | None = None) -> list[Adapter]:
+def loaded_adapters(settings: Settings | None = None) -> list[Adapter]:
+    """Every adapter the plugins register (restricted by the settings' ``load_plugins``)."""
     from scanner import plugins
 
     plugins.load_plugins(settings.load_plugins if settings is not None else None)
@@ -63,11 +65,11 @@ def discover_models(root: Path, adapters: Sequence[Adapter] | None = None, *,
     backbone files) are left out. Unclaimed files are not listed.
     """
     root = Path(root)
-    adapters = _loaded_adapters() if adapters is None else list(adapters)
+    adapters = loaded_adapters() if adapters is None else list(adapters)
     skip = {Path(p).resolve() for p in exclude}
     if not root.exists() or root.resolve() in skip:
         return []
-    if _claimant(root, adapters) is not None:
+    if claimant(root, adapters) is not None:
         return [root]
     if root.is_file():
         return []
@@ -79,7 +81,7 @@ def discover_models(root: Path, adapters: Sequence[Adapter] | None = None, *,
             sub = here / d
             if d.startswith(".") or sub.is_symlink() or sub.resolve() in skip:
                 continue
-            if _claimant(sub, adapters) is not None:
+            if claimant(sub, adapters) is not None:
                 units.append(sub)
             else:
                 keep.append(d)
@@ -88,7 +90,7 @@ def discover_models(root: Path, adapters: Sequence[Adapter] | None = None, *,
             p = here / f
             if f.startswith(".") or p.resolve() in skip or not p.is_file():
                 continue
-            if _claimant(p, adapters) is not None:
+            if claimant(p, adapters) is not None:
                 units.append(p)
     return sorted(units)
 
@@ -357,7 +359,7 @@ def _save_detection(report_dir: Path, report: ModelReport, result: DetectionResu
     report.artefacts["detection"] = rel.as_posix()
 
 
-def _backbone_store(settings: Settings) -> Any:
+def backbone_store(settings: Settings) -> Any:
     """The bundled CLIP plus the declared backbones; a declaration that cannot be used is a
     :class:`ConfigError` (the run stops before any model is loaded)."""
     from scanner.backbones import BackboneStore, entry_from_table
@@ -406,7 +408,7 @@ def scan_path(path: Path | str, settings: Settings | None = None, *, progress: b
         ))
         report.finished_at = time.time()
         return report
-    adapters = _loaded_adapters(settings) if adapters is None else list(adapters)
+    adapters = loaded_adapters(settings) if adapters is None else list(adapters)
     declared = [b.path for b in settings.backbones]
     units = discover_models(root, adapters, exclude=declared)
     if root.is_file() and not units:
@@ -418,12 +420,12 @@ def scan_path(path: Path | str, settings: Settings | None = None, *, progress: b
     out.line(f"found {len(units)} model(s)")
     if units:
         detect, config, missing = _detector(settings)
-        ctx = LoadContext(backbones=_backbone_store(settings), max_file_bytes=settings.max_file_bytes,
+        ctx = LoadContext(backbones=backbone_store(settings), max_file_bytes=settings.max_file_bytes,
                           device=settings.device)
         run = _Run(settings, ctx, _Pools(settings), detect, config, missing, out)
         for i, unit in enumerate(units, 1):
             t0 = time.perf_counter()
-            adapter = _claimant(unit, adapters)
+            adapter = claimant(unit, adapters)
             assert adapter is not None  # discover_models only returns claimed units
             out.line(f"[{i}/{len(units)}] {unit} ({adapter.name})")
             model, triggers = _scan_unit(unit, adapter, run)

@@ -169,9 +169,9 @@ def test_report_dir_gets_pages_for_every_model(registry: Registry, tmp_path: Pat
 
 def test_loaded_class_names(registry: Registry) -> None:
     from scanner.adapters import LoadContext
-    from scanner.pipeline import _backbone_store
+    from scanner.pipeline import backbone_store
 
-    ctx = LoadContext(backbones=_backbone_store(registry.settings()))
+    ctx = LoadContext(backbones=backbone_store(registry.settings()))
     adapters = {a.name: a for a in plugins.adapters()}
     nometa = adapters["coop"].load(registry.root / "team-a" / "coop-nometa", ctx)
     assert nometa.classnames == CLASSNAMES  # decoded from token_suffix

@@ -162,21 +162,9 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 images[t] = trig.image()
                 raw[t] = trig.raw()
             tick(f"confirm:{fam}")
-    anomalies = anomaly_index(score, floor=cfg.score_floor)
-    top = int(torch.argmax(anomalies))
-    flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
-    classes = []
     for k in range(C):
-        ev = evidence[k]
-        ev["natural_share"] = float(natural[k])
-        ev["score"] = float(score[k])
-        ev["candidate"] = float(k in cands)
-        classes.append(ClassEvidence(k, model.classnames[k], float(anomalies[k]), ev))
-    return DetectionResult(
-        detector="ci", backdoored=flagged, target_index=top if flagged else None,
-        anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,
-        trigger_images=images, raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
-    )
+        evidence[k]["candidate"] = float(k in cands)
+    return _decide("ci", model, cfg, score, natural, evidence, images, raw, seed, start)
 
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
@@ -208,15 +196,23 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
                     raw[t] = trig.raw()
             if progress is not None:
                 progress("invert", t + 1, C)
+    return _decide("ci-plain", model, cfg, score, natural, evidence, images, raw, seed, start)
+
+
+def _decide(detector: str, model: PromptedCLIP, cfg: DetectorConfig, score: torch.Tensor, natural: torch.Tensor,
+            evidence: dict[int, dict[str, float]], images: dict[int, torch.Tensor], raw: dict[int, torch.Tensor],
+            seed: int, start: float) -> DetectionResult:
+    """The decision both CI modes share: per-class ``score`` (C,) -> robust anomaly index; the most
+    anomalous class flags the model when it passes ``cfg.threshold`` and its trigger works (MIN_GAIN)."""
     anomalies = anomaly_index(score, floor=cfg.score_floor)
     top = int(torch.argmax(anomalies))
     flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
     classes = []
-    for k in range(C):
+    for k in range(model.n_cls):
         evidence[k].update(natural_share=float(natural[k]), score=float(score[k]))
         classes.append(ClassEvidence(k, model.classnames[k], float(anomalies[k]), evidence[k]))
     return DetectionResult(
-        detector="ci-plain", backdoored=flagged, target_index=top if flagged else None,
+        detector=detector, backdoored=flagged, target_index=top if flagged else None,
         anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,
         trigger_images=images, raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
     )

@@ -67,7 +67,7 @@ class PromptCheckpoint:
 
 
 # --------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a temporary sibling of ``path`` and rename it into place; clean up on error."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:
@@ -129,16 +129,16 @@ def save_dassl(learner: PromptLearner, model_dir: Path, *, epoch: int,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": None,
         }
-        _atomic_write(target, lambda tmp: torch.save(payload, tmp))
+        atomic_write(target, lambda tmp: torch.save(payload, tmp))
         written.append(target)
         if write_classnames:
             names = model_dir / CLASSNAMES_FILE
-            _atomic_write(names, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in learner.classnames)))
+            atomic_write(names, lambda tmp: tmp.write_text("".join(f"{c}\n" for c in learner.classnames)))
             written.append(names)
         if write_metadata:
             meta = model_dir / META_FILE
             text = json.dumps({**dict(extra_metadata or {}), **_metadata(learner)}, indent=2, sort_keys=True) + "\n"
-            _atomic_write(meta, lambda tmp: tmp.write_text(text))
+            atomic_write(meta, lambda tmp: tmp.write_text(text))
             written.append(meta)
     except BaseException:
         for p in written:
@@ -175,7 +175,7 @@ def save_safetensors(learner: PromptLearner, path: Path, *, include_tokens: bool
     tensors = _prompt_state(learner, include_tokens)
     created = _make_dirs(path.parent)
     try:
-        _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=strings))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=strings))
     except BaseException:
         for d in reversed(created):
             with contextlib.suppress(OSError):  # not empty: someone else wrote there

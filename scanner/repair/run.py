@@ -76,10 +76,10 @@ def check_output(unit: Path, out: Path) -> None:
 
 
 def _load_unit(path: Path, settings: Settings, adapters: Sequence[Adapter] | None) -> tuple[LoadedModel, Adapter]:
-    from scanner.pipeline import _backbone_store, _claimant, _loaded_adapters, describe_adapters, discover_models
+    from scanner.pipeline import backbone_store, claimant, describe_adapters, discover_models, loaded_adapters
 
-    adapters = _loaded_adapters(settings) if adapters is None else list(adapters)
-    adapter = _claimant(path, adapters)
+    adapters = loaded_adapters(settings) if adapters is None else list(adapters)
+    adapter = claimant(path, adapters)
     if adapter is None:
         units = discover_models(path, adapters) if path.is_dir() else []
         if units:
@@ -88,7 +88,7 @@ def _load_unit(path: Path, settings: Settings, adapters: Sequence[Adapter] | Non
                 f"{' …' if len(units) > 3 else ''}); repair takes one model: pass its file or directory"
             )
         raise NothingToRepair(f"no adapter recognises {path} as a model; {describe_adapters(adapters)}")
-    ctx = LoadContext(backbones=_backbone_store(settings), max_file_bytes=settings.max_file_bytes,
+    ctx = LoadContext(backbones=backbone_store(settings), max_file_bytes=settings.max_file_bytes,
                       device=settings.device)
     return adapter.load(path, ctx), adapter
 

@@ -69,7 +69,7 @@ def save_detection(det: SavedDetection, path: Path) -> Path:
     """Write ``det`` as one safetensors file (atomically); returns ``path``."""
     from safetensors.torch import save_file
 
-    from scanner.prompting.checkpoints import _atomic_write
+    from scanner.prompting.checkpoints import atomic_write
 
     path = Path(path)
     tensors = {f"raw.{k}": v.detach().float().cpu().contiguous() for k, v in det.raw_triggers.items()}
@@ -81,7 +81,7 @@ def save_detection(det: SavedDetection, path: Path) -> Path:
         "anomaly_score": json.dumps(det.anomaly_score), "seed": json.dumps(det.seed), "ood_sha256": det.ood_sha256,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
