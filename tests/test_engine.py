@@ -100,3 +100,32 @@ def test_shifted_trigger_translates_the_triggered_image() -> None:
                if torch.equal(out, torch.roll(base, shifts=(dy, dx), dims=(-2, -1)))]
     assert matches, "the output is not a translation of the inner trigger's output"
     assert shifted.image().shape == (3, 16, 16) and shifted.family == "additive"
+
+
+def test_trigger_group_applies_member_i_to_chunk_i() -> None:
+    from scanner.engine.triggers import AdditiveTrigger, TriggerGroup, chunk_bounds
+
+    assert chunk_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    gen = torch.Generator().manual_seed(0)
+    members = [AdditiveTrigger(8, 0.1, gen) for _ in range(3)]
+    group = TriggerGroup(list(members))
+    x = torch.rand(7, 3, 8, 8, generator=gen)
+    out = group(x)
+    for m, (a, b) in zip(members, chunk_bounds(7, 3), strict=True):
+        assert torch.equal(out[a:b], m(x[a:b]))
+    assert len(list(group.parameters())) == 3  # every member is optimised
+    with pytest.raises(TypeError):
+        group.raw()
+
+
+def test_diverse_collapse_aims_members_at_different_classes() -> None:
+    from scanner.engine.invert import diverse_collapse
+
+    # Both chunks' triggers raised class 2 most; the second must settle for its next best (class 0).
+    base = torch.full((4,), 0.25)
+    suspect = torch.tensor([[0.0, 0.0, 3.0, 0.0]] * 2 + [[2.0, 0.0, 2.5, 0.0]] * 2, requires_grad=True)
+    reference = torch.zeros(4, 4)
+    loss = diverse_collapse(base, base, 2, weight=0.0)(suspect, reference)
+    (grad,) = torch.autograd.grad(loss, suspect)
+    assert grad[0, 2] < 0 and grad[2, 0] < 0  # chunk 0 pushed to class 2, chunk 1 to class 0
+    assert grad[2, 2] > 0

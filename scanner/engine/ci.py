@@ -12,10 +12,11 @@ Design (ours; the paper's details are not public), cost independent of the class
    reach any class of a small CLIP, do not survive it; a feature the prompt was tuned to react to does.
 3. *Four trigger families*, one per way a trigger can be laid on an image: bounded additive, small
    patch (mask + pattern), full-image blend, smooth warp.
-4. *Screen all classes at once.* Per family, one untargeted "differential collapse" search sends the
-   batch to the class the trigger moves the suspect into more than the twin. Every class's gain is
-   recorded: its share of triggered held-out images minus the larger of its natural share and the
-   twin's share.
+4. *Screen all classes at once.* Per family, one pass of an untargeted "differential collapse" search
+   with ``screen_members`` triggers, each sending its share of the batch to a *different* class among
+   those the triggers move the suspect into more than the twin (``diverse_collapse``): the R most
+   accessible classes per family for the cost of one trigger. Every class's gain is recorded: its
+   share of triggered held-out images minus the larger of its natural share and the twin's share.
 5. *Confirm the few most suspicious classes* with a targeted differential margin objective (target
    logit above every other for the suspect, target probability kept low for the twin), in the family
    that screened them best. Cost: (families + candidates) epochs, whatever the class count.
@@ -40,8 +41,8 @@ from scanner.engine.invert import (
     ReferenceModel,
     autocast,
     class_shares,
-    differential_collapse,
     differential_margin,
+    diverse_collapse,
     frozen_learner,
     margin_loss,
     optimise,
@@ -56,6 +57,7 @@ from scanner.engine.triggers import (
     PatchTrigger,
     ShiftedTrigger,
     Trigger,
+    TriggerGroup,
     WarpTrigger,
 )
 from scanner.prompting.classifier import PromptedCLIP
@@ -130,19 +132,22 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         score = torch.full((C,), -1.0)
         best_family: dict[int, str] = {}
         # 1. screen: one untargeted differential search per family; every class's gain is recorded
+        r = min(cfg.screen_members, C)
         for fam in cfg.families:
-            trig = make_trigger(fam, size, cfg, gen)
-            optimise_pair(model, ref, trig, opt_x, differential_collapse(base_s, base_r, cfg.reference_weight),
+            group = TriggerGroup([make_trigger(fam, size, cfg, gen) for _ in range(r)])
+            optimise_pair(model, ref, group, opt_x, diverse_collapse(base_s, base_r, r, cfg.reference_weight),
                           sched, gen, _size_weight(fam, cfg))
-            s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
-            gain = s_sus - torch.maximum(s_ref, natural)  # (C,)
-            for k in range(C):
-                evidence[k][f"screen_{fam}"] = float(gain[k])
-                if float(gain[k]) > float(score[k]):
-                    score[k] = gain[k]
-                    best_family[k] = fam
-                    images[k] = trig.image()
-                    raw[k] = trig.raw()
+            for trig in group.members:
+                s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
+                gain = s_sus - torch.maximum(s_ref, natural)  # (C,)
+                for k in range(C):
+                    key = f"screen_{fam}"
+                    evidence[k][key] = max(evidence[k].get(key, -1.0), float(gain[k]))
+                    if float(gain[k]) > float(score[k]):
+                        score[k] = gain[k]
+                        best_family[k] = fam
+                        images[k] = trig.image()
+                        raw[k] = trig.raw()
             tick(f"screen:{fam}")
         # 2. confirm: a targeted differential inversion for the most suspicious classes, in the family
         #    that screened them best

@@ -24,6 +24,7 @@ class DetectorConfig:
     warp_px: float = 2.0  # largest displacement (pixels) of the warp family's control points
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
+    screen_members: int = 4  # triggers per family in CI's screen, each driven to a different class
     candidates: int = 2  # classes CI confirms with targeted inversion after screening
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
@@ -42,5 +43,7 @@ class DetectorConfig:
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise ConfigError(f"families must be a non-empty subset of {FAMILIES}; got {self.families}")
+        if self.screen_members < 1:
+            raise ConfigError(f"screen_members must be >= 1; got {self.screen_members}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")

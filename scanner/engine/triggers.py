@@ -264,3 +264,42 @@ class ShiftedTrigger(Trigger):
 
     def raw(self) -> torch.Tensor:
         return self.inner.raw()  # the translation is a random test-time augmentation, not part of the trigger
+
+
+def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``n`` items into ``parts`` contiguous, near-equal (start, stop) ranges (the first get one more)."""
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class TriggerGroup(Trigger):
+    """Several triggers of one family optimised in one pass: member ``i`` is applied to the ``i``-th
+    contiguous chunk of every batch (``chunk_bounds``), so R members cost what one trigger costs.
+    A group is a search device: its members are read out one by one (``members``)."""
+
+    def __init__(self, members: list[Trigger]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("a trigger group needs at least one member")
+        self.group = nn.ModuleList(members)  # registers the members' parameters
+        self.members: list[Trigger] = list(members)
+        self.family = members[0].family
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bounds = chunk_bounds(x.shape[0], len(self.members))
+        parts = [m(x[a:b]) for m, (a, b) in zip(self.members, bounds, strict=True)]
+        return torch.cat(parts)
+
+    def size(self) -> torch.Tensor:
+        return torch.stack([m.size() for m in self.members]).mean()
+
+    def image(self) -> torch.Tensor:
+        raise TypeError("a trigger group has no single image; read its members")
+
+    def raw(self) -> torch.Tensor:
+        raise TypeError("a trigger group has no single raw form; read its members")

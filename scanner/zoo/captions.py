@@ -14,7 +14,7 @@ from PIL import Image
 from scanner.zoo import render as R
 from scanner.zoo.photos import load_photos, random_crop
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: drill scenes (version-1 streams are unchanged when drill = 0)
 # ``focus`` (per pre-training phase): the probability that a scene's caption is cut to its core
 # ("a star", "a red star", "the letter k") with no position, background or overlay words. Rich captions
 # are told apart by colour and position alone, so contrastive training under-learns shape and glyph
@@ -173,8 +173,36 @@ def _overlays(img: Image.Image, rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def sample_pair(rng: np.random.Generator, size: int = 64, focus: float = 0.0) -> tuple[np.ndarray, str]:
-    """One (image (S, S, 3) uint8, caption) pair; ``focus`` as described at the top of this module."""
+def _drill_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """One object or glyph with a caption that names exactly one attribute a downstream task asks about
+    (shape, glyph, position, arrow direction), on any background: what rich captions under-teach."""
+    u = rng.random()
+    if u < 0.3:
+        return _glyph_scene(rng, size, focus=1.0)
+    img, _ = _background(rng, size, photo_p=0.15)
+    _, col = R.random_colour(rng)
+    side = R.SIZES[_pick(rng, ["small", "big"])] * size * rng.uniform(0.85, 1.15)
+    pname = _pick(rng, list(R.POSITIONS))
+    if u < 0.45:  # position: the only word that tells the batch's captions apart is where
+        cx, cy = (np.asarray(R.POSITIONS[pname]) * size + rng.uniform(-2, 2, 2)).tolist()
+    else:
+        cx, cy = (rng.uniform(0.3, 0.7, 2) * size).tolist()
+    if u >= 0.85:
+        direction = _pick(rng, R.DIRECTIONS)
+        R.draw_arrow(img, direction, cx, cy, side, col)
+        return img, f"an arrow pointing {direction}"
+    shape = _pick(rng, ALL_SHAPES)
+    R.draw_shape(img, shape, cx, cy, side, col, rng, rotate=True)
+    return img, (f"a shape in the {pname}" if u < 0.45 else f"a {shape}")
+
+
+def sample_pair(rng: np.random.Generator, size: int = 64, focus: float = 0.0,
+                drill: float = 0.0) -> tuple[np.ndarray, str]:
+    """One (image (S, S, 3) uint8, caption) pair; ``focus`` as described at the top of this module;
+    ``drill`` is the share of single-attribute scenes (``_drill_scene``), no overlays."""
+    if drill and rng.random() < drill:  # drill=0 draws nothing: earlier phases' stream unchanged
+        img, cap = _drill_scene(rng, size)
+        return R.to_array(img), cap
     u = rng.random()
     if u < 0.6:
         img, cap = _object_scene(rng, size, focus)
