@@ -20,7 +20,7 @@ def test_blend_trigger_is_a_bounded_convex_mix() -> None:
     y = trig(x)
     assert torch.allclose(y, (1 - a) * x + a * trig.pattern(), atol=1e-6)
     assert float((y - x).detach().abs().max()) <= 0.25
-    assert 0 < float(trig.size()) < 1
+    assert 0 < float(trig.size().detach()) < 1
 
 
 def test_warp_trigger_moves_pixels_by_at_most_its_bound() -> None:

@@ -36,25 +36,51 @@ def zoo() -> None:
               help="where to write the weights (default: the bundled location inside the package)")
 @click.option("--steps", type=int, default=None, help="optimiser steps (default: the recipe's)")
 @click.option("--seed", type=int, default=0, show_default=True)
-def pretrain(out: Path | None, steps: int | None, seed: int) -> None:
-    """Contrastively pre-train the bundled tiny CLIP from scratch (reproducible from the seed)."""
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="weights (safetensors) saved after --start-phase phases of the same recipe: continue from them")
+@click.option("--start-phase", type=click.IntRange(min=0), default=0, show_default=True,
+              help="how many phases the --resume weights have done")
+def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None, start_phase: int) -> None:
+    """Contrastively pre-train the bundled tiny CLIP from scratch, or resume it between phases
+    (reproducible from the seed: a resumed run gives the weights an uninterrupted one gives)."""
     from dataclasses import replace
 
     from tqdm import tqdm
 
     from scanner.clip.backbone import bundled_weights_path
-    from scanner.zoo.pretrain import PretrainConfig, pretrain, save_weights
+    from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain, save_weights
 
     cfg = PretrainConfig(seed=seed)
     if steps is not None:  # a short run for a smoke test: one phase at the first phase's rate
-        cfg = replace(cfg, phases=((steps, cfg.phases[0][1], 0.0),))
-    bar = tqdm(total=cfg.steps, desc="pre-training", unit="step")
+        cfg = replace(cfg, phases=(Phase(steps, cfg.phases[0].lr),))
+    if (resume is None) != (start_phase == 0):
+        _fail(ScannerError("--resume and --start-phase go together: the weights and how many phases they have done"))
+        return
+    if start_phase >= len(cfg.phases):
+        _fail(ScannerError(f"--start-phase {start_phase}: the recipe has {len(cfg.phases)} phases"))
+        return
+    state = None
+    if resume is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = {k: v.float() for k, v in load_file(str(resume)).items()}
+        except (SafetensorError, OSError) as exc:
+            _fail(ScannerError(f"cannot read --resume {resume} as safetensors weights: {exc}"))
+            return
+    done = sum(p.steps for p in cfg.phases[:start_phase])
+    bar = tqdm(total=cfg.steps, initial=done, desc="pre-training", unit="step")
 
     def on_step(step: int, loss: float, scale: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", scale=f"{scale:.1f}")
 
-    bb, record = pretrain(cfg, on_step)
+    try:
+        bb, record = pretrain(cfg, on_step, resume=state, start_phase=start_phase)
+    except ScannerError as exc:
+        _fail(exc)
+        return
     bar.close()
     dest = out or bundled_weights_path()
     digest = save_weights(bb, dest, record)

@@ -25,11 +25,46 @@ from scanner.clip.backbone import BUNDLED_NAME, ClipBackbone, create_backbone
 from scanner.zoo.captions import GENERATOR_VERSION, sample_pair
 
 
+def contrastive_loss(logits: torch.Tensor, captions: list[str] | None) -> torch.Tensor:
+    """Symmetric InfoNCE over ``logits`` (B, B), matching pairs on the diagonal.
+
+    With ``captions`` given, every pair whose caption is *identical* counts as a positive (the target
+    row is uniform over them). Focused captions ("a star") repeat many times in a batch of 256; plain
+    InfoNCE calls the other stars negatives and so teaches the encoders to tell apart images the
+    caption says are the same, which fights exactly the shape/glyph identity focus is meant to teach.
+    """
+    n = logits.shape[0]
+    if captions is None:
+        labels = torch.arange(n)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    key = torch.tensor([ids[c] for c in captions])  # (B,) caption identity
+    same = (key[:, None] == key[None, :]).float()  # (B, B), symmetric, diagonal 1
+    target = same / same.sum(1, keepdim=True)
+    i2t = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    t2i = -(target * F.log_softmax(logits.t(), 1)).sum(1).mean()
+    return 0.5 * (i2t + t2i)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One warm restart of the recipe."""
+
+    steps: int  # optimiser steps
+    lr: float  # peak AdamW learning rate
+    focus: float = 0.0  # share of scenes whose caption is cut to its core (captions.py)
+    caption_aware: bool = False  # identical captions are positives, not negatives (contrastive_loss)
+    drill: float = 0.0  # share of single-attribute scenes (captions._drill_scene)
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    # (optimiser steps, peak AdamW learning rate, caption focus) per phase; see captions.py for focus
-    phases: tuple[tuple[int, float, float], ...] = ((700, 1e-3, 0.0), (700, 5e-4, 0.0), (500, 5e-4, 0.6))
+    phases: tuple[Phase, ...] = (
+        Phase(700, 1e-3), Phase(700, 5e-4), Phase(500, 5e-4, focus=0.6),
+        Phase(1200, 3e-4, focus=0.7, caption_aware=True), Phase(800, 3e-4, focus=0.7, caption_aware=True, drill=0.5),
+        Phase(1000, 3e-4, focus=0.7, caption_aware=True, drill=0.6),
+    )
     batch_size: int = 256  # image–caption pairs per step (also the number of InfoNCE negatives + 1)
     weight_decay: float = 0.1  # on matrices only (not on norms, biases, embeddings, logit scale)
     warmup: int = 50  # linear warm-up steps at the start of each phase
@@ -38,20 +73,21 @@ class PretrainConfig:
 
     @property
     def steps(self) -> int:
-        return sum(p[0] for p in self.phases)
+        return sum(p.steps for p in self.phases)
 
 
 class _PairStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, list[str]]]):
     """Batches of (images (B, 3, S, S) float in [0,1], captions) for global steps [start, stop)."""
 
-    def __init__(self, seed: int, batch_size: int, size: int, start: int, stop: int, focus: float) -> None:
+    def __init__(self, seed: int, batch_size: int, size: int, start: int, stop: int, focus: float,
+                 drill: float) -> None:
         self.seed, self.bs, self.size, self.start, self.stop = seed, batch_size, size, start, stop
-        self.focus = focus
+        self.focus, self.drill = focus, drill
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         for step in range(self.start, self.stop):
             rng = np.random.default_rng([self.seed, step])
-            pairs = [sample_pair(rng, self.size, self.focus) for _ in range(self.bs)]
+            pairs = [sample_pair(rng, self.size, self.focus, self.drill) for _ in range(self.bs)]
             imgs = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float() / 255.0
             yield imgs, [p[1] for p in pairs]
 
@@ -74,12 +110,13 @@ def _through_fp16(model: torch.nn.Module) -> None:
                 t.copy_(t.half().float())
 
 
-def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, steps: int, lr: float, focus: float,
+def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, phase: Phase,
                on_step: Callable[[int, float, float], None] | None, losses: list[float]) -> None:
     model: Any = bb.model
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
+    steps, lr = phase.steps, phase.lr
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(i: int) -> float:
@@ -88,10 +125,9 @@ def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, steps: int, lr
         t = (i - cfg.warmup) / max(1, steps - cfg.warmup)
         return lr * 0.5 * (1 + math.cos(math.pi * t))
 
-    stream = _PairStream(cfg.seed, cfg.batch_size, bb.image_size, start, start + steps, focus)
+    stream = _PairStream(cfg.seed, cfg.batch_size, bb.image_size, start, start + steps, phase.focus, phase.drill)
     # One worker renders the next batch while the torch threads train on this one.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
-    labels = torch.arange(cfg.batch_size)
     for i, (imgs, caps) in enumerate(loader):
         for g in opt.param_groups:
             g["lr"] = lr_at(i)
@@ -102,7 +138,7 @@ def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, steps: int, lr
         img_f = F.normalize(img_f.float(), dim=-1)
         txt_f = F.normalize(txt_f.float(), dim=-1)
         logits = model.logit_scale.exp() * img_f @ txt_f.t()  # (B, B): matching pairs on the diagonal
-        loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+        loss = contrastive_loss(logits, caps if phase.caption_aware else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,10 +160,10 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int, float, float], None] |
     bb = create_backbone(BUNDLED_NAME, resume, seed=cfg.seed)
     t0 = time.time()
     losses: list[float] = []
-    start = sum(p[0] for p in cfg.phases[:start_phase])
-    for steps, lr, focus in cfg.phases[start_phase:]:
-        _run_phase(bb, cfg, start, steps, lr, focus, on_step, losses)
-        start += steps
+    start = sum(p.steps for p in cfg.phases[:start_phase])
+    for phase in cfg.phases[start_phase:]:
+        _run_phase(bb, cfg, start, phase, on_step, losses)
+        start += phase.steps
     bb.freeze()
     record: dict[str, object] = {
         "config": asdict(cfg),
