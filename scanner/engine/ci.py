@@ -131,7 +131,8 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
         score = torch.full((C,), -1.0)
         best_family: dict[int, str] = {}
-        # 1. screen: one untargeted differential search per family; every class's gain is recorded
+        # 1. screen: one untargeted differential pass per family (a group of r triggers aimed at r different
+        #    classes); every class's gain is recorded (the best over the members)
         r = min(cfg.screen_members, C)
         for fam in cfg.families:
             group = TriggerGroup([make_trigger(fam, size, cfg, gen) for _ in range(r)])
