@@ -39,7 +39,7 @@ def test_warp_trigger_moves_pixels_by_at_most_its_bound() -> None:
     # zero flow is the identity
     with torch.no_grad():
         trig.flow.zero_()
-    assert torch.allclose(trig(ramp), ramp, atol=1e-5) and float(trig.size()) == 0.0
+    assert torch.allclose(trig(ramp), ramp, atol=1e-5) and float(trig.size().detach()) == 0.0
 
 
 def test_twin_is_a_template_panel_taking_each_class_at_its_most_convinced(random_backbone: ClipBackbone) -> None:
