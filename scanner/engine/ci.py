@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,6 +82,24 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
     return inner
 
 
+@dataclass
+class _BestTriggers:
+    """Per class: the best score so far (C,) and the trigger that earned it (report image, raw form)."""
+
+    score: torch.Tensor
+    images: dict[int, torch.Tensor] = field(default_factory=dict)
+    raw: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def offer(self, k: int, value: float, trig: Trigger) -> bool:
+        """Keep ``trig`` for class ``k`` when ``value`` beats its best so far; True when it did."""
+        if value <= float(self.score[k]):
+            return False
+        self.score[k] = value
+        self.images[k] = trig.image()
+        self.raw[k] = trig.raw()
+        return True
+
+
 def _size_weight(family: str, cfg: DetectorConfig) -> float:
     return cfg.patch_weight if family == "patch" else 0.0
 
@@ -124,17 +143,16 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             progress(stage, done, total)
 
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
-    images: dict[int, torch.Tensor] = {}
-    raw: dict[int, torch.Tensor] = {}
+    best = _BestTriggers(torch.full((C,), -1.0))
     with frozen_learner(model):
         ref, base_s, base_r = _twin(model, opt_x, cfg)
         natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
-        score = torch.full((C,), -1.0)
         best_family: dict[int, str] = {}
         # 1. screen: one untargeted differential pass per family (a group of r triggers aimed at r different
         #    classes); every class's gain is recorded (the best over the members)
         r = min(cfg.screen_members, C)
         for fam in cfg.families:
+            key = f"screen_{fam}"
             group = TriggerGroup([make_trigger(fam, size, cfg, gen) for _ in range(r)])
             optimise_pair(model, ref, group, opt_x, diverse_collapse(base_s, base_r, r, cfg.reference_weight),
                           sched, gen, _size_weight(fam, cfg))
@@ -142,17 +160,13 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
                 gain = s_sus - torch.maximum(s_ref, natural)  # (C,)
                 for k in range(C):
-                    key = f"screen_{fam}"
                     evidence[k][key] = max(evidence[k].get(key, -1.0), float(gain[k]))
-                    if float(gain[k]) > float(score[k]):
-                        score[k] = gain[k]
+                    if best.offer(k, float(gain[k]), trig):
                         best_family[k] = fam
-                        images[k] = trig.image()
-                        raw[k] = trig.raw()
             tick(f"screen:{fam}")
         # 2. confirm: a targeted differential inversion for the most suspicious classes, in the family
         #    that screened them best
-        cands = [int(k) for k in torch.argsort(score, descending=True, stable=True)[:m]]
+        cands = [int(k) for k in torch.argsort(best.score, descending=True, stable=True)[:m]]
         for t in cands:
             fam = best_family.get(t, cfg.families[0])
             trig = make_trigger(fam, size, cfg, gen)
@@ -163,14 +177,11 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             gain_t = float(s_sus[t]) - max(float(s_ref[t]), float(natural[t]))
             evidence[t].update({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
                                 f"size_{fam}": float(trig.size().detach()), "confirm": gain_t})
-            if gain_t > float(score[t]):
-                score[t] = gain_t
-                images[t] = trig.image()
-                raw[t] = trig.raw()
+            best.offer(t, gain_t, trig)
             tick(f"confirm:{fam}")
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
-    return _decide("ci", model, cfg, score, natural, evidence, images, raw, seed, start)
+    return _decide("ci", model, cfg, best, natural, evidence, seed, start)
 
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
@@ -183,10 +194,8 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
     size = pool.shape[-1]
     C = model.n_cls
     sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
-    score = torch.full((C,), -1.0)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
-    images: dict[int, torch.Tensor] = {}
-    raw: dict[int, torch.Tensor] = {}
+    best = _BestTriggers(torch.full((C,), -1.0))
     with frozen_learner(model):
         natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
         for t in range(C):
@@ -196,20 +205,17 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
                 asr = float(class_shares(model, trig, hold_x, cfg.bf16)[t])
                 evidence[t][f"asr_{fam}"] = asr
                 evidence[t][f"size_{fam}"] = float(trig.size().detach())
-                if asr - float(natural[t]) > float(score[t]):
-                    score[t] = asr - float(natural[t])
-                    images[t] = trig.image()
-                    raw[t] = trig.raw()
+                best.offer(t, asr - float(natural[t]), trig)
             if progress is not None:
                 progress("invert", t + 1, C)
-    return _decide("ci-plain", model, cfg, score, natural, evidence, images, raw, seed, start)
+    return _decide("ci-plain", model, cfg, best, natural, evidence, seed, start)
 
 
-def _decide(detector: str, model: PromptedCLIP, cfg: DetectorConfig, score: torch.Tensor, natural: torch.Tensor,
-            evidence: dict[int, dict[str, float]], images: dict[int, torch.Tensor], raw: dict[int, torch.Tensor],
-            seed: int, start: float) -> DetectionResult:
-    """The decision both CI modes share: per-class ``score`` (C,) -> robust anomaly index; the most
+def _decide(detector: str, model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,
+            evidence: dict[int, dict[str, float]], seed: int, start: float) -> DetectionResult:
+    """The decision both CI modes share: per-class best score (C,) -> robust anomaly index; the most
     anomalous class flags the model when it passes ``cfg.threshold`` and its trigger works (MIN_GAIN)."""
+    score = best.score
     anomalies = anomaly_index(score, floor=cfg.score_floor)
     top = int(torch.argmax(anomalies))
     flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
@@ -220,5 +226,5 @@ def _decide(detector: str, model: PromptedCLIP, cfg: DetectorConfig, score: torc
     return DetectionResult(
         detector=detector, backdoored=flagged, target_index=top if flagged else None,
         anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,
-        trigger_images=images, raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
+        trigger_images=best.images, raw_triggers=best.raw, seed=seed, runtime_s=time.perf_counter() - start,
     )

@@ -287,8 +287,11 @@ class TriggerGroup(Trigger):
         if not members:
             raise ValueError("a trigger group needs at least one member")
         self.group = nn.ModuleList(members)  # registers the members' parameters
-        self.members: list[Trigger] = list(members)
         self.family = members[0].family
+
+    @property
+    def members(self) -> list[Trigger]:
+        return [m for m in self.group if isinstance(m, Trigger)]  # every entry is one (typed for readers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bounds = chunk_bounds(x.shape[0], len(self.members))
