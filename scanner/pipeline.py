@@ -189,6 +189,17 @@ def _detector(settings: Settings) -> tuple[DetectFn | None, Any, str]:
 
 
 # --------------------------------------------------------------------------- OOD pools
+def ood_pool(settings: Settings, size: int, limit: int | None = None) -> torch.Tensor:
+    """The settings' OOD pool at ``size`` px (the ``ood_dir`` folder, else the bundled photos), at most
+    ``limit`` images (default ``ood_size``); a smaller limit gives a prefix of the full pool."""
+    from scanner.zoo.ood import default_ood_pool, load_ood_folder
+
+    n = settings.ood_size if limit is None else min(limit, settings.ood_size)
+    if settings.ood_dir is not None:
+        return load_ood_folder(settings.ood_dir, size, limit=n)
+    return default_ood_pool(n, size, settings.seed)
+
+
 class _Pools:
     """OOD pools built once per run and per input resolution; a failure is remembered, not retried."""
 
@@ -201,14 +212,10 @@ class _Pools:
         if self._failed is not None:
             raise self._failed
         if size not in self._pools:
-            from scanner.zoo.ood import default_ood_pool, load_ood_folder, pool_sha256
+            from scanner.zoo.ood import pool_sha256
 
-            s = self.settings
             try:
-                if s.ood_dir is not None:
-                    pool = load_ood_folder(s.ood_dir, size, limit=s.ood_size)
-                else:
-                    pool = default_ood_pool(s.ood_size, size, s.seed)
+                pool = ood_pool(self.settings, size)
             except ScannerError as exc:
                 self._failed = exc
                 raise

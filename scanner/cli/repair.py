@@ -158,8 +158,7 @@ def bar_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
             v = s[key]
             checks.append(f"{key[:-6]} {'–' if v is None else ('met' if v <= 0.05 else 'NOT met')}")
         ca = s["ca_change"]
-        checks.append(f"CA {'–' if ca is None else ('met' if ca >= -0.02 else 'NOT met')} ({ca:+.3f})"
-                      if ca is not None else "CA –")
+        checks.append("CA –" if ca is None else f"CA {'met' if ca >= -0.02 else 'NOT met'} ({ca:+.3f})")
         checks.append(f"rescan {'met' if s['rescan_clean'] >= 0.9 else 'NOT met'}")
         out.append(f"  {name:9s} " + "; ".join(checks))
     return out

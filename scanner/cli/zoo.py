@@ -47,7 +47,7 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
 
     from tqdm import tqdm
 
-    from scanner.clip.backbone import bundled_weights_path
+    from scanner.clip.backbone import bundled_weights_path, read_weights
     from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain, save_weights
 
     cfg = PretrainConfig(seed=seed)
@@ -62,15 +62,13 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
     state = None
     if resume is not None:
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         try:
-            state = {k: v.float() for k, v in load_file(str(resume)).items()}
+            state = read_weights(resume)
         except (SafetensorError, OSError) as exc:
             _fail(ScannerError(f"cannot read --resume {resume} as safetensors weights: {exc}"))
             return
-    done = sum(p.steps for p in cfg.phases[:start_phase])
-    bar = tqdm(total=cfg.steps, initial=done, desc="pre-training", unit="step")
+    bar = tqdm(total=cfg.steps, initial=cfg.steps_before(start_phase), desc="pre-training", unit="step")
 
     def on_step(step: int, loss: float, scale: float) -> None:
         bar.update(1)

@@ -184,16 +184,21 @@ def create_backbone(name: str, state_dict: dict[str, torch.Tensor] | None = None
 
 
 @functools.cache
-def _bundled_state() -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict as fp32 (the bundled weights are stored in fp16 to keep the wheel small;
+    computation is fp32). Raises safetensors' error or OSError on an unreadable file."""
     from safetensors.torch import load_file
 
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def _bundled_state() -> dict[str, torch.Tensor]:
     path = bundled_weights_path()
     if not path.exists():
         raise BackboneError(
             f"the bundled CLIP weights are missing at {path}; rebuild them with `scanner zoo pretrain`"
         )
-    # Stored in fp16 to keep the wheel small; computation is fp32.
-    return {k: v.float() for k, v in load_file(str(path)).items()}
+    return read_weights(path)
 
 
 def load_bundled() -> ClipBackbone:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from scanner.prompting.classifier import PromptedCLIP
+from scanner.zoo.zeroshot import zero_shot_classifier
 
 ZERO_SHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "an image of a {}.")
 
@@ -23,8 +24,8 @@ def zero_shot_labels(model: PromptedCLIP, images: torch.Tensor,
     """(M,) class indices the zero-shot twin of ``model`` predicts for ``images`` (M, 3, S, S), templates
     averaged (CLIP's prompt ensembling)."""
     bb = model.backbone
-    text = torch.stack([F.normalize(bb.encode_tokens(bb.tokenize([t.format(c) for c in model.classnames])).float(),
-                                    dim=-1) for t in templates]).mean(dim=0)  # (C, E)
+    text = torch.stack([zero_shot_classifier(bb, [t.format(c) for c in model.classnames])
+                        for t in templates]).mean(dim=0)  # (C, E)
     feats = F.normalize(model.image_features(images).float(), dim=-1)  # (M, E)
     return (feats @ F.normalize(text, dim=-1).to(feats.device).T).argmax(dim=1)
 

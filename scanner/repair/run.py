@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from scanner import __version__
 from scanner.adapters import Adapter, LoadContext, LoadedModel
@@ -23,9 +23,6 @@ from scanner.repair.data import LabelledImages, load_image_folder
 from scanner.repair.finetune import RepairResult, repair_prompt
 from scanner.repair.saved_detection import SavedDetection, find_detection, load_detection, save_detection
 from scanner.settings import Settings
-
-if TYPE_CHECKING:
-    import torch
 
 Emit = Callable[[str], None]
 DASSL_ADAPTER = "coop"
@@ -93,16 +90,6 @@ def _load_unit(path: Path, settings: Settings, adapters: Sequence[Adapter] | Non
     return adapter.load(path, ctx), adapter
 
 
-def _ood_pool(settings: Settings, size: int, limit: int | None = None) -> torch.Tensor:
-    """The settings' OOD pool (``--ood`` folder or the bundled photos), its first ``limit`` images."""
-    from scanner.zoo.ood import default_ood_pool, load_ood_folder
-
-    n = settings.ood_size if limit is None else min(limit, settings.ood_size)
-    if settings.ood_dir is not None:
-        return load_ood_folder(settings.ood_dir, size, limit=n)
-    return default_ood_pool(n, size, settings.seed)  # a prefix of the detector's pool (same seed)
-
-
 def _detection(loaded: LoadedModel, settings: Settings, report: Path | None,
                progress: Callable[[str, int, int], None] | None) -> SavedDetection:
     if report is not None:
@@ -120,10 +107,10 @@ def _detection(loaded: LoadedModel, settings: Settings, report: Path | None,
                               f"{len(loaded.classnames)}")
         return det
     from scanner.engine import detect
-    from scanner.pipeline import detector_config
+    from scanner.pipeline import detector_config, ood_pool
 
     model = loaded.model.to(settings.device)
-    pool = _ood_pool(settings, model.backbone.image_size)
+    pool = ood_pool(settings, model.backbone.image_size)
     result = detect(model, pool.to(settings.device), detector_config(settings), seed=settings.seed,
                     progress=progress)
     return SavedDetection.from_result(result, loaded.sha256)
@@ -183,7 +170,10 @@ def repair_path(path: Path, data_dir: Path, settings: Settings | None = None, *,
     say(f"repairing ({cfg.mode}) with {len(order)} reconstructed trigger(s)"
         + (f", suspected target {name!r}" if name else ""))
     model = model.to(settings.device)
-    ood = (_ood_pool(settings, model.backbone.image_size, cfg.ood_images).to(settings.device)
+    from scanner.pipeline import ood_pool
+
+    # a prefix of the detector's pool (same settings)
+    ood = (ood_pool(settings, model.backbone.image_size, cfg.ood_images).to(settings.device)
            if cfg.ood_images > 0 else None)
     result = repair_prompt(model, data.images.to(settings.device), data.labels.to(settings.device),
                            [det.raw_triggers[k] for k in order], cfg, seed=settings.seed, target=target, ood=ood)

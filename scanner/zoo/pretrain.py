@@ -73,7 +73,11 @@ class PretrainConfig:
 
     @property
     def steps(self) -> int:
-        return sum(p.steps for p in self.phases)
+        return self.steps_before(len(self.phases))
+
+    def steps_before(self, phase: int) -> int:
+        """Optimiser steps the first ``phase`` phases take (the global step phase ``phase`` starts at)."""
+        return sum(p.steps for p in self.phases[:phase])
 
 
 class _PairStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, list[str]]]):
@@ -160,7 +164,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int, float, float], None] |
     bb = create_backbone(BUNDLED_NAME, resume, seed=cfg.seed)
     t0 = time.time()
     losses: list[float] = []
-    start = sum(p.steps for p in cfg.phases[:start_phase])
+    start = cfg.steps_before(start_phase)
     for phase in cfg.phases[start_phase:]:
         _run_phase(bb, cfg, start, phase, on_step, losses)
         start += phase.steps
