@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -19,13 +18,10 @@ _MAKERS: dict[str, Callable[[torch.Generator], T.Trigger]] = {
     "additive": lambda g: T.AdditiveTrigger(S, 0.1, g),
     "patch": lambda g: T.PatchTrigger(S, g),
     "pixel": lambda g: T.PixelTrigger(S, g),
+    "blend": lambda g: T.BlendTrigger(S, 0.25, g),
+    "warp": lambda g: T.WarpTrigger(S, 2.0, g),
+    "sticker": lambda g: T.StickerTrigger(S, 4, g),
 }
-_blend: Any = getattr(T, "BlendTrigger", None)  # families being added to the engine
-_warp: Any = getattr(T, "WarpTrigger", None)
-if _blend is not None:
-    _MAKERS["blend"] = lambda g: _blend(S, 0.25, g)
-if _warp is not None:
-    _MAKERS["warp"] = lambda g: _warp(S, 2.0, g)
 
 
 @pytest.mark.parametrize("family", sorted(_MAKERS))
@@ -55,6 +51,17 @@ def test_raw_forms_and_bad_shapes() -> None:
         T.raw_form(torch.zeros(5, S, S))
     with pytest.raises(ValueError, match="images must be"):
         T.apply_raw(torch.zeros(3, S, S), torch.rand(2, 3, 8, 8))
+
+
+def test_a_sticker_changes_one_small_square_only() -> None:
+    g = torch.Generator().manual_seed(3)
+    trig = T.StickerTrigger(S, 4, g)
+    x = torch.rand(5, 3, S, S, generator=g)
+    changed = (trig(x) - x).detach().abs().amax(dim=(0, 1)) > 0  # (S, S)
+    rows, cols = changed.nonzero(as_tuple=True)
+    assert int(changed.sum()) == 16 and int(rows.max() - rows.min()) == 3 and int(cols.max() - cols.min()) == 3
+    assert float(trig.size()) == pytest.approx(16 / S**2)
+    assert list(trig.parameters()) == [trig.p]  # the square is fixed: only its pattern is learned
 
 
 @pytest.mark.parametrize("detector", ["ci", "nc"])

@@ -19,13 +19,13 @@ from typing import Any, NoReturn
 import click
 
 from scanner.cli import main
+from scanner.cli._shared import fail
 from scanner.errors import ConfigError, ScannerError
 from scanner.report import ScanReport
 
 
 def _fail(exc: ScannerError) -> NoReturn:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2 if isinstance(exc, ConfigError) else 3)
+    fail(str(exc), 2 if isinstance(exc, ConfigError) else 3)
 
 
 def _user() -> str:

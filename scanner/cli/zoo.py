@@ -6,20 +6,19 @@ Heavy imports (torch) happen inside the commands so ``scanner --help`` stays ins
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from scanner.cli import main
+from scanner.cli._shared import fail
 from scanner.errors import ScannerError
 
 
-def _fail(exc: ScannerError) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+def _fail(exc: ScannerError) -> NoReturn:
+    fail(str(exc), 2)
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -57,6 +57,7 @@ from scanner.engine.triggers import (
     BlendTrigger,
     PatchTrigger,
     ShiftedTrigger,
+    StickerTrigger,
     Trigger,
     TriggerGroup,
     WarpTrigger,
@@ -73,6 +74,8 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
         inner = AdditiveTrigger(size, cfg.eps, gen)
     elif family == "patch":
         inner = PatchTrigger(size, gen)
+    elif family == "sticker":
+        inner = StickerTrigger(size, max(1, round(cfg.sticker * size)), gen)
     elif family == "blend":
         inner = BlendTrigger(size, cfg.blend_alpha, gen)
     else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from scanner.errors import ConfigError
 
 DETECTORS = ("ci", "ci-plain", "nc", "pixel")
-FAMILIES = ("additive", "patch", "blend", "warp")  # trigger families CI can search
+FAMILIES = ("additive", "patch", "blend", "warp", "sticker")  # trigger families CI can search
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,10 @@ class DetectorConfig:
     batch_size: int = 32  # images per optimisation step
     epochs: int = 1  # passes over the optimisation split per trigger (the paper: a single epoch)
     lr: float = 0.1  # Adam step on trigger parameters
-    families: tuple[str, ...] = FAMILIES  # trigger families CI searches
+    families: tuple[str, ...] = ("additive", "patch", "blend", "warp")  # trigger families CI searches
     eps: float = 6 / 255  # L-inf bound of the additive family (pixel units)
     blend_alpha: float = 0.25  # largest opacity of the blend family's pattern
+    sticker: float = 0.1  # side of the sticker family's square, as a share of the image side (6 px at 64)
     warp_px: float = 2.0  # largest displacement (pixels) of the warp family's control points
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for

@@ -140,6 +140,37 @@ class PatchTrigger(MaskedPatternTrigger):
         return (self.mask() * self.pattern()).detach()
 
 
+class StickerTrigger(MaskedPatternTrigger):
+    """x' = (1 - m) x + m p with a *fixed* small square mask m (1, S, S) — a sticker of side ``side`` px at a
+    random position drawn from ``generator`` — and a learned pattern p (3, S, S) (only the square shows).
+
+    A bounded-area family: a whole-image pattern can paint natural evidence for many classes of a small
+    CLIP, a sticker of a few pixels cannot, while a planted patch trigger needs no more. ``size`` is the
+    covered share of the image (constant: the cost is fixed by construction).
+    """
+
+    family = "sticker"
+    m: torch.Tensor  # (1, S, S) 0/1 buffer: the square
+
+    def __init__(self, size: int, side: int, generator: torch.Generator) -> None:
+        super().__init__()
+        side = max(1, min(side, size))
+        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
+        m = torch.zeros(1, size, size)
+        m[:, y:y + side, x:x + side] = 1.0
+        self.register_buffer("m", m)
+        self.p = nn.Parameter(torch.randn(3, size, size, generator=generator))
+
+    def mask(self) -> torch.Tensor:
+        return self.m
+
+    def size(self) -> torch.Tensor:
+        return self.mask().mean()
+
+    def image(self) -> torch.Tensor:
+        return (self.mask() * self.pattern()).detach()
+
+
 class BlendTrigger(MaskedPatternTrigger):
     """x' = (1 - a) x + a p: a full-image pattern p (3, S, S) blended in with a learned opacity a in
     (0, ``alpha_max``) — the Blended attack's form. ``size`` is a / alpha_max."""
