@@ -72,7 +72,7 @@ def test_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="unknown detector"):
         DetectorConfig(detector="magic")
     with pytest.raises(ConfigError, match="families"):
-        DetectorConfig(families=("sticker",))
+        DetectorConfig(families=("hologram",))
 
 
 def test_anomaly_index_and_calibration() -> None:
