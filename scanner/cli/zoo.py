@@ -46,7 +46,7 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
 
     from tqdm import tqdm
 
-    from scanner.clip.backbone import bundled_weights_path, read_weights
+    from scanner.clip.backbone import bundled_weights_path, read_fp32_weights
     from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain, save_weights
 
     cfg = PretrainConfig(seed=seed)
@@ -54,19 +54,16 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
         cfg = replace(cfg, phases=(Phase(steps, cfg.phases[0].lr),))
     if (resume is None) != (start_phase == 0):
         _fail(ScannerError("--resume and --start-phase go together: the weights and how many phases they have done"))
-        return
     if start_phase >= len(cfg.phases):
         _fail(ScannerError(f"--start-phase {start_phase}: the recipe has {len(cfg.phases)} phases"))
-        return
     state = None
     if resume is not None:
         from safetensors import SafetensorError
 
         try:
-            state = read_weights(resume)
+            state = read_fp32_weights(resume)
         except (SafetensorError, OSError) as exc:
             _fail(ScannerError(f"cannot read --resume {resume} as safetensors weights: {exc}"))
-            return
     bar = tqdm(total=cfg.steps, initial=cfg.steps_before(start_phase), desc="pre-training", unit="step")
 
     def on_step(step: int, loss: float, scale: float) -> None:
@@ -77,7 +74,6 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
         bb, record = pretrain(cfg, on_step, resume=state, start_phase=start_phase)
     except ScannerError as exc:
         _fail(exc)
-        return
     bar.close()
     dest = out or bundled_weights_path()
     digest = save_weights(bb, dest, record)
@@ -98,7 +94,6 @@ def info(as_json: bool, seed: int, no_coop: bool) -> None:
                              progress=None if as_json else lambda n: click.echo(f"  measuring {n}…", err=True))
     except ScannerError as exc:
         _fail(exc)
-        return
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -143,7 +138,6 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
         bar.close()
     except ScannerError as exc:
         _fail(exc)
-        return
     click.echo(json.dumps({"zoo": str(out), "models": len(manifest["models"]),
                            "seconds": round(time.perf_counter() - t0, 1), "summary": summarise(manifest)}, indent=2))
 
@@ -191,7 +185,6 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         bar.close()
     except ScannerError as exc:
         _fail(exc)
-        return
     rep = report(rows)
     for det, r in rep.items():
         o = r["overall"]

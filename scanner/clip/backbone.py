@@ -183,8 +183,7 @@ def create_backbone(name: str, state_dict: dict[str, torch.Tensor] | None = None
     return ClipBackbone(model, name)
 
 
-@functools.cache
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_fp32_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors state dict as fp32 (the bundled weights are stored in fp16 to keep the wheel small;
     computation is fp32). Raises safetensors' error or OSError on an unreadable file."""
     from safetensors.torch import load_file
@@ -192,13 +191,14 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
+@functools.cache
 def _bundled_state() -> dict[str, torch.Tensor]:
     path = bundled_weights_path()
     if not path.exists():
         raise BackboneError(
             f"the bundled CLIP weights are missing at {path}; rebuild them with `scanner zoo pretrain`"
         )
-    return read_weights(path)
+    return read_fp32_weights(path)
 
 
 def load_bundled() -> ClipBackbone:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from scanner.errors import ConfigError
 
 DETECTORS = ("ci", "ci-plain", "nc", "pixel")
-FAMILIES = ("additive", "patch", "blend", "warp", "sticker")  # trigger families CI can search
+DEFAULT_FAMILIES = ("additive", "patch", "blend", "warp")  # what CI searches unless told otherwise
+FAMILIES = (*DEFAULT_FAMILIES, "sticker")  # trigger families CI can search
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class DetectorConfig:
     batch_size: int = 32  # images per optimisation step
     epochs: int = 1  # passes over the optimisation split per trigger (the paper: a single epoch)
     lr: float = 0.1  # Adam step on trigger parameters
-    families: tuple[str, ...] = ("additive", "patch", "blend", "warp")  # trigger families CI searches
+    families: tuple[str, ...] = DEFAULT_FAMILIES  # trigger families CI searches
     eps: float = 6 / 255  # L-inf bound of the additive family (pixel units)
     blend_alpha: float = 0.25  # largest opacity of the blend family's pattern
     sticker: float = 0.1  # side of the sticker family's square, as a share of the image side (6 px at 64)

@@ -111,6 +111,12 @@ class MaskedPatternTrigger(Trigger):
         m = self.mask()
         return (1 - m) * x + m * self.pattern()
 
+    def size(self) -> torch.Tensor:
+        return self.mask().mean()  # the share of the image the trigger covers
+
+    def image(self) -> torch.Tensor:
+        return (self.mask() * self.pattern()).detach()
+
     def raw(self) -> torch.Tensor:
         return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
 
@@ -132,12 +138,6 @@ class PatchTrigger(MaskedPatternTrigger):
 
     def mask(self) -> torch.Tensor:
         return torch.sigmoid(self.m)
-
-    def size(self) -> torch.Tensor:
-        return self.mask().mean()
-
-    def image(self) -> torch.Tensor:
-        return (self.mask() * self.pattern()).detach()
 
 
 class StickerTrigger(MaskedPatternTrigger):
@@ -163,12 +163,6 @@ class StickerTrigger(MaskedPatternTrigger):
 
     def mask(self) -> torch.Tensor:
         return self.m
-
-    def size(self) -> torch.Tensor:
-        return self.mask().mean()
-
-    def image(self) -> torch.Tensor:
-        return (self.mask() * self.pattern()).detach()
 
 
 class BlendTrigger(MaskedPatternTrigger):
