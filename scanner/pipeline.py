@@ -321,6 +321,8 @@ def _scan_unit(unit: Path, adapter: Adapter, run: _Run) -> tuple[ModelReport, di
         return report, {}
     finally:
         progress.close_bar()
+        # the backbone is shared with the next model on it, whose learner is loaded on the CPU
+        loaded.model.to("cpu")
     _fill_from_result(report, result)
     report.ood_sha256 = result.ood_sha256 or report.ood_sha256
     if settings.report_dir is not None and result.raw_triggers and report.sha256:

@@ -83,7 +83,8 @@ class Settings:
     accel: str = field(
         default="auto",
         metadata={"doc": "forward-only encoder work (OOD features, text features, ASR checks): onnx = "
-                  "onnxruntime, torch fallback if export fails | torch | auto = onnx when onnxruntime is installed"},
+                  "onnxruntime, torch fallback if export fails | torch | auto = onnx when onnxruntime is "
+                  "installed and the model is on the CPU (on a GPU torch is faster)"},
     )
     accel_int8: bool = field(
         default=False,

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from scanner.accel import STATS, ForwardEncoders, cached_image_features, reset_registry, top1_agreement
 from scanner.accel.cache import CacheKey, OnnxCache
 from scanner.accel.export import ExportError, example_inputs, export_encoder
-from scanner.accel.sessions import CPU, CUDA, _cpuinfo_physical_cores, select_providers
+from scanner.accel.sessions import CPU, CUDA, _cpuinfo_physical_cores, provider_options, select_providers
 from scanner.clip import ClipBackbone
 
 ATOL = 1e-4
@@ -47,6 +47,12 @@ def test_provider_selection_prefers_cuda_only_when_present_and_built() -> None:
     assert select_providers([CUDA, CPU], gpu_present=True) == [CUDA, CPU]
     assert select_providers([CUDA, CPU], gpu_present=False) == [CPU]
     assert select_providers(["AzureExecutionProvider", CPU], gpu_present=True) == [CPU]
+
+
+def test_cuda_provider_keeps_fp32_by_turning_tf32_off() -> None:
+    # onnxruntime's CUDA provider defaults to TF32 products: 1.9e-3 from torch fp32 on ViT-B/16 (H100)
+    assert provider_options([CUDA, CPU]) == [(CUDA, {"use_tf32": "0"}), CPU]
+    assert provider_options([CPU]) == [CPU]
 
 
 def test_physical_cores_ignores_hyperthreads() -> None:

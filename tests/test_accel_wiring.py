@@ -259,3 +259,9 @@ def test_accel_settings_parse_and_validate() -> None:
 def test_model_report_round_trips_accel() -> None:
     m = ModelReport(path="x", verdict=Verdict.CLEAN, accel={"image": "onnx-int8", "int8_agreement": 0.995})
     assert ModelReport.from_dict(m.to_dict()).accel == m.accel
+
+
+def test_auto_leaves_gpu_models_to_torch(bundled_backbone: ClipBackbone, tmp_path: Path) -> None:
+    # measured on an H100: onnxruntime's CUDA provider at fp32 parity is slower than torch there
+    assert forward_features(bundled_backbone, "auto", cache_dir=tmp_path, device="cuda") is None
+    assert forward_features(bundled_backbone, "torch", cache_dir=tmp_path) is None

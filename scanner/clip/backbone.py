@@ -122,8 +122,9 @@ class ClipBackbone(nn.Module):
         return self._tokenizer(list(texts))
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Text features (N, E), not normalised."""
-        return self.model.encode_text(tokens)
+        """Text features (N, E), not normalised; ``tokens`` (N, L) may sit on any device (the tokenizer
+        makes CPU tensors)."""
+        return self.model.encode_text(tokens.to(self.token_embedding.weight.device))
 
     def encode_prompts(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         """Text features (N, E) from prompt embeddings (N, L, D); ``eot_index`` (N,) picks the EOT row."""

@@ -26,7 +26,8 @@ Progress = Callable[[str, int, int], None]
 
 def _ce_to(target: int) -> Objective:
     def f(logits: torch.Tensor, trigger: Trigger) -> torch.Tensor:
-        return F.cross_entropy(logits, torch.full((logits.shape[0],), target, dtype=torch.long))
+        return F.cross_entropy(logits, torch.full((logits.shape[0],), target, dtype=torch.long,
+                                                  device=logits.device))
 
     return f
 
@@ -61,7 +62,7 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
     raw: dict[int, torch.Tensor] = {}
     with frozen_learner(model):
         for t in range(C):
-            trig = make(pool.shape[-1], gen)
+            trig = make(pool.shape[-1], gen).to(pool.device)
             weight = _AdaptiveWeight(weight0, asr_goal)
             ce = _ce_to(t)
 
@@ -73,8 +74,8 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
             optimise(model, trig, opt_x, objective, sched, gen, size_weight=weight)
             sizes[t] = size_of(trig)
             asrs[t] = class_shares(model, trig, hold_x, cfg.bf16)[t]
-            images[t] = trig.image()
-            raw[t] = trig.raw()
+            images[t] = trig.image().cpu()
+            raw[t] = trig.raw().cpu()
             if progress is not None:
                 progress("invert", t + 1, C)
     # Small triggers are suspicious: the anomaly index is taken on the low side of the sizes.

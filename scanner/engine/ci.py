@@ -68,7 +68,10 @@ Progress = Callable[[str, int, int], None]
 MIN_GAIN = 0.5  # a flagged class's trigger must move at least half of the held-out images into it
 
 
-def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator) -> Trigger:
+def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator,
+                 device: torch.device | None = None) -> Trigger:
+    """A fresh trigger of ``family``, drawn from ``gen`` (a CPU generator, so a seed gives the same
+    initial trigger on every device) and then moved to ``device``."""
     inner: Trigger
     if family == "additive":
         inner = AdditiveTrigger(size, cfg.eps, gen)
@@ -80,6 +83,8 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
         inner = BlendTrigger(size, cfg.blend_alpha, gen)
     else:
         inner = WarpTrigger(size, cfg.warp_px, gen)
+    if device is not None:
+        inner = inner.to(device)
     if cfg.max_shift > 0:
         return ShiftedTrigger(inner, cfg.max_shift, gen)
     return inner
@@ -98,8 +103,8 @@ class _BestTriggers:
         if value <= float(self.score[k]):
             return False
         self.score[k] = value
-        self.images[k] = trig.image()
-        self.raw[k] = trig.raw()
+        self.images[k] = trig.image().cpu()  # evidence lives on the CPU whatever device ran the search
+        self.raw[k] = trig.raw().cpu()
         return True
 
 
@@ -119,7 +124,7 @@ def _twin(model: PromptedCLIP, x: torch.Tensor, cfg: DetectorConfig) -> tuple[Re
     """The trusted twin (templates + a member distilled on clean ``x``) and the mean class probabilities
     (C,) of the suspect and of the twin on ``x`` (no gradient)."""
     ref = ReferenceModel(model)
-    with torch.no_grad(), autocast(cfg.bf16):
+    with torch.no_grad(), autocast(cfg.bf16, x.device):
         feats = model.image_features(x)
         sus = model.logits_from_features(feats).float()
     if cfg.distil_twin:
@@ -156,7 +161,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         r = min(cfg.screen_members, C)
         for fam in cfg.families:
             key = f"screen_{fam}"
-            group = TriggerGroup([make_trigger(fam, size, cfg, gen) for _ in range(r)])
+            group = TriggerGroup([make_trigger(fam, size, cfg, gen, pool.device) for _ in range(r)])
             optimise_pair(model, ref, group, opt_x, diverse_collapse(base_s, base_r, r, cfg.reference_weight),
                           sched, gen, _size_weight(fam, cfg))
             for trig in group.members:
@@ -172,7 +177,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         cands = [int(k) for k in torch.argsort(best.score, descending=True, stable=True)[:m]]
         for t in cands:
             fam = best_family.get(t, cfg.families[0])
-            trig = make_trigger(fam, size, cfg, gen)
+            trig = make_trigger(fam, size, cfg, gen, pool.device)
             optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
                           sched, gen, _size_weight(fam, cfg))
             s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
@@ -203,7 +208,7 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
         natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
         for t in range(C):
             for fam in cfg.families:
-                trig = make_trigger(fam, size, cfg, gen)
+                trig = make_trigger(fam, size, cfg, gen, pool.device)
                 optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen, _size_weight(fam, cfg))
                 asr = float(class_shares(model, trig, hold_x, cfg.bf16)[t])
                 evidence[t][f"asr_{fam}"] = asr

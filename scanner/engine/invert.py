@@ -129,7 +129,7 @@ def diverse_collapse(base_suspect: torch.Tensor, base_reference: torch.Tensor, g
         loss = suspect.new_zeros(())
         for i, (a, b) in enumerate(bounds):
             k = targets.get(i, int(change[i].argmax()))  # more members than classes: share
-            ce = F.cross_entropy(suspect[a:b], torch.full((b - a,), k, dtype=torch.long))
+            ce = F.cross_entropy(suspect[a:b], torch.full((b - a,), k, dtype=torch.long, device=suspect.device))
             loss = loss + ce + weight * pr[a:b, k].mean()
         return loss / groups
 
@@ -153,8 +153,11 @@ def frozen_learner(model: PromptedCLIP) -> Iterator[None]:
         model.train(was_training)
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager[object]:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on the device type the work runs on (autocast is per device type: a "cpu" context
+    leaves CUDA kernels in fp32)."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def margin_loss(target: int, kappa: float) -> Objective:
@@ -217,7 +220,7 @@ def optimise(model: PromptedCLIP, trigger: Trigger, pool: torch.Tensor, objectiv
     ``size_weight`` adds weight * trigger.size() to the loss (a constant or a function of the step)."""
 
     def batch_loss(x: torch.Tensor) -> torch.Tensor:
-        with autocast(schedule.bf16):
+        with autocast(schedule.bf16, x.device):
             logits = model(trigger(x)).float()
         return objective(logits, trigger)
 
@@ -230,7 +233,7 @@ def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigg
     """Like :func:`optimise`, for objectives that compare the suspect with its reference twin."""
 
     def batch_loss(x: torch.Tensor) -> torch.Tensor:
-        with autocast(schedule.bf16):
+        with autocast(schedule.bf16, x.device):
             feats = model.encode_images(trigger(x))
             suspect = model.logits_from_features(feats).float()
         return objective(suspect, reference.logits(feats))
@@ -241,20 +244,21 @@ def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigg
 @torch.no_grad()
 def _shares(model: PromptedCLIP, reference: ReferenceModel | None, trigger: Trigger | None, pool: torch.Tensor,
             bf16: bool, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class prediction shares (C,) of the suspect and (zeros when None) of the reference."""
-    cs = torch.zeros(model.n_cls)
-    cr = torch.zeros(model.n_cls)
+    """Per-class prediction shares (C,) of the suspect and (zeros when None) of the reference, on the CPU
+    whatever device the pool is on (they become evidence floats)."""
+    cs = torch.zeros(model.n_cls, device=pool.device)
+    cr = torch.zeros(model.n_cls, device=pool.device)
     for i in range(0, pool.shape[0], batch_size):
         x = pool[i:i + batch_size]
         if trigger is not None:
             x = trigger(x)
-        with autocast(bf16):
+        with autocast(bf16, x.device):
             feats = model.encode_images(x)
             ps = model.logits_from_features(feats).float().argmax(dim=1)
         cs += torch.bincount(ps, minlength=model.n_cls).float()
         if reference is not None:
             cr += torch.bincount(reference.logits(feats).argmax(dim=1), minlength=model.n_cls).float()
-    return cs / pool.shape[0], cr / pool.shape[0]
+    return (cs / pool.shape[0]).cpu(), (cr / pool.shape[0]).cpu()
 
 
 def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,

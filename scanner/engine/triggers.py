@@ -218,7 +218,7 @@ class WarpTrigger(Trigger):
 
     def image(self) -> torch.Tensor:
         # the warp applied to a fine grid pattern, so the report shows the distortion
-        lin = torch.arange(self.s)
+        lin = torch.arange(self.s, device=self.flow.device)
         grid = (((lin[:, None] // 4 + lin[None, :] // 4) % 2).float())[None, None].expand(1, 3, -1, -1)
         return self.forward(grid).detach()[0]
 

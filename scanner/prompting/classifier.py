@@ -65,7 +65,7 @@ class PromptedCLIP(nn.Module):
 
     def _cache_key(self) -> tuple[object, ...]:
         tensors = [*self.learner.parameters(), *self.learner.buffers()]
-        return (tuple((id(t), t._version) for t in tensors), torch.is_autocast_enabled("cpu"),
+        return (tuple((id(t), t._version) for t in tensors), torch.is_autocast_enabled(self.learner.ctx.device.type),
                 self.learner.ctx.device)
 
     def text_features(self, image_features: torch.Tensor | None = None) -> torch.Tensor:

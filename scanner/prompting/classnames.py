@@ -70,7 +70,7 @@ def decode_classnames(backbone: ClipBackbone, token_suffix: torch.Tensor, positi
     tok = simple_tokenizer()
     eot, dot = tok.eot_token_id, tok.encoder[".</w>"]
     # Compare in the checkpoint's precision: the table rounded like the suffix was when it was saved.
-    table = weight.to(token_suffix.dtype).float()
+    table = weight.to("cpu", token_suffix.dtype).float()  # the backbone may sit on a GPU
     suffix = token_suffix.detach().float()
     n_cls, length, _ = suffix.shape
     names: list[str] = []

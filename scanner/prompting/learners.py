@@ -92,8 +92,8 @@ class PromptLearner(nn.Module):
             )
         placeholder = " ".join([_PLACEHOLDER] * n_ctx)
         tokens = backbone.tokenize([f"{placeholder} {name}." for name in self.classnames])  # (n_cls, L)
-        with torch.no_grad():
-            embedding = backbone.token_embedding(tokens).float()  # (n_cls, L, D)
+        with torch.no_grad():  # a learner is built on the CPU wherever the backbone is; .to() moves it
+            embedding = backbone.token_embedding(tokens.to(backbone.token_embedding.weight.device)).float().cpu()
         self.register_buffer("token_prefix", embedding[:, :1, :].clone())  # (n_cls, 1, D): SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :].clone())  # (n_cls, L-1-M, D)
         self.register_buffer("tokenized_prompts", tokens, persistent=False)  # (n_cls, L)
@@ -190,7 +190,8 @@ def _phrase_embedding(backbone: ClipBackbone, phrase: str) -> torch.Tensor:
         raise ConfigError(f"the context init phrase {phrase!r} has no tokens; give words or init=None")
     tokens = backbone.tokenize([phrase])
     with torch.no_grad():
-        return backbone.token_embedding(tokens)[0, 1:1 + n, :].float().clone()
+        emb = backbone.token_embedding(tokens.to(backbone.token_embedding.weight.device))  # (1, L, D)
+        return emb[0, 1:1 + n, :].float().cpu().clone()
 
 
 def _initial_ctx(backbone: ClipBackbone, init: str | None, n_ctx: int | None, shape_lead: tuple[int, ...],

@@ -71,8 +71,9 @@ class TrainRecord:
         return asdict(self)
 
 
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def _autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    # autocast is per device type: a "cpu" context would leave CUDA kernels in fp32
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -120,7 +121,7 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
     features: torch.Tensor | None = None
     if batch_transform is None:
         # The image encoder is frozen: its outputs are constants of the optimisation. (N, E) fp32.
-        with torch.no_grad(), _autocast(cfg.bf16):
+        with torch.no_grad(), _autocast(cfg.bf16, images.device):
             features = torch.cat([model.encode_images(images[i:i + cfg.feature_batch_size]).float()
                                   for i in range(0, n, cfg.feature_batch_size)])
 
@@ -138,10 +139,10 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                 else:
                     assert batch_transform is not None
                     x, y = batch_transform(images[idx], y, gen)
-                    with torch.no_grad(), _autocast(cfg.bf16):
+                    with torch.no_grad(), _autocast(cfg.bf16, images.device):
                         feats = model.encode_images(x).float()
                     y = y.long()
-                with _autocast(cfg.bf16):
+                with _autocast(cfg.bf16, images.device):
                     logits = model.logits_from_features(feats)
                 loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
