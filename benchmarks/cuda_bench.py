@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 import traceback
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from scanner.accel.bench import interleaved_medians
 from scanner.accel.encoders import ForwardEncoders
 from scanner.accel.sessions import CUDA, best_providers
 from scanner.clip.backbone import ClipBackbone, create_backbone, load_bundled
@@ -46,18 +46,17 @@ def _sync() -> None:
 
 
 def _median_rounds(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaved round-robin after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-        _sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
+    """Median seconds per call of each fn (interleaved rounds), each call waiting for the GPU to finish."""
+
+    def synced(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = fn()
             _sync()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            return out
+
+        return run
+
+    return interleaved_medians({k: synced(fn) for k, fn in fns.items()}, iters)
 
 
 def _encode(bb: ClipBackbone, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:

@@ -36,6 +36,10 @@ def test_same_seed_same_verdict_and_scores(model: PromptedCLIP, pool: torch.Tens
     assert len(a.classes) == 3 and a.detector == detector
     assert a.ood_sha256 and a.backbone_sha256 == model.backbone.content_hash()
     assert all(t.shape == (3, 64, 64) for t in a.trigger_images.values())
+    if detector == "ci":  # clean-image shares of the suspect and of plain zero-shot prompts, per class
+        for key in ("natural_share", "zero_shot_share"):
+            shares = [c.evidence[key] for c in a.classes]
+            assert all(0.0 <= v <= 1.0 for v in shares) and abs(sum(shares) - 1.0) < 1e-5
 
 
 def test_the_model_is_left_as_it_was(model: PromptedCLIP, pool: torch.Tensor) -> None:

@@ -66,6 +66,10 @@ def test_distilled_member_learns_the_suspect_on_clean_features_and_stays_near_ze
     ref.distil(feats, suspect_logits, pull=1.0)
     member = ref.text[-1]
     assert ref.text.shape[0] == len(REFERENCE_TEMPLATES) + 1
+    # the zero-shot view drops the distilled member and keeps the templates as they were
+    plain = ref.zero_shot()
+    assert plain.text.shape[0] == len(REFERENCE_TEMPLATES)
+    assert torch.equal(plain.text, ReferenceModel(model).text) and plain.scale == ref.scale
     agree = lambda w: float(((F.normalize(feats, dim=-1) @ w.T).argmax(1) == suspect_logits.argmax(1)).float().mean())  # noqa: E731
     assert agree(member) > agree(zero_shot) + 0.2
     # a strong pull keeps the member where it started

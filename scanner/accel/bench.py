@@ -59,7 +59,7 @@ def bench_backbone(arch: str) -> ClipBackbone:
     return create_backbone(BUNDLED_NAME if arch == "bundled" else arch, seed=0)
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
+def interleaved_medians(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, float]:
     """Median seconds per call of each fn, timed round-robin after one warm-up call each."""
     for fn in fns.values():
         fn()
@@ -126,7 +126,7 @@ def run_bench(
     if "torch-bf16" in fns:
         with torch.inference_mode():
             extra["torch-bf16"] = (_diff(_torch_image(backbone, pixels, bf16=True), ref), None)
-    rows += _rows(arch, "image", batch, _interleaved(fns, iters), extra)
+    rows += _rows(arch, "image", batch, interleaved_medians(fns, iters), extra)
     if int8 and tasks is not None:
         rows = [replace(r, agreement_tasks=tasks) if r.backend == "ort-int8" else r for r in rows]
 
@@ -141,7 +141,7 @@ def run_bench(
     textra: dict[str, tuple[float | None, float | None]] = {
         "ort-fp32": (_diff(fp32.encode_prompts(embeds, eot), tref), None)
     }
-    rows += _rows(arch, "text", batch, _interleaved(tfns, iters), textra)
+    rows += _rows(arch, "text", batch, interleaved_medians(tfns, iters), textra)
     return rows
 
 

@@ -155,6 +155,11 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     with frozen_learner(model):
         ref, base_s, base_r = _twin(model, opt_x, cfg)
         natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
+        # what plain prompts predict on the same clean images: a prompt that sends far more OOD photos to a
+        # class than zero-shot does is not dormant there (recorded as evidence; not yet in the decision)
+        _, zero_shot = pair_shares(model, ref.zero_shot(), None, hold_x, cfg.bf16)  # (C,)
+        for k in range(C):
+            evidence[k]["zero_shot_share"] = float(zero_shot[k])
         best_family: dict[int, str] = {}
         # 1. screen: one untargeted differential pass per family (a group of r triggers aimed at r different
         #    classes); every class's gain is recorded (the best over the members)

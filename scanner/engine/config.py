@@ -21,7 +21,10 @@ class DetectorConfig:
     lr: float = 0.1  # Adam step on trigger parameters
     families: tuple[str, ...] = DEFAULT_FAMILIES  # trigger families CI searches
     eps: float = 6 / 255  # L-inf bound of the additive family (pixel units)
-    blend_alpha: float = 0.25  # largest opacity of the blend family's pattern
+    # largest opacity of the blend family's pattern. At 0.25 a blend paints enough class evidence to move a
+    # clean prompt-tuned model (all 12 false positives of the full zoo came from it); at 0.12 a planted
+    # blend (the zoo's Blended uses 0.2) still fires: on 33 clean + Blended models FP 12 -> 3, TP 10 -> 9
+    blend_alpha: float = 0.12
     sticker: float = 0.1  # side of the sticker family's square, as a share of the image side (6 px at 64)
     warp_px: float = 2.0  # largest displacement (pixels) of the warp family's control points
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss

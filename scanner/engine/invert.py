@@ -46,6 +46,13 @@ class ReferenceModel:
                                 for t in templates])
         self.text = F.normalize(text, dim=-1)  # (T, C, E)
         self.scale = float(bb.logit_scale)
+        self.n_templates = len(templates)
+
+    def zero_shot(self) -> ReferenceModel:
+        """The template panel alone (without a distilled member): what plain prompts make of an image."""
+        twin = object.__new__(ReferenceModel)
+        twin.text, twin.scale, twin.n_templates = self.text[: self.n_templates], self.scale, self.n_templates
+        return twin
 
     def distil(self, clean_features: torch.Tensor, suspect_logits: torch.Tensor, steps: int = 150,
                lr: float = 0.02, pull: float = 10.0) -> None:
