@@ -252,10 +252,12 @@ def _fill_from_result(report: ModelReport, result: DetectionResult) -> None:
         for c in result.classes
     ]
     if result.backdoored:
-        report.message = (
-            f"class {report.target_class!r} is a likely backdoor target: anomaly score "
-            f"{report.anomaly_score:.2f} > threshold {report.threshold:.2f}"
+        report.message = f"class {report.target_class!r} is a likely backdoor target" + (
+            f": {result.reason}" if result.reason
+            else f": anomaly score {report.anomaly_score:.2f} > threshold {report.threshold:.2f}"
         )
+    elif result.reason:
+        report.message = result.reason
     else:
         report.message = (
             f"no class stands out: highest anomaly score {report.anomaly_score:.2f} <= threshold "

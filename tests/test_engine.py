@@ -8,6 +8,8 @@ import torch
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
+from scanner.engine.ci import _BestTriggers, _decide
+from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
 from scanner.prompting.classifier import PromptedCLIP
@@ -77,6 +79,28 @@ def test_config_is_validated() -> None:
         DetectorConfig(detector="magic")
     with pytest.raises(ConfigError, match="families"):
         DetectorConfig(families=("hologram",))
+    with pytest.raises(ConfigError, match="dormant_margin"):
+        DetectorConfig(dormant_margin=0.0)
+
+
+def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], **cfg: float) -> DetectionResult:
+    best = _BestTriggers(torch.tensor(scores))
+    natural = torch.full((3,), 1 / 3)
+    evidence: dict[int, dict[str, float]] = {k: {} for k in range(3)}
+    return _decide("ci", model, DetectorConfig(**cfg), best, natural, evidence, 0, 0.0,
+                   excess=torch.tensor(excess))
+
+
+def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model: PromptedCLIP) -> None:
+    flat = [0.1, 0.1, 0.1]  # no reconstructed trigger works
+    awake = _decision(model, flat, [-0.3, 0.9, -0.6])
+    assert awake.backdoored and awake.target_index == 1 and "not dormant" in awake.reason
+    assert not _decision(model, flat, [-0.3, 0.7, -0.4]).backdoored  # within the margin
+    assert not _decision(model, flat, [-0.3, 0.9, -0.6], dormant_margin=1.0).backdoored  # switched off
+    # a working trigger names its own class first
+    both = _decision(model, [0.05, 0.06, 0.95], [-0.3, 0.9, -0.6])
+    assert both.backdoored and both.target_index == 2 and "reconstructed trigger" in both.reason
+    assert "no class stands out" in _decision(model, flat, [0.0, 0.0, 0.0]).reason
 
 
 def test_anomaly_index_and_calibration() -> None:

@@ -12,8 +12,9 @@ from scanner.cli import main
 from scanner.errors import ScannerError
 
 
-def write_threshold(config_file: Path, threshold: float) -> None:
-    """Set ``threshold`` in a settings TOML file, keeping every other key; written atomically."""
+def write_threshold(config_file: Path, threshold: float, dormant_margin: float | None = None) -> None:
+    """Set ``threshold`` (and CI's ``detector_options.dormant_margin``) in a settings TOML file, keeping
+    every other key; written atomically."""
     import os
     import tomllib
 
@@ -23,6 +24,10 @@ def write_threshold(config_file: Path, threshold: float) -> None:
     if config_file.exists():
         data = tomllib.loads(config_file.read_text())
     data["threshold"] = round(threshold, 6)
+    if dormant_margin is not None:
+        options = data.get("detector_options")
+        data["detector_options"] = {**(options if isinstance(options, dict) else {}),
+                                    "dormant_margin": round(dormant_margin, 6)}
     tmp = config_file.with_name(f".{config_file.name}.tmp")
     tmp.write_text(tomli_w.dumps(data))
     os.replace(tmp, config_file)
@@ -39,23 +44,40 @@ def write_threshold(config_file: Path, threshold: float) -> None:
 @click.option("--n-images", type=int, default=1000, show_default=True)
 def calibrate(zoo_dir: Path, fpr: float, detector: str, config_file: Path, eval_json: Path | None, seed: int,
               n_images: int) -> None:
-    """Fit the anomaly threshold on the zoo's clean models for a target FPR and write it to settings."""
+    """Fit the decision threshold on the zoo's clean models for a target FPR and write it to settings.
+
+    For CI both channels are fitted: the dormant margin on half the budget, the anomaly threshold on the
+    rest. Saved rows (``--eval-json``) are reused; they are only re-decided, never re-run.
+    """
     from scanner.clip import load_bundled
     from scanner.engine import DetectorConfig
-    from scanner.engine.calibration import threshold_for_fpr
-    from scanner.zoo.detect_eval import evaluate_zoo, metrics
+    from scanner.engine.calibration import fit_two_channels, threshold_for_fpr
+    from scanner.engine.ci import MIN_GAIN
+    from scanner.zoo.detect_eval import clean_excess, evaluate_zoo, metrics
 
+    margin: float | None = None
     try:
         rows = evaluate_zoo(zoo_dir, load_bundled(), [detector], out=eval_json,
                             config=DetectorConfig(detector=detector, n_images=n_images), seed=seed)
-        clean = [r["anomaly_score"] for r in rows if not r["truth_backdoored"]]
-        if not clean:
+        clean_rows = [r for r in rows if not r["truth_backdoored"]]
+        if not clean_rows:
             raise click.UsageError(f"{zoo_dir} has no clean models to calibrate on; build it with --clean-per-dataset")
-        t = threshold_for_fpr(clean, fpr)
-        write_threshold(config_file, t)
+        if detector == "ci":
+            per_model = []
+            for r in clean_rows:
+                scores = [float(v) for v in r["class_scores"]]
+                top = scores.index(max(scores))
+                awake = clean_excess(r)
+                per_model.append((float(r["anomaly_score"]), float(r["evidence"][top].get("score", 0.0)) >= MIN_GAIN,
+                                  None if awake is None else awake[0]))
+            t, margin = fit_two_channels(per_model, fpr)
+        else:
+            t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)
+        write_threshold(config_file, t, margin)
     except ScannerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    m = metrics(rows, threshold=t)
-    click.echo(json.dumps({"threshold": t, "fpr_target": fpr, "clean_models": len(clean),
-                           "written_to": str(config_file), "at_threshold": m}, indent=2))
+    m = metrics(rows, threshold=t, dormant_margin=margin)
+    click.echo(json.dumps({"threshold": t, "dormant_margin": margin, "fpr_target": fpr,
+                           "clean_models": len(clean_rows), "written_to": str(config_file), "at_threshold": m},
+                          indent=2))

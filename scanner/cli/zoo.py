@@ -189,7 +189,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
     for det, r in rep.items():
         o = r["overall"]
         auroc = None if o["auroc"] is None else round(o["auroc"], 3)
-        click.echo(f"\n== {det}: accuracy {o['accuracy']:.3f}  AUROC {auroc}"
+        both = "" if o["auroc_combined"] is None or det != "ci" else f" (both channels {o['auroc_combined']:.3f})"
+        click.echo(f"\n== {det}: accuracy {o['accuracy']:.3f}  AUROC {auroc}{both}"
                    f"  TPR {o['tpr']}  FPR {o['fpr']}  target-acc {o['target_accuracy']}  "
                    f"s/model {o['seconds_mean']:.1f}  by #classes {o['seconds_by_classes']}")
         for key in ("by_attack", "by_dataset"):

@@ -19,3 +19,25 @@ def threshold_for_fpr(clean_scores: Sequence[float], fpr: float, *, minimum: flo
     allowed = math.floor(fpr * n)  # clean models allowed above the threshold
     t = s[n - 1 - allowed]
     return max(t, minimum)
+
+
+def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: float, *,
+                     margin_floor: float = 0.5) -> tuple[float, float | None]:
+    """(threshold, dormant_margin) for CI's two channels on clean models, at most ``fpr`` flagged in all.
+
+    ``clean`` holds per clean model (anomaly score, whether its best trigger works, clean-image excess over
+    zero-shot prompts or None). The margin takes half the budget, never below ``margin_floor`` (a prompt
+    must send at least that share of clean images beyond zero-shot to be called awake); the threshold
+    takes what the margin left, counting only models whose trigger works (the others cannot flag).
+    """
+    if not clean:
+        raise ValueError("no clean models to calibrate on")
+    n = len(clean)
+    excesses = [e for _, _, e in clean if e is not None]
+    margin = threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor) if excesses else None
+    awake = sum(1 for _, _, e in clean if e is not None and margin is not None and e > margin)
+    left = max(0, math.floor(fpr * n) - awake)
+    rest = sorted((a for a, works, e in clean if works and not (e is not None and margin is not None and e > margin)),
+                  reverse=True)
+    threshold = rest[left] if left < len(rest) else 0.0
+    return max(threshold, 0.0), margin

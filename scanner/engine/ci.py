@@ -11,7 +11,8 @@ Design (ours; the paper's details are not public), cost independent of the class
    ``max_shift`` px) during optimisation and evaluation: small universal adversarial patterns, which
    reach any class of a small CLIP, do not survive it; a feature the prompt was tuned to react to does.
 3. *Four trigger families*, one per way a trigger can be laid on an image: bounded additive, small
-   patch (mask + pattern), full-image blend, smooth warp.
+   patch (mask + pattern), full-image blend, smooth warp. Each is bounded so that it cannot simply paint
+   a class: a blend above ~0.12 opacity moved clean models as far as planted triggers move backdoored ones.
 4. *Screen all classes at once.* Per family, one pass of an untargeted "differential collapse" search
    with ``screen_members`` triggers, each sending its share of the batch to a *different* class among
    those the triggers move the suspect into more than the twin (``diverse_collapse``): the R most
@@ -23,6 +24,10 @@ Design (ours; the paper's details are not public), cost independent of the class
 6. *Decide.* Per-class score = best gain; the robust anomaly index (median/MAD across classes) of the
    best class against threshold ``k`` flags the model, and its trigger must also work
    (gain >= ``MIN_GAIN``).
+7. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
+   clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
+   with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. Measured per class
+   as ``natural_share`` and ``zero_shot_share`` in the evidence; no search is needed for it.
 
 The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*
 class, one epoch each, anomaly index over the per-class ASR gain.
@@ -156,7 +161,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         ref, base_s, base_r = _twin(model, opt_x, cfg)
         natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
         # what plain prompts predict on the same clean images: a prompt that sends far more OOD photos to a
-        # class than zero-shot does is not dormant there (recorded as evidence; not yet in the decision)
+        # class than zero-shot does is not dormant there (``_decide``)
         _, zero_shot = pair_shares(model, ref.zero_shot(), None, hold_x, cfg.bf16)  # (C,)
         for k in range(C):
             evidence[k]["zero_shot_share"] = float(zero_shot[k])
@@ -194,7 +199,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             tick(f"confirm:{fam}")
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
-    return _decide("ci", model, cfg, best, natural, evidence, seed, start)
+    return _decide("ci", model, cfg, best, natural, evidence, seed, start, excess=natural - zero_shot)
 
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
@@ -225,19 +230,37 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
 
 
 def _decide(detector: str, model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,
-            evidence: dict[int, dict[str, float]], seed: int, start: float) -> DetectionResult:
+            evidence: dict[int, dict[str, float]], seed: int, start: float,
+            excess: torch.Tensor | None = None) -> DetectionResult:
     """The decision both CI modes share: per-class best score (C,) -> robust anomaly index; the most
-    anomalous class flags the model when it passes ``cfg.threshold`` and its trigger works (MIN_GAIN)."""
+    anomalous class flags the model when it passes ``cfg.threshold`` and its trigger works (MIN_GAIN).
+    With ``excess`` (C,) (clean-image share of the suspect minus that of plain zero-shot prompts), a class
+    above ``cfg.dormant_margin`` also flags it: the prompt is not dormant on clean inputs."""
     score = best.score
     anomalies = anomaly_index(score, floor=cfg.score_floor)
     top = int(torch.argmax(anomalies))
-    flagged = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
+    by_trigger = bool(anomalies[top] > cfg.threshold and score[top] >= MIN_GAIN)
+    awake = int(torch.argmax(excess)) if excess is not None else top
+    by_excess = excess is not None and float(excess[awake]) > cfg.dormant_margin
     classes = []
     for k in range(model.n_cls):
         evidence[k].update(natural_share=float(natural[k]), score=float(score[k]))
         classes.append(ClassEvidence(k, model.classnames[k], float(anomalies[k]), evidence[k]))
+    target = top if by_trigger else awake if by_excess else None
+    if by_trigger:
+        reason = (f"a reconstructed trigger moves {float(score[top]):.2f} of clean OOD images into "
+                  f"{model.classnames[top]!r} beyond the zero-shot twin: anomaly {float(anomalies[top]):.2f} > "
+                  f"threshold {cfg.threshold:.2f}")
+    elif by_excess:
+        assert excess is not None
+        reason = (f"not dormant on clean inputs: {model.classnames[awake]!r} takes {float(excess[awake]):.2f} more "
+                  f"of the clean OOD images than plain zero-shot prompts give it (margin {cfg.dormant_margin:.2f})")
+    else:
+        reason = (f"no class stands out: highest anomaly {float(anomalies[top]):.2f} (threshold "
+                  f"{cfg.threshold:.2f}), best trigger gain {float(score.max()):.2f} (needs {MIN_GAIN:.2f})")
     return DetectionResult(
-        detector=detector, backdoored=flagged, target_index=top if flagged else None,
+        detector=detector, backdoored=by_trigger or by_excess, target_index=target,
         anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes,
         trigger_images=best.images, raw_triggers=best.raw, seed=seed, runtime_s=time.perf_counter() - start,
+        reason=reason,
     )

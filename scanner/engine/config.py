@@ -36,6 +36,10 @@ class DetectorConfig:
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float = 2.0  # anomaly-index threshold k (published default; `scanner calibrate` refits it)
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
+    # CI also flags a prompt that is not dormant on clean inputs: one class takes this much more of the clean
+    # OOD hold-out than plain zero-shot prompts give it (share minus share). Clean models of the full zoo
+    # reach 0.76 at most; WaNet models send 0.82-0.99 of OOD photos to their target. 1.0 switches it off.
+    dormant_margin: float = 0.8
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:
@@ -50,5 +54,7 @@ class DetectorConfig:
             raise ConfigError(f"families must be a non-empty subset of {FAMILIES}; got {self.families}")
         if self.screen_members < 1:
             raise ConfigError(f"screen_members must be >= 1; got {self.screen_members}")
+        if not 0.0 < self.dormant_margin <= 1.0:
+            raise ConfigError(f"dormant_margin must be in (0, 1] (1 switches the check off); got {self.dormant_margin}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")

@@ -7,6 +7,7 @@ Gradients flow only into the trigger: the encoders and the prompt learner are fr
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,8 +51,8 @@ class ReferenceModel:
 
     def zero_shot(self) -> ReferenceModel:
         """The template panel alone (without a distilled member): what plain prompts make of an image."""
-        twin = object.__new__(ReferenceModel)
-        twin.text, twin.scale, twin.n_templates = self.text[: self.n_templates], self.scale, self.n_templates
+        twin = copy.copy(self)  # shares scale and templates; distil() on it would not touch this panel
+        twin.text = self.text[: self.n_templates]
         return twin
 
     def distil(self, clean_features: torch.Tensor, suspect_logits: torch.Tensor, steps: int = 150,

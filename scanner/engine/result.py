@@ -34,6 +34,7 @@ class DetectionResult:
     raw_triggers: dict[int, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
     runtime_s: float = 0.0
+    reason: str = ""  # why the model was flagged (or not), in words, for reports
     ood_sha256: str = ""
     backbone_sha256: str = ""
 

@@ -57,9 +57,10 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
     rows: list[dict[str, Any]] = []
     if out is not None and out.exists():
         prev = json.loads(out.read_text())
-        if (prev.get("ood_sha256") == pool_hash and prev.get("config") == _config_dict(base)
-                and prev.get("accel", "torch") == accel):
-            rows = list(prev["rows"])
+        if (prev.get("ood_sha256") == pool_hash and _evidence_config(prev.get("config") or {})
+                == _evidence_config(_config_dict(base)) and prev.get("accel", "torch") == accel):
+            # the same searches: keep their evidence, and decide it again if the decision settings differ
+            rows = [_redecided(r, base) for r in prev["rows"]]
     done = {(r["id"], r["detector"]) for r in rows}
     for m in manifest["models"]:
         ckpt = None
@@ -81,6 +82,7 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
                 "n_classes": m["n_classes"], "truth_backdoored": m["attack"] != "none",
                 "truth_target": m["target_index"], "detector": det, "flagged": res.backdoored,
                 "target": res.target_index, "anomaly_score": res.anomaly_score, "threshold": res.threshold,
+                "dormant_margin": cfg.dormant_margin if det == "ci" else None,
                 "seconds": time.perf_counter() - t0,
                 "class_scores": [c.anomaly_score for c in res.classes],
                 "evidence": [c.evidence for c in res.classes], "accel": info,
@@ -105,6 +107,21 @@ def _forward_features(backbone: ClipBackbone, accel: str, int8: bool, cache_dir:
     return feats
 
 
+#: settings that only decide from recorded evidence: changing them re-decides saved rows, never re-runs them
+DECISION_FIELDS = ("threshold", "dormant_margin")
+
+
+def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in DECISION_FIELDS}
+
+
+def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
+    """A saved row decided with ``cfg``'s threshold (and, for CI, its dormant margin)."""
+    margin = cfg.dormant_margin if row["detector"] == "ci" else None
+    flagged, target = redecide(row, cfg.threshold, margin)
+    return {**row, "flagged": flagged, "target": target, "threshold": cfg.threshold, "dormant_margin": margin}
+
+
 def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
     d = dict(cfg.__dict__)
     d["families"] = list(d["families"])
@@ -125,38 +142,96 @@ def _auroc(labels: list[bool], scores: list[float]) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
-def metrics(rows: Sequence[dict[str, Any]], threshold: float | None = None) -> dict[str, Any]:
+def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
+    """(largest clean-image share beyond plain zero-shot prompts, its class) from a CI row's evidence;
+    None for rows that do not record it (baselines, rows written before it was recorded)."""
+    ev = row.get("evidence") or []
+    if not ev or not all("zero_shot_share" in e and "natural_share" in e for e in ev):
+        return None
+    ex = [float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev]
+    k = int(np.argmax(ex))
+    return ex[k], k
+
+
+def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
+    """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
+    from the row's recorded evidence exactly as ``scanner.engine.ci._decide`` takes it."""
+    from scanner.engine.ci import MIN_GAIN
+
+    anomalies = [float(v) for v in row["class_scores"]]
+    top = int(np.argmax(anomalies))
+    ev = row.get("evidence") or []
+    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev else True  # baselines have no gain gate
+    if anomalies[top] > threshold and works:
+        return True, top
+    awake = clean_excess(row) if dormant_margin is not None else None
+    if awake is not None and dormant_margin is not None and awake[0] > dormant_margin:
+        return True, awake[1]
+    return False, None
+
+
+def combined_score(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> float:
+    """One number per model for AUROC over both CI channels: how far past its line the stronger channel
+    is (> 1 flags), the trigger channel counting only when its trigger works."""
+    from scanner.engine.ci import MIN_GAIN
+
+    anomalies = [float(v) for v in row["class_scores"]]
+    top = int(np.argmax(anomalies))
+    ev = row.get("evidence") or []
+    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev else True
+    score = anomalies[top] / threshold if works and threshold > 0 else 0.0
+    awake = clean_excess(row) if dormant_margin is not None else None
+    if awake is not None and dormant_margin:
+        score = max(score, awake[0] / dormant_margin)
+    return score
+
+
+def metrics(rows: Sequence[dict[str, Any]], threshold: float | None = None,
+            dormant_margin: float | None = None) -> dict[str, Any]:
     """Accuracy, AUROC, TPR, FPR, target accuracy and timing of one detector's rows.
 
-    ``threshold`` re-decides every row on its anomaly score (for calibration sweeps); otherwise the
-    detector's own verdicts are used.
+    With ``threshold`` and/or ``dormant_margin`` every row is re-decided from its recorded evidence
+    (``redecide``: calibration sweeps); otherwise the detector's own verdicts are used. ``auroc`` ranks
+    models by the anomaly score alone, ``auroc_combined`` by ``combined_score`` (both CI channels).
     """
     if not rows:
         return {}
+    redo = threshold is not None or dormant_margin is not None
 
-    def flag(r: dict[str, Any]) -> bool:
-        return bool(r["flagged"]) if threshold is None else r["anomaly_score"] > threshold
+    def decided(r: dict[str, Any]) -> tuple[bool, int | None]:
+        if not redo:
+            return bool(r["flagged"]), r["target"]
+        return redecide(r, float(r["threshold"]) if threshold is None else threshold, dormant_margin)
 
+    verdicts = [decided(r) for r in rows]
     labels = [bool(r["truth_backdoored"]) for r in rows]
-    flags = [flag(r) for r in rows]
-    pos = [r for r, lab in zip(rows, labels, strict=True) if lab]
-    neg = [r for r, lab in zip(rows, labels, strict=True) if not lab]
-    tp = [r for r in pos if flag(r)]
-    target_ok = [r for r in tp if r["target"] == r["truth_target"]] if threshold is None else [
-        r for r in tp if int(np.argmax(r["class_scores"])) == r["truth_target"]]
+    flags = [v[0] for v in verdicts]
+    tp = [(r, v) for r, v, lab in zip(rows, verdicts, labels, strict=True) if lab and v[0]]
+    target_ok = [r for r, v in tp if v[1] == r["truth_target"]]
+    neg = [f for f, lab in zip(flags, labels, strict=True) if not lab]
+    n_pos = sum(labels)
     by_classes: dict[int, list[float]] = {}
     for r in rows:
         by_classes.setdefault(int(r["n_classes"]), []).append(float(r["seconds"]))
+    margin = dormant_margin if redo else _row_margin(rows)
     return {
         "models": len(rows),
         "accuracy": float(np.mean([f == lab for f, lab in zip(flags, labels, strict=True)])),
         "auroc": _auroc(labels, [float(r["anomaly_score"]) for r in rows]),
-        "tpr": len(tp) / len(pos) if pos else None,
-        "fpr": (sum(flag(r) for r in neg) / len(neg)) if neg else None,
+        "auroc_combined": _auroc(labels, [combined_score(r, float(r["threshold"]) if threshold is None else threshold,
+                                                         margin) for r in rows]),
+        "tpr": len(tp) / n_pos if n_pos else None,
+        "fpr": (sum(neg) / len(neg)) if neg else None,
         "target_accuracy": (len(target_ok) / len(tp)) if tp else None,
         "seconds_mean": float(np.mean([r["seconds"] for r in rows])),
         "seconds_by_classes": {k: float(np.mean(v)) for k, v in sorted(by_classes.items())},
     }
+
+
+def _row_margin(rows: Sequence[dict[str, Any]]) -> float | None:
+    """The dormant margin the rows were decided with (recorded in the row's config), if any."""
+    values = {float(r["dormant_margin"]) for r in rows if r.get("dormant_margin") is not None}
+    return values.pop() if len(values) == 1 else None
 
 
 def breakdown(rows: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,99 @@
+"""Zoo evaluation: saved rows are reused and only re-decided when decision settings change; both CI
+channels are re-decided from recorded evidence exactly as the engine decides; calibration fits both."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from scanner.cli import main
+from scanner.clip import ClipBackbone
+from scanner.engine import DetectorConfig
+from scanner.engine.calibration import fit_two_channels
+from scanner.prompting.train import TrainConfig
+from scanner.zoo import detect_eval
+from scanner.zoo.build import ZooPlan, build_zoo
+from scanner.zoo.detect_eval import evaluate_zoo, metrics, redecide
+
+SMALL = DetectorConfig(n_images=48, batch_size=12, holdout=0.25, candidates=1, screen_members=2,
+                       families=("additive", "patch"))
+
+
+def _row(anomalies: list[float], gains: list[float], natural: list[float], zero_shot: list[float], *,
+         truth: int | None) -> dict[str, Any]:
+    ev = [{"score": g, "natural_share": n, "zero_shot_share": z} for g, n, z in zip(gains, natural, zero_shot,
+                                                                                     strict=True)]
+    return {"id": "x", "detector": "ci", "class_scores": anomalies, "anomaly_score": max(anomalies),
+            "evidence": ev, "threshold": 2.0, "flagged": False, "target": None, "truth_backdoored": truth is not None,
+            "truth_target": truth, "n_classes": len(anomalies), "seconds": 1.0, "attack": "x", "dataset": "d"}
+
+
+def test_redecide_follows_the_engine_rule() -> None:
+    awake = _row([0.5, 0.4, 0.3], [0.1, 0.1, 0.1], [0.1, 0.85, 0.05], [0.3, 0.02, 0.68], truth=1)
+    assert redecide(awake, 2.0, 0.8) == (True, 1)  # 0.83 beyond zero-shot
+    assert redecide(awake, 2.0, None) == (False, None)
+    weak = _row([9.0, 0.4, 0.3], [0.3, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=None)
+    assert redecide(weak, 2.0, 0.8) == (False, None)  # anomalous, but its trigger moves under half the images
+    strong = _row([9.0, 0.4, 0.3], [0.9, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=0)
+    assert redecide(strong, 2.0, 0.8) == (True, 0) and redecide(strong, 10.0, 0.8) == (False, None)
+    m = metrics([awake, weak, strong], threshold=2.0, dormant_margin=0.8)
+    assert m["accuracy"] == 1.0 and m["fpr"] == 0.0 and m["target_accuracy"] == 1.0
+    assert m["auroc_combined"] == 1.0
+
+
+def test_two_channel_calibration_spends_the_budget_once() -> None:
+    # 20 clean models: (anomaly, trigger works, excess)
+    clean = [(float(i), i % 2 == 0, 0.05 * i) for i in range(20)]
+    t, margin = fit_two_channels(clean, fpr=0.1)
+    assert margin is not None and margin >= 0.5
+    flagged = sum((a > t and works) or (e is not None and e > margin) for a, works, e in clean)
+    assert flagged <= 2
+    assert fit_two_channels([(1.0, True, None)], fpr=0.0) == (1.0, None)
+    with pytest.raises(ValueError):
+        fit_two_channels([], fpr=0.05)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory, bundled_backbone: ClipBackbone) -> Path:
+    # the bundled backbone: ``scanner calibrate`` evaluates with it
+    root = tmp_path_factory.mktemp("eval-zoo")
+    plan = ZooPlan(datasets=("sizes",), attacks=("badnets",), clean_per_dataset=1, seed=0,
+                   train=TrainConfig(epochs=1), ood_size=40)
+    build_zoo(root, plan, bundled_backbone)
+    return root
+
+
+def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipBackbone, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "eval.json"
+    first = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=SMALL, accel="torch")
+    assert len(first) == 2 and all("zero_shot_share" in e for r in first for e in r["evidence"])
+    assert all(r["dormant_margin"] == SMALL.dormant_margin for r in first)
+
+    def no_detect(*args: object, **kw: object) -> None:
+        raise AssertionError("a saved row was searched again")
+
+    monkeypatch.setattr(detect_eval, "detect", no_detect)
+    stricter = DetectorConfig(**{**SMALL.__dict__, "threshold": 1e9, "dormant_margin": 1.0})
+    again = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=stricter, accel="torch")
+    assert [r["evidence"] for r in again] == [r["evidence"] for r in first]
+    assert not any(r["flagged"] for r in again) and all(r["threshold"] == 1e9 for r in again)
+
+
+def test_calibrate_writes_both_channels(zoo: Path, tmp_path: Path) -> None:
+    out, toml = tmp_path / "eval.json", tmp_path / "scanner.toml"
+    toml.write_text('ood_size = 500\n[detector_options]\nbatch_size = 16\n')
+    res = CliRunner().invoke(main, ["calibrate", str(zoo), "--eval-json", str(out), "--config", str(toml),
+                                    "--n-images", "48", "--fpr", "0.0"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    saved = tomllib.loads(toml.read_text())
+    assert saved["ood_size"] == 500 and saved["detector_options"]["batch_size"] == 16  # other keys kept
+    assert saved["threshold"] == pytest.approx(report["threshold"])
+    assert saved["detector_options"]["dormant_margin"] == pytest.approx(report["dormant_margin"])
+    assert report["at_threshold"]["fpr"] == 0.0
