@@ -52,8 +52,7 @@ def calibrate(zoo_dir: Path, fpr: float, detector: str, config_file: Path, eval_
     from scanner.clip import load_bundled
     from scanner.engine import DetectorConfig
     from scanner.engine.calibration import fit_two_channels, threshold_for_fpr
-    from scanner.engine.ci import MIN_GAIN
-    from scanner.zoo.detect_eval import clean_excess, evaluate_zoo, metrics
+    from scanner.zoo.detect_eval import clean_excess, evaluate_zoo, metrics, trigger_check
 
     margin: float | None = None
     try:
@@ -65,11 +64,9 @@ def calibrate(zoo_dir: Path, fpr: float, detector: str, config_file: Path, eval_
         if detector == "ci":
             per_model = []
             for r in clean_rows:
-                scores = [float(v) for v in r["class_scores"]]
-                top = scores.index(max(scores))
+                _, anomaly, works = trigger_check(r)
                 awake = clean_excess(r)
-                per_model.append((float(r["anomaly_score"]), float(r["evidence"][top].get("score", 0.0)) >= MIN_GAIN,
-                                  None if awake is None else awake[0]))
+                per_model.append((anomaly, works, None if awake is None else awake[0]))
             t, margin = fit_two_channels(per_model, fpr)
         else:
             t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)

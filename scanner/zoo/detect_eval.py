@@ -153,16 +153,22 @@ def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
     return ex[k], k
 
 
-def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
-    """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
-    from the row's recorded evidence exactly as ``scanner.engine.ci._decide`` takes it."""
+def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
+    """(most anomalous class, its anomaly, whether its trigger works) of a row; baselines have no gain gate."""
     from scanner.engine.ci import MIN_GAIN
 
     anomalies = [float(v) for v in row["class_scores"]]
     top = int(np.argmax(anomalies))
     ev = row.get("evidence") or []
-    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev else True  # baselines have no gain gate
-    if anomalies[top] > threshold and works:
+    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev else True
+    return top, anomalies[top], works
+
+
+def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
+    """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
+    from the row's recorded evidence exactly as ``scanner.engine.ci._decide`` takes it."""
+    top, anomaly, works = trigger_check(row)
+    if anomaly > threshold and works:
         return True, top
     awake = clean_excess(row) if dormant_margin is not None else None
     if awake is not None and dormant_margin is not None and awake[0] > dormant_margin:
@@ -173,13 +179,8 @@ def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None
 def combined_score(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> float:
     """One number per model for AUROC over both CI channels: how far past its line the stronger channel
     is (> 1 flags), the trigger channel counting only when its trigger works."""
-    from scanner.engine.ci import MIN_GAIN
-
-    anomalies = [float(v) for v in row["class_scores"]]
-    top = int(np.argmax(anomalies))
-    ev = row.get("evidence") or []
-    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev else True
-    score = anomalies[top] / threshold if works and threshold > 0 else 0.0
+    _, anomaly, works = trigger_check(row)
+    score = anomaly / threshold if works and threshold > 0 else 0.0
     awake = clean_excess(row) if dormant_margin is not None else None
     if awake is not None and dormant_margin:
         score = max(score, awake[0] / dormant_margin)
