@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from scanner.accel.bench import interleaved_medians
+from scanner.accel.bench import interleaved_medians, torch_image_features
 from scanner.accel.encoders import ForwardEncoders
 from scanner.accel.sessions import CUDA, best_providers
 from scanner.clip.backbone import ClipBackbone, create_backbone, load_bundled
@@ -59,11 +59,6 @@ def _median_rounds(fns: dict[str, Callable[[], object]], iters: int) -> dict[str
     return interleaved_medians({k: synced(fn) for k, fn in fns.items()}, iters)
 
 
-def _encode(bb: ClipBackbone, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return bb.encode_image(x).float()
-
-
 def encoder_rows(arch: str, batch: int, iters: int, cache: Path) -> list[dict[str, Any]]:
     """images/s of each backend for the image encoder of ``arch``, and parity of onnxruntime."""
     cpu_bb = create_backbone(arch, seed=0).eval()
@@ -73,22 +68,22 @@ def encoder_rows(arch: str, batch: int, iters: int, cache: Path) -> list[dict[st
     x_gpu = x_cpu.to("cuda")
     enc = ForwardEncoders.for_backbone(cpu_bb, cache_dir=cache)
     fns: dict[str, Callable[[], object]] = {
-        "torch-cuda-fp32": lambda: _encode(gpu_bb, x_gpu),
-        "torch-cuda-bf16": lambda: _encode(gpu_bb, x_gpu, bf16=True),
+        "torch-cuda-fp32": lambda: torch_image_features(gpu_bb, x_gpu),
+        "torch-cuda-bf16": lambda: torch_image_features(gpu_bb, x_gpu, bf16=True),
         f"ort-{'cuda' if CUDA in enc.providers else 'cpu'}-fp32": lambda: enc.encode_images(x_gpu, batch_size=batch),
-        "torch-cpu-fp32": lambda: _encode(cpu_bb, x_cpu),
+        "torch-cpu-fp32": lambda: torch_image_features(cpu_bb, x_cpu),
     }
     # torch on the CPU is slow at full size: fewer rounds keep the run short (still the median)
     secs = _median_rounds({k: v for k, v in fns.items() if k != "torch-cpu-fp32"}, iters)
     secs.update(_median_rounds({"torch-cpu-fp32": fns["torch-cpu-fp32"]}, max(1, iters // 5)))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ref = _encode(gpu_bb, x_gpu)
+    ref = torch_image_features(gpu_bb, x_gpu)
     ort = enc.encode_images(x_gpu, batch_size=batch)
     parity = {
         "ort_vs_torch_cuda_fp32": float((ort - ref).abs().max()),
-        "torch_cpu_vs_cuda_fp32": float((_encode(cpu_bb, x_cpu).to("cuda") - ref).abs().max()),
-        "torch_bf16_vs_fp32": float((_encode(gpu_bb, x_gpu, bf16=True) - ref).abs().max()),
+        "torch_cpu_vs_cuda_fp32": float((torch_image_features(cpu_bb, x_cpu).to("cuda") - ref).abs().max()),
+        "torch_bf16_vs_fp32": float((torch_image_features(gpu_bb, x_gpu, bf16=True) - ref).abs().max()),
     }
     torch.backends.cudnn.allow_tf32 = True
     base = batch / secs["torch-cuda-fp32"]

@@ -95,9 +95,9 @@ def run_bench(
     (pixels,) = example_inputs(backbone, "image", batch, seed=3)
     with torch.inference_mode():
         ref = backbone.encode_image(pixels)
-    fns: dict[str, Callable[[], object]] = {"torch-fp32": lambda: _torch_image(backbone, pixels)}
+    fns: dict[str, Callable[[], object]] = {"torch-fp32": lambda: torch_image_features(backbone, pixels)}
     if bf16:
-        fns["torch-bf16"] = lambda: _torch_image(backbone, pixels, bf16=True)
+        fns["torch-bf16"] = lambda: torch_image_features(backbone, pixels, bf16=True)
     fns["ort-fp32"] = lambda: fp32.encode_images(pixels, batch_size=batch)
     extra: dict[str, tuple[float | None, float | None]] = {
         "ort-fp32": (_diff(fp32.encode_images(pixels), ref), None)
@@ -125,7 +125,7 @@ def run_bench(
             tasks = task_agreement(backbone, fp32.encode_images(gate), q.encode_images(gate))
     if "torch-bf16" in fns:
         with torch.inference_mode():
-            extra["torch-bf16"] = (_diff(_torch_image(backbone, pixels, bf16=True), ref), None)
+            extra["torch-bf16"] = (_diff(torch_image_features(backbone, pixels, bf16=True), ref), None)
     rows += _rows(arch, "image", batch, interleaved_medians(fns, iters), extra)
     if int8 and tasks is not None:
         rows = [replace(r, agreement_tasks=tasks) if r.backend == "ort-int8" else r for r in rows]
@@ -159,8 +159,9 @@ def task_agreement(backbone: ClipBackbone, fp32: torch.Tensor, int8: torch.Tenso
     return min(agree), statistics.fmean(agree)
 
 
-def _torch_image(backbone: ClipBackbone, pixels: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+def torch_image_features(backbone: ClipBackbone, pixels: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """Eager torch image features (B, E) fp32, under bf16 autocast on the pixels' device type if asked."""
+    with torch.inference_mode(), torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
         return backbone.encode_image(pixels).float()
 
 

@@ -35,9 +35,8 @@ def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: flo
     n = len(clean)
     excesses = [e for _, _, e in clean if e is not None]
     margin = threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor) if excesses else None
-    awake = sum(1 for _, _, e in clean if e is not None and margin is not None and e > margin)
-    left = max(0, math.floor(fpr * n) - awake)
-    rest = sorted((a for a, works, e in clean if works and not (e is not None and margin is not None and e > margin)),
-                  reverse=True)
+    awake = [e is not None and margin is not None and e > margin for _, _, e in clean]
+    left = max(0, math.floor(fpr * n) - sum(awake))
+    rest = sorted((a for (a, works, _), up in zip(clean, awake, strict=True) if works and not up), reverse=True)
     threshold = rest[left] if left < len(rest) else 0.0
     return max(threshold, 0.0), margin

@@ -159,10 +159,9 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     best = _BestTriggers(torch.full((C,), -1.0))
     with frozen_learner(model):
         ref, base_s, base_r = _twin(model, opt_x, cfg)
-        natural, _ = pair_shares(model, ref, None, hold_x, cfg.bf16)  # (C,)
-        # what plain prompts predict on the same clean images: a prompt that sends far more OOD photos to a
-        # class than zero-shot does is not dormant there (``_decide``)
-        _, zero_shot = pair_shares(model, ref.zero_shot(), None, hold_x, cfg.bf16)  # (C,)
+        # the suspect's clean-image shares, and what plain prompts predict on the same images (one pass): a
+        # prompt that sends far more OOD photos to a class than zero-shot does is not dormant (``_decide``)
+        natural, zero_shot = pair_shares(model, ref.zero_shot(), None, hold_x, cfg.bf16)  # (C,), (C,)
         for k in range(C):
             evidence[k]["zero_shot_share"] = float(zero_shot[k])
         best_family: dict[int, str] = {}
