@@ -1,4 +1,4 @@
-"""Detection cost against the class count: CI (screen + confirm) vs the paper's plain per-class protocol.
+"""Detection cost against the class count: CI (drift-ranked candidates, confirmed) vs the plain per-class protocol.
 
     python benchmarks/detect_speed.py [--n-images 1000] [--plain-classes 10]
 

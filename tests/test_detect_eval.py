@@ -20,7 +20,7 @@ from scanner.zoo import detect_eval
 from scanner.zoo.build import ZooPlan, build_zoo
 from scanner.zoo.detect_eval import evaluate_zoo, metrics, redecide
 
-SMALL = DetectorConfig(n_images=48, batch_size=12, holdout=0.25, candidates=1, screen_members=2,
+SMALL = DetectorConfig(n_images=48, batch_size=12, holdout=0.25, candidates=1,
                        families=("additive", "patch"))
 
 
@@ -34,16 +34,22 @@ def _row(anomalies: list[float], gains: list[float], natural: list[float], zero_
 
 
 def test_redecide_follows_the_engine_rule() -> None:
-    awake = _row([0.5, 0.4, 0.3], [0.1, 0.1, 0.1], [0.1, 0.85, 0.05], [0.3, 0.02, 0.68], truth=1)
-    assert redecide(awake, 2.0, 0.8) == (True, 1)  # 0.83 beyond zero-shot
-    assert redecide(awake, 2.0, None) == (False, None)
-    weak = _row([9.0, 0.4, 0.3], [0.3, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=None)
-    assert redecide(weak, 2.0, 0.8) == (False, None)  # anomalous, but its trigger moves under half the images
-    strong = _row([9.0, 0.4, 0.3], [0.9, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=0)
-    assert redecide(strong, 2.0, 0.8) == (True, 0) and redecide(strong, 10.0, 0.8) == (False, None)
-    m = metrics([awake, weak, strong], threshold=2.0, dormant_margin=0.8)
+    # CI rows: a class's score is its confirmed trigger's gain (-1 = not a candidate)
+    awake = _row([0.1, 0.1, 0.1], [0.1, 0.1, 0.1], [0.1, 0.85, 0.05], [0.3, 0.02, 0.68], truth=1)
+    assert redecide(awake, 0.6, 0.8) == (True, 1)  # 0.83 beyond zero-shot
+    assert redecide(awake, 0.6, None) == (False, None)
+    weak = _row([0.3, -1.0, -1.0], [0.3, -1.0, -1.0], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=None)
+    assert redecide(weak, 0.6, 0.8) == (False, None)  # its best trigger moves too few images
+    strong = _row([0.9, -1.0, -1.0], [0.9, -1.0, -1.0], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=0)
+    assert redecide(strong, 0.6, 0.8) == (True, 0) and redecide(strong, 0.95, 0.8) == (False, None)
+    m = metrics([awake, weak, strong], threshold=0.6, dormant_margin=0.8)
     assert m["accuracy"] == 1.0 and m["fpr"] == 0.0 and m["target_accuracy"] == 1.0
     assert m["auroc_combined"] == 1.0
+    # the plain protocol's rows: an anomaly index, and a trigger that must move half the images
+    plain = {**_row([9.0, 0.4, 0.3], [0.3, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=None),
+             "detector": "ci-plain"}
+    assert redecide(plain, 2.0, None) == (False, None)
+    assert redecide({**plain, "evidence": [{**e, "score": 0.9} for e in plain["evidence"]]}, 2.0, None) == (True, 0)
 
 
 def test_two_channel_calibration_spends_the_budget_once() -> None:

@@ -8,7 +8,7 @@ import torch
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
-from scanner.engine.ci import _BestTriggers, _decide
+from scanner.engine.ci import _BestTriggers, _decide_ci
 from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
@@ -87,8 +87,7 @@ def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], **c
     best = _BestTriggers(torch.tensor(scores))
     natural = torch.full((3,), 1 / 3)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(3)}
-    return _decide("ci", model, DetectorConfig(**cfg), best, natural, evidence, 0, 0.0,
-                   excess=torch.tensor(excess))
+    return _decide_ci(model, DetectorConfig(**cfg), best, natural, evidence, 0, 0.0, excess=torch.tensor(excess))
 
 
 def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model: PromptedCLIP) -> None:
@@ -100,7 +99,10 @@ def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model:
     # a working trigger names its own class first
     both = _decision(model, [0.05, 0.06, 0.95], [-0.3, 0.9, -0.6])
     assert both.backdoored and both.target_index == 2 and "reconstructed trigger" in both.reason
-    assert "no class stands out" in _decision(model, flat, [0.0, 0.0, 0.0]).reason
+    assert "no reconstructed trigger works" in _decision(model, flat, [0.0, 0.0, 0.0]).reason
+    # the trigger channel is a gain threshold: just over it flags, just under it does not
+    assert _decision(model, [-1.0, 0.61, -1.0], [0.0, 0.0, 0.0], threshold=0.6).backdoored
+    assert not _decision(model, [-1.0, 0.59, -1.0], [0.0, 0.0, 0.0], threshold=0.6).backdoored
 
 
 def test_anomaly_index_and_calibration() -> None:
@@ -130,30 +132,32 @@ def test_shifted_trigger_translates_the_triggered_image() -> None:
     assert shifted.image().shape == (3, 16, 16) and shifted.family == "additive"
 
 
-def test_trigger_group_applies_member_i_to_chunk_i() -> None:
-    from scanner.engine.triggers import AdditiveTrigger, TriggerGroup, chunk_bounds
+def test_class_drift_names_the_one_prompt_pulled_away_from_plain_prompts() -> None:
+    from scanner.engine.drift import class_drift
 
-    assert chunk_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
     gen = torch.Generator().manual_seed(0)
-    members = [AdditiveTrigger(8, 0.1, gen) for _ in range(3)]
-    group = TriggerGroup(list(members))
-    x = torch.rand(7, 3, 8, 8, generator=gen)
-    out = group(x)
-    for m, (a, b) in zip(members, chunk_bounds(7, 3), strict=True):
-        assert torch.equal(out[a:b], m(x[a:b]))
-    assert len(list(group.parameters())) == 3  # every member is optimised
-    with pytest.raises(TypeError):
-        group.raw()
+    plain = torch.nn.functional.normalize(torch.randn(3, 6, 32, generator=gen), dim=-1)  # (T, C, E)
+    mean = plain.mean(dim=0)
+    assert torch.allclose(class_drift(mean, plain), torch.zeros(6), atol=1e-6)  # plain prompts do not drift
+    shared = 0.05 * torch.nn.functional.normalize(torch.randn(32, generator=gen), dim=0)
+    unit = torch.nn.functional.normalize(mean, dim=-1)
+    assert float(class_drift(unit + shared, plain).max()) < 0.025  # a shift all classes share (norm 0.05) is removed
+    # every prompt tuned a little, one pulled towards a trigger direction
+    tuned = torch.nn.functional.normalize(mean, dim=-1) + 0.05 * torch.randn(6, 32, generator=gen)
+    tuned[4] += 0.6 * torch.nn.functional.normalize(torch.randn(32, generator=gen), dim=0)
+    drift = class_drift(tuned, plain)
+    assert int(drift.argmax()) == 4 and float(anomaly_index(drift)[4]) > 3
 
 
-def test_diverse_collapse_aims_members_at_different_classes() -> None:
-    from scanner.engine.invert import diverse_collapse
+def test_prompt_drift_reads_every_learner(random_backbone: ClipBackbone) -> None:
+    from scanner.engine.drift import prompt_drift
+    from scanner.engine.invert import ReferenceModel
+    from scanner.prompting.learners import CoCoOpLearner
 
-    # Both chunks' triggers raised class 2 most; the second must settle for its next best (class 0).
-    base = torch.full((4,), 0.25)
-    suspect = torch.tensor([[0.0, 0.0, 3.0, 0.0]] * 2 + [[2.0, 0.0, 2.5, 0.0]] * 2, requires_grad=True)
-    reference = torch.zeros(4, 4)
-    loss = diverse_collapse(base, base, 2, weight=0.0)(suspect, reference)
-    (grad,) = torch.autograd.grad(loss, suspect)
-    assert grad[0, 2] < 0 and grad[2, 0] < 0  # chunk 0 pushed to class 2, chunk 1 to class 0
-    assert grad[2, 2] > 0
+    names = ["circle", "square", "star"]
+    feats = torch.randn(20, random_backbone.embed_dim, generator=torch.Generator().manual_seed(0))
+    for learner in (CoOpLearner(random_backbone, names, csc=True), CoCoOpLearner(random_backbone, names)):
+        model = PromptedCLIP(random_backbone, learner)
+        drift = prompt_drift(model, ReferenceModel(model).text, feats)
+        assert drift.shape == (3,) and bool(torch.isfinite(drift).all())
+        assert torch.equal(drift, prompt_drift(model, ReferenceModel(model).text, feats))  # deterministic

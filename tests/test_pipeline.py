@@ -15,7 +15,6 @@ from test_pipeline_support import (
 
 from scanner import plugins
 from scanner.engine import DetectorConfig
-from scanner.engine.ci import MIN_GAIN
 from scanner.pipeline import discover_models, scan_path
 from scanner.report import ExitCode, ModelReport, ScanReport, Verdict
 
@@ -193,11 +192,12 @@ def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
         assert m.anomaly_score is not None and m.threshold is not None
         assert [c.name for c in m.class_scores] == CLASSNAMES
         assert m.ood_sha256 and m.seed == 0 and m.detector == "ci"
-        # the verdict follows from the reported evidence: a trigger channel (anomaly over the threshold and
-        # a trigger that moves at least half the images) or a prompt awake on clean inputs
+        # the verdict follows from the reported evidence: a trigger channel (a confirmed trigger's gain over
+        # the threshold) or a prompt awake on clean inputs
         ev = [c.evidence for c in m.class_scores]
-        top = max(range(len(ev)), key=lambda k: m.class_scores[k].anomaly_score)
-        by_trigger = m.anomaly_score > m.threshold and ev[top]["score"] >= MIN_GAIN
+        best = max(c.anomaly_score for c in m.class_scores)
+        assert best == m.anomaly_score == max(e["score"] for e in ev)
+        by_trigger = m.anomaly_score > m.threshold
         by_excess = max(e["natural_share"] - e["zero_shot_share"] for e in ev) > DetectorConfig().dormant_margin
         assert (m.verdict is Verdict.BACKDOORED) == (by_trigger or by_excess), m.message
         assert m.message

@@ -1,7 +1,7 @@
 """The detection engine: pure torch (a model and tensors in, a result dataclass out; no I/O).
 
 ``detect(model, ood, config, seed=...)`` validates its inputs and runs the configured detector:
-``ci`` (CLIP-Inspector, screen + confirm), ``ci-plain`` (the paper's per-class loop), ``nc``
+``ci`` (CLIP-Inspector, drift-ranked candidates + confirm), ``ci-plain`` (the paper's per-class loop), ``nc``
 (Neural Cleanse) or ``pixel`` (Pixel-Backdoor).
 """
 

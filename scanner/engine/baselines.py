@@ -81,12 +81,12 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
     # Small triggers are suspicious: the anomaly index is taken on the low side of the sizes.
     anomalies = anomaly_index(sizes, high_is_suspicious=False, floor=1e-6)
     top = int(torch.argmax(anomalies))
-    flagged = bool(anomalies[top] > cfg.threshold)
+    flagged = bool(anomalies[top] > cfg.decision_threshold)
     classes = [ClassEvidence(k, model.classnames[k], float(anomalies[k]),
                              {"trigger_size": float(sizes[k]), "asr": float(asrs[k])}) for k in range(C)]
     return DetectionResult(
         detector=name, backdoored=flagged, target_index=top if flagged else None,
-        anomaly_score=float(anomalies[top]), threshold=cfg.threshold, classes=classes, trigger_images=images,
+        anomaly_score=float(anomalies[top]), threshold=cfg.decision_threshold, classes=classes, trigger_images=images,
         raw_triggers=raw, seed=seed, runtime_s=time.perf_counter() - start,
     )
 

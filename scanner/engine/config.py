@@ -7,16 +7,24 @@ from dataclasses import dataclass
 from scanner.errors import ConfigError
 
 DETECTORS = ("ci", "ci-plain", "nc", "pixel")
-DEFAULT_FAMILIES = ("additive", "patch", "blend", "warp")  # what CI searches unless told otherwise
-FAMILIES = (*DEFAULT_FAMILIES, "sticker")  # trigger families CI can search
+# what CI confirms its candidate classes with unless told otherwise: on the full zoo a sticker reached BadNets
+# targets and a soft patch Blended ones; warps never confirmed a WaNet target (the dormancy check finds
+# those) and a blend never beat the patch (runs/exp/drift_confirm.py)
+DEFAULT_FAMILIES = ("sticker", "patch")
+FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families the detectors can search
+# the decision threshold of each detector when none is set: CI flags a confirmed trigger gain above it (a
+# share of held-out images), the others a robust anomaly index above k = 2 (the published default)
+DEFAULT_THRESHOLDS = {"ci": 0.6, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    detector: str = "ci"  # ci (screen + confirm), ci-plain (the paper's per-class loop), nc, pixel
+    detector: str = "ci"  # ci (drift-ranked candidates + confirm), ci-plain (the paper's per-class loop), nc, pixel
     n_images: int = 1000  # OOD images used (the first n of the pool); the paper's budget
     holdout: float = 0.2  # share of those kept out of optimisation to measure a trigger's ASR
-    batch_size: int = 32  # images per optimisation step
+    # images per optimisation step: 16 gives a trigger 50 Adam steps in one epoch of 800 images (32 gave 25, too
+    # few to reach BadNets targets that 50 reach: sticker gain 0.39 -> 0.61, patch 0.01 -> 0.98 on letters/badnets)
+    batch_size: int = 16
     epochs: int = 1  # passes over the optimisation split per trigger (the paper: a single epoch)
     lr: float = 0.1  # Adam step on trigger parameters
     families: tuple[str, ...] = DEFAULT_FAMILIES  # trigger families CI searches
@@ -29,12 +37,11 @@ class DetectorConfig:
     warp_px: float = 2.0  # largest displacement (pixels) of the warp family's control points
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
-    screen_members: int = 4  # triggers per family in CI's screen, each driven to a different class
-    candidates: int = 2  # classes CI confirms with targeted inversion after screening
+    candidates: int = 2  # classes CI confirms with targeted inversion: the most drifted prompts (engine/drift.py)
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
-    threshold: float = 2.0  # anomaly-index threshold k (published default; `scanner calibrate` refits it)
+    threshold: float | None = None  # None = DEFAULT_THRESHOLDS[detector]; `scanner calibrate` fits it
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
     # CI also flags a prompt that is not dormant on clean inputs: one class takes this much more of the clean
     # OOD hold-out than plain zero-shot prompts give it (share minus share). Clean models of the full zoo
@@ -52,9 +59,12 @@ class DetectorConfig:
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise ConfigError(f"families must be a non-empty subset of {FAMILIES}; got {self.families}")
-        if self.screen_members < 1:
-            raise ConfigError(f"screen_members must be >= 1; got {self.screen_members}")
         if not 0.0 < self.dormant_margin <= 1.0:
             raise ConfigError(f"dormant_margin must be in (0, 1] (1 switches the check off); got {self.dormant_margin}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
+
+    @property
+    def decision_threshold(self) -> float:
+        """The threshold in force: the configured one, else this detector's default."""
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS[self.detector]

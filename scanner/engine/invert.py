@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scanner.engine.triggers import Trigger, chunk_bounds
+from scanner.engine.triggers import Trigger
 from scanner.errors import DetectionError
 from scanner.prompting.classifier import PromptedCLIP
 
@@ -102,44 +102,6 @@ def differential_margin(target: int, kappa: float, weight: float = 1.0) -> PairO
         push = F.relu(other.max(dim=1).values - z_t + kappa).mean()
         keep = reference.softmax(dim=1)[:, target].mean()
         return push + weight * keep
-
-    return f
-
-
-def diverse_collapse(base_suspect: torch.Tensor, base_reference: torch.Tensor, groups: int,
-                     weight: float = 1.0) -> PairObjective:
-    """Untargeted, for a :class:`TriggerGroup` of ``groups`` members: each member sends its chunk of the
-    batch to the class its trigger moves the suspect into more than the twin, and no two members aim
-    at the same class.
-
-    ``base_suspect`` / ``base_reference`` (C,) are the models' mean class probabilities on clean images.
-    Measuring the change rather than the level keeps the search out of natural sinks (classes a tuned
-    prompt already over-predicts on OOD images) and lets it slide into a planted shortcut when there
-    is one. The batch holds one contiguous chunk per member (``chunk_bounds``). Every step, classes are handed
-    out greedily, largest change first: member i takes the class its trigger has raised most (suspect
-    beyond twin) among those no other member holds. One collapse finds only the most accessible class,
-    usually a natural sink of a small backbone; R diverse members cover the R most accessible classes
-    per family for the cost of one, so a planted target that is only the 2nd-4th easiest still shows.
-    """
-
-    def f(suspect: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        ps, pr = suspect.softmax(dim=1), reference.softmax(dim=1)  # (B, C)
-        bounds = chunk_bounds(suspect.shape[0], groups)
-        change = torch.stack([(ps[a:b].mean(dim=0) - base_suspect) - (pr[a:b].mean(dim=0) - base_reference)
-                              for a, b in bounds]).detach()  # (R, C)
-        targets: dict[int, int] = {}
-        for flat in torch.argsort(change.flatten(), descending=True).tolist():
-            i, k = divmod(flat, change.shape[1])
-            if i not in targets and k not in targets.values():
-                targets[i] = k
-                if len(targets) == min(groups, change.shape[1]):
-                    break
-        loss = suspect.new_zeros(())
-        for i, (a, b) in enumerate(bounds):
-            k = targets.get(i, int(change[i].argmax()))  # more members than classes: share
-            ce = F.cross_entropy(suspect[a:b], torch.full((b - a,), k, dtype=torch.long, device=suspect.device))
-            loss = loss + ce + weight * pr[a:b, k].mean()
-        return loss / groups
 
     return f
 

@@ -13,7 +13,9 @@ class ClassEvidence:
 
     index: int
     name: str
-    anomaly_score: float  # robust anomaly index of this class among all classes (higher = more suspicious)
+    # this class's decision statistic (higher = more suspicious): for CI the gain of its confirmed trigger (-1 when
+    # not a candidate), for the other detectors its robust anomaly index among all classes
+    anomaly_score: float
     # named measurements, e.g. asr (held-out OOD attack success of the reconstructed trigger), margin, norm
     evidence: dict[str, float] = field(default_factory=dict)
 

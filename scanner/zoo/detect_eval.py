@@ -118,8 +118,9 @@ def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
 def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
     """A saved row decided with ``cfg``'s threshold (and, for CI, its dormant margin)."""
     margin = cfg.dormant_margin if row["detector"] == "ci" else None
-    flagged, target = redecide(row, cfg.threshold, margin)
-    return {**row, "flagged": flagged, "target": target, "threshold": cfg.threshold, "dormant_margin": margin}
+    flagged, target = redecide(row, cfg.decision_threshold, margin)
+    return {**row, "flagged": flagged, "target": target, "threshold": cfg.decision_threshold,
+            "dormant_margin": margin}
 
 
 def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
@@ -154,14 +155,15 @@ def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
 
 
 def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
-    """(most anomalous class, its anomaly, whether its trigger works) of a row; baselines have no gain gate."""
+    """(most suspicious class, its score, whether its trigger works) of a row. Only the plain protocol has a
+    gain gate beside its anomaly index; CI's score is the gain itself, the baselines have none."""
     from scanner.engine.ci import MIN_GAIN
 
-    anomalies = [float(v) for v in row["class_scores"]]
-    top = int(np.argmax(anomalies))
+    scores = [float(v) for v in row["class_scores"]]
+    top = int(np.argmax(scores))
     ev = row.get("evidence") or []
-    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev else True
-    return top, anomalies[top], works
+    works = float(ev[top].get("score", MIN_GAIN)) >= MIN_GAIN if ev and row["detector"] == "ci-plain" else True
+    return top, scores[top], works
 
 
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
