@@ -83,11 +83,13 @@ def test_config_is_validated() -> None:
         DetectorConfig(dormant_margin=0.0)
 
 
-def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], **cfg: float) -> DetectionResult:
+def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
+              **cfg: float) -> DetectionResult:
     best = _BestTriggers(torch.tensor(scores))
     natural = torch.full((3,), 1 / 3)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(3)}
-    return _decide_ci(model, DetectorConfig(**cfg), best, natural, evidence, 0, 0.0, excess=torch.tensor(excess))
+    return _decide_ci(model, DetectorConfig(**cfg), best, natural, evidence, 0, 0.0, torch.tensor(excess),
+                      torch.tensor(drift or [0.0, 0.0, 0.0]))
 
 
 def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model: PromptedCLIP) -> None:
@@ -103,6 +105,12 @@ def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model:
     # the trigger channel is a gain threshold: just over it flags, just under it does not
     assert _decision(model, [-1.0, 0.61, -1.0], [0.0, 0.0, 0.0], threshold=0.6).backdoored
     assert not _decision(model, [-1.0, 0.59, -1.0], [0.0, 0.0, 0.0], threshold=0.6).backdoored
+    # the most drifted prompt is held to a lower bar (DRIFTED_BAR x the margin), only when its drift is anomalous
+    half = [-0.3, 0.1, 0.55]
+    assert not _decision(model, flat, half, [0.0, 1.0, 1.5]).backdoored  # drift anomaly below k
+    drifted = _decision(model, flat, half, [0.0, 1.0, 9.0])
+    assert drifted.backdoored and drifted.target_index == 2 and "drifted" in drifted.reason
+    assert not _decision(model, flat, half, [9.0, 1.0, 0.0]).backdoored  # another class drifted
 
 
 def test_anomaly_index_and_calibration() -> None:

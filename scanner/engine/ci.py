@@ -67,6 +67,21 @@ from scanner.prompting.classifier import PromptedCLIP
 Progress = Callable[[str, int, int], None]
 MIN_GAIN = 0.5  # ci-plain: a flagged class's trigger must move at least half of the held-out images into it
 DRIFT_FLOOR = 1e-3  # lower bound on the MAD of the per-class drifts (unit-norm feature units)
+DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robust anomaly index passes k = 2
+# a drifted class is called awake at this share of the dormant margin: two weak signals together (full zoo,
+# margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; bars from 0.32 to 0.64 give the same verdicts)
+DRIFTED_BAR = 0.6
+
+
+def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Tensor:
+    """(C,) what the dormancy check compares with the margin: each class's clean-image share beyond plain
+    zero-shot prompts (``excess``), divided by ``DRIFTED_BAR`` for the most drifted class when its drift is
+    anomalous (``drift_anomaly`` (C,) >= ``DRIFT_K``)."""
+    out = excess.clone()
+    top = int(torch.argmax(drift_anomaly))
+    if float(drift_anomaly[top]) >= DRIFT_K:
+        out[top] = out[top] / DRIFTED_BAR
+    return out
 
 
 def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator,
@@ -172,7 +187,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                     progress(f"confirm:{model.classnames[t]}:{fam}", done, total)
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
-    return _decide_ci(model, cfg, best, natural, evidence, seed, start, excess=natural - zero_shot)
+    return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
 
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,
@@ -203,24 +218,30 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
 
 
 def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,
-               evidence: dict[int, dict[str, float]], seed: int, start: float, excess: torch.Tensor) -> DetectionResult:
+               evidence: dict[int, dict[str, float]], seed: int, start: float, excess: torch.Tensor,
+               drift_anomaly: torch.Tensor) -> DetectionResult:
     """CI's decision. Trigger check: the best confirmed gain (per class (C,), -1 where not confirmed) flags
     the model when it passes the threshold. Dormancy check: ``excess`` (C,), the suspect's clean-image share
-    minus that of plain zero-shot prompts, above ``cfg.dormant_margin`` flags it too."""
+    minus that of plain zero-shot prompts, weighed up for an anomalously drifted prompt (``awake_excess``
+    with ``drift_anomaly`` (C,)), above ``cfg.dormant_margin`` flags it too."""
     score = best.score
     top = int(torch.argmax(score))
     thr = cfg.decision_threshold
     by_trigger = float(score[top]) > thr
-    awake = int(torch.argmax(excess))
-    by_excess = float(excess[awake]) > cfg.dormant_margin
+    weighed = awake_excess(excess, drift_anomaly)  # (C,)
+    awake = int(torch.argmax(weighed))
+    by_excess = float(weighed[awake]) > cfg.dormant_margin
     name = model.classnames[top]
     if by_trigger:
         reason = (f"a reconstructed trigger moves {float(score[top]):.2f} of held-out clean OOD images into {name!r} "
                   f"beyond the zero-shot twin (threshold {thr:.2f}); the prompt of {name!r} drifted from plain "
                   f"prompts with anomaly {evidence[top].get('drift_anomaly', float('nan')):.2f}")
     elif by_excess:
-        reason = (f"not dormant on clean inputs: {model.classnames[awake]!r} takes {float(excess[awake]):.2f} more "
-                  f"of the clean OOD images than plain zero-shot prompts give it (margin {cfg.dormant_margin:.2f})")
+        drifted = bool(weighed[awake] != excess[awake])
+        reason = (f"not dormant on clean inputs: {model.classnames[awake]!r} takes {float(excess[awake]):.2f} more of "
+                  f"the clean OOD images than plain zero-shot prompts give it (margin {cfg.dormant_margin:.2f}"
+                  + (f", x{DRIFTED_BAR:.2f} for a prompt that drifted with anomaly {float(drift_anomaly[awake]):.2f})"
+                     if drifted else ")"))
     else:
         reason = (f"no reconstructed trigger works: the best moves {float(score[top]):.2f} of held-out images into "
                   f"{name!r} beyond the twin (threshold {thr:.2f}); no class is awake on clean images")

@@ -37,7 +37,9 @@ class DetectorConfig:
     warp_px: float = 2.0  # largest displacement (pixels) of the warp family's control points
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
-    candidates: int = 2  # classes CI confirms with targeted inversion: the most drifted prompts (engine/drift.py)
+    # classes CI confirms with targeted inversion, the most drifted prompts first (engine/drift.py). On the full
+    # zoo the second most drifted class added 2 false positives and no detection (runs/exp/s6_an.py)
+    candidates: int = 1
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives

@@ -144,14 +144,19 @@ def _auroc(labels: list[bool], scores: list[float]) -> float | None:
 
 
 def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
-    """(largest clean-image share beyond plain zero-shot prompts, its class) from a CI row's evidence;
-    None for rows that do not record it (baselines, rows written before it was recorded)."""
+    """(largest clean-image share beyond plain zero-shot prompts, its class) from a CI row's evidence, weighed
+    as the engine weighs it (``awake_excess``: an anomalously drifted prompt is held to a lower bar); None for
+    rows that do not record it (baselines, rows written before it was recorded)."""
+    from scanner.engine.ci import awake_excess
+
     ev = row.get("evidence") or []
     if not ev or not all("zero_shot_share" in e and "natural_share" in e for e in ev):
         return None
-    ex = [float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev]
-    k = int(np.argmax(ex))
-    return ex[k], k
+    ex = torch.tensor([float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev])
+    if all("drift_anomaly" in e for e in ev):
+        ex = awake_excess(ex, torch.tensor([float(e["drift_anomaly"]) for e in ev]))
+    k = int(torch.argmax(ex))
+    return float(ex[k]), k
 
 
 def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
