@@ -45,6 +45,12 @@ def test_redecide_follows_the_engine_rule() -> None:
     m = metrics([awake, weak, strong], threshold=0.6, dormant_margin=0.8)
     assert m["accuracy"] == 1.0 and m["fpr"] == 0.0 and m["target_accuracy"] == 1.0
     assert m["auroc_combined"] == 1.0
+    # an anomalously drifted prompt is held to a lower bar, as in the engine (awake_excess)
+    half = _row([0.1, 0.1, 0.1], [0.1, 0.1, 0.1], [0.1, 0.6, 0.3], [0.3, 0.05, 0.65], truth=1)
+    assert redecide(half, 0.6, 0.8) == (False, None)  # 0.55 beyond zero-shot: under the margin
+    for e, a in zip(half["evidence"], [0.0, 5.0, 1.0], strict=True):
+        e["drift_anomaly"] = a
+    assert redecide(half, 0.6, 0.8) == (True, 1)
     # the plain protocol's rows: an anomaly index, and a trigger that must move half the images
     plain = {**_row([9.0, 0.4, 0.3], [0.3, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=None),
              "detector": "ci-plain"}
