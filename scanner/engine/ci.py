@@ -9,9 +9,11 @@ Design (ours; the paper's details are not public), cost independent of the class
 2. *Rank classes by prompt drift* (``engine/drift.py``, no image optimised): a backdoor can live only in
    the prompt, and the target's prompt must pull its text feature towards the trigger, away from where
    plain prompts put the class. The ``candidates`` most drifted classes are the suspects. On the full
-   zoo this named the planted target first in 30 of 37 backdoored CoOp models; the untargeted
-   search it replaces (one collapse per trigger family) named it in few: every clean prompt-tuned model
-   of the small bundled CLIP has natural sinks that any collapse slides into first.
+   zoo this named the planted target first in 29 of 37 backdoored CoOp models (2 of 11 CoCoOp); the
+   untargeted search it replaced (one collapse per trigger family) rarely did: every clean prompt-tuned
+   model of the small bundled CLIP has natural triggers (``benchmarks/natural_triggers.py``: a random
+   overlay sends >= 80 % of OOD photos to one class in 13 of 13 clean CoOp models) that a collapse
+   slides into first.
 3. *Confirm each candidate* with a targeted differential margin objective (target logit above every
    other for the suspect, target probability kept low for the twin) in each trigger family (default:
    a sticker and a soft patch), each trigger followed by a random translation (``max_shift`` px) so that
@@ -22,7 +24,8 @@ Design (ours; the paper's details are not public), cost independent of the class
    the best gain passes the threshold (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``).
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
-   with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. Measured per class
+   with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. The most drifted
+   prompt, when its drift is anomalous, is held to a lower bar (``awake_excess``). Measured per class
    as ``natural_share`` and ``zero_shot_share`` in the evidence; no search is needed for it.
 
 The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*

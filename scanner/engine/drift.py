@@ -6,13 +6,13 @@ trigger's image features, away from where plain prompts ("a photo of a {class}")
 other prompts only learn their own class. A class-specific drift that stands out among the classes
 therefore names the likely target before any image is optimised.
 
-Measured on the full zoo (``runs/exp/text_drift.py``): the most drifted class was the planted target in
-30 of 37 backdoored CoOp models (BadNets, Blended, WaNet and one class-specific BadCLIP), at no image
-cost. It is a *ranking*, not a verdict: clean prompts drift too (a clean model's most drifted class is
-as far out as a backdoored one's), so CI confirms the top classes with trigger inversion. For CoCoOp,
-whose text features depend on the image, the drift of the mean text feature over a few clean images
-is used; it ranked the target first in only 2 of 11 BadCLIP models (shared context, no class-specific
-prompt to drift).
+Measured on the full zoo (the ``candidate`` of each row of ``scanner zoo eval``): the most drifted class
+was the planted target in 29 of 37 backdoored CoOp models (BadNets, Blended, WaNet and one
+class-specific BadCLIP), at no image cost. It is a *ranking*, not a verdict: clean prompts drift too
+(a clean model's most drifted class is as far out as a backdoored one's), so CI confirms the top
+class with trigger inversion. For CoCoOp, whose text features depend on the image, the drift of the
+mean text feature over a few clean images is used; it ranked the target first in only 2 of 11 BadCLIP
+models (shared context, no class-specific prompt to drift).
 """
 
 from __future__ import annotations
