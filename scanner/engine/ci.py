@@ -72,7 +72,8 @@ MIN_GAIN = 0.5  # ci-plain: a flagged class's trigger must move at least half of
 DRIFT_FLOOR = 1e-3  # lower bound on the MAD of the per-class drifts (unit-norm feature units)
 DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robust anomaly index passes k = 2
 # a drifted class is called awake at this share of the dormant margin: two weak signals together (full zoo,
-# margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; bars from 0.32 to 0.64 give the same verdicts)
+# margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; excess bars 0.40-0.50 give the same verdicts,
+# 0.30 adds a false positive)
 DRIFTED_BAR = 0.6
 
 
@@ -166,7 +167,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         ref, feats = _twin(model, opt_x, cfg)
         plain = ref.zero_shot()
         # the suspect's clean-image shares, and what plain prompts predict on the same images (one pass): a
-        # prompt that sends far more OOD photos to a class than zero-shot does is not dormant (``_decide``)
+        # prompt that sends far more OOD photos to a class than zero-shot does is not dormant (``_decide_ci``)
         natural, zero_shot = pair_shares(model, plain, None, hold_x, cfg.bf16)  # (C,), (C,)
         drift = prompt_drift(model, plain.text, feats)  # (C,)
         drift_anomaly = anomaly_index(drift, floor=DRIFT_FLOOR)  # (C,)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from scanner.errors import ConfigError
 
 DETECTORS = ("ci", "ci-plain", "nc", "pixel")
-# what CI confirms its candidate classes with unless told otherwise: on the full zoo a sticker reached BadNets
-# targets and a soft patch Blended ones; warps never confirmed a WaNet target (the dormancy check finds
-# those) and a blend never beat the patch (runs/exp/drift_confirm.py)
+# what CI confirms its candidate classes with unless told otherwise. Session 6 probes at the most drifted class
+# of the full zoo's 50 CoOp models: a sticker reached BadNets targets and a soft patch Blended ones; warps never
+# confirmed a WaNet target (the dormancy check finds those) and a blend never beat the patch
 DEFAULT_FAMILIES = ("sticker", "patch")
 FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families the detectors can search
 # the decision threshold of each detector when none is set: CI flags a confirmed trigger gain above it (a
@@ -38,7 +38,7 @@ class DetectorConfig:
     patch_weight: float = 2.0  # weight of the patch family's mask area in its loss
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
     # classes CI confirms with targeted inversion, the most drifted prompts first (engine/drift.py). On the full
-    # zoo the second most drifted class added 2 false positives and no detection (runs/exp/s6_an.py)
+    # zoo the second most drifted class added 2 false positives and no detection (a two-candidate run's rows)
     candidates: int = 1
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images

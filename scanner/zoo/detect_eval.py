@@ -173,7 +173,7 @@ def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
 
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
     """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
-    from the row's recorded evidence exactly as ``scanner.engine.ci._decide`` takes it."""
+    from the row's recorded evidence exactly as ``scanner.engine.ci`` takes it (``_decide_ci``, ``_decide_plain``)."""
     top, anomaly, works = trigger_check(row)
     if anomaly > threshold and works:
         return True, top
