@@ -118,14 +118,13 @@ class _BestTriggers:
     images: dict[int, torch.Tensor] = field(default_factory=dict)
     raw: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def offer(self, k: int, value: float, trig: Trigger) -> bool:
-        """Keep ``trig`` for class ``k`` when ``value`` beats its best so far; True when it did."""
+    def offer(self, k: int, value: float, trig: Trigger) -> None:
+        """Keep ``trig`` for class ``k`` when ``value`` beats its best so far."""
         if value <= float(self.score[k]):
-            return False
+            return
         self.score[k] = value
         self.images[k] = trig.image().cpu()  # evidence lives on the CPU whatever device ran the search
         self.raw[k] = trig.raw().cpu()
-        return True
 
 
 def _size_weight(family: str, cfg: DetectorConfig) -> float:
