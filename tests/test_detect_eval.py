@@ -58,6 +58,22 @@ def test_redecide_follows_the_engine_rule() -> None:
     assert redecide({**plain, "evidence": [{**e, "score": 0.9} for e in plain["evidence"]]}, 2.0, None) == (True, 0)
 
 
+def test_backdoors_that_fail_on_ood_images_are_reported_apart() -> None:
+    from scanner.zoo.detect_eval import WORKS_ON_OOD, report
+
+    clean = {**_row([0.1, 0.1], [0.1, 0.1], [0.5, 0.5], [0.5, 0.5], truth=None), "id": "d/clean"}
+    hit = {**_row([0.9, -1.0], [0.9, -1.0], [0.1, 0.1], [0.1, 0.1], truth=0), "id": "d/hit", "flagged": True,
+           "target": 0}
+    dud = {**_row([0.1, -1.0], [0.1, -1.0], [0.1, 0.1], [0.1, 0.1], truth=1), "id": "d/dud"}
+    manifest = {"models": [{"id": "d/clean", "asr_ood": None}, {"id": "d/hit", "asr_ood": 0.97},
+                           {"id": "d/dud", "asr_ood": WORKS_ON_OOD - 0.01}]}
+    split = report([clean, hit, dud], manifest)["ci"]["by_ood_asr"]
+    works, fails = split[f"asr-ood>={WORKS_ON_OOD:g}"], split[f"asr-ood<{WORKS_ON_OOD:g}"]
+    assert works["models"] == 2 and works["accuracy"] == 1.0 and works["tpr"] == 1.0
+    assert fails["models"] == 2 and fails["tpr"] == 0.0 and fails["fpr"] == 0.0
+    assert "by_ood_asr" not in report([clean, hit, dud])["ci"]
+
+
 def test_two_channel_calibration_spends_the_budget_once() -> None:
     # 20 clean models: (anomaly, trigger works, excess)
     clean = [(float(i), i % 2 == 0, 0.05 * i) for i in range(20)]

@@ -113,6 +113,33 @@ def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model:
     assert not _decision(model, flat, half, [9.0, 1.0, 0.0]).backdoored  # another class drifted
 
 
+def test_trigger_gain_measures_each_model_from_its_own_start() -> None:
+    from scanner.engine.ci import trigger_gain
+
+    # a planted trigger on a class plain prompts already make the OOD sink: the suspect's prompt pushed the class
+    # away from clean photos (0.02) and the trigger brings them back (0.99); the twin barely moves (0.81 -> 0.85)
+    assert trigger_gain(0.99, 0.85, 0.02, 0.81) == pytest.approx(0.93)
+    # a trigger that draws class evidence moves both models alike: no gain
+    assert trigger_gain(0.9, 0.8, 0.1, 0.0) == pytest.approx(0.0)
+    # the twin moving *away* from the class is not counted in the suspect's favour
+    assert trigger_gain(0.7, 0.1, 0.1, 0.3) == pytest.approx(0.6)
+
+
+def test_saved_rows_are_redecided_by_the_engine_rule(model: PromptedCLIP) -> None:
+    from scanner.zoo.detect_eval import redecide
+
+    cases = [([0.1, 0.1, 0.1], [-0.3, 0.9, -0.6], [0.0, 0.0, 0.0]),
+             ([-1.0, 0.61, -1.0], [0.0, 0.0, 0.0], [0.0, 5.0, 0.0]),
+             ([0.1, 0.1, 0.1], [-0.3, 0.1, 0.55], [0.0, 1.0, 9.0]),
+             ([0.1, 0.1, 0.1], [-0.3, 0.1, 0.55], [9.0, 1.0, 0.0])]
+    for gains, excess, drift in cases:
+        res = _decision(model, gains, excess, drift)
+        ev = [{"natural_share": max(0.0, e), "zero_shot_share": max(0.0, -e), "drift_anomaly": d}
+              for e, d in zip(excess, drift, strict=True)]
+        row = {"detector": "ci", "class_scores": gains, "evidence": ev}
+        assert redecide(row, 0.6, 0.8) == (res.backdoored, res.target_index)
+
+
 def test_anomaly_index_and_calibration() -> None:
     a = anomaly_index(torch.tensor([0.1, 0.12, 0.11, 0.9]))
     assert int(a.argmax()) == 3 and float(a[3]) > 10

@@ -172,7 +172,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         cfg = DetectorConfig(n_images=n_images)
         if threshold is not None:
             cfg = replace(cfg, threshold=threshold)
-        n = len(load_manifest(zoo_dir)["models"]) * len(dets)
+        manifest = load_manifest(zoo_dir)
+        n = len(manifest["models"]) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")
 
         def on_result(r: dict[str, Any]) -> None:
@@ -186,7 +187,7 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         bar.close()
     except ScannerError as exc:
         _fail(exc)
-    rep = report(rows)
+    rep = report(rows, manifest)
     for det, r in rep.items():
         o = r["overall"]
         auroc = None if o["auroc"] is None else round(o["auroc"], 3)
@@ -194,8 +195,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         click.echo(f"\n== {det}: accuracy {o['accuracy']:.3f}  AUROC {auroc}{both}"
                    f"  TPR {o['tpr']}  FPR {o['fpr']}  target-acc {o['target_accuracy']}  "
                    f"s/model {o['seconds_mean']:.1f}  by #classes {o['seconds_by_classes']}")
-        for key in ("by_attack", "by_dataset"):
-            for name, m in r[key].items():
+        for key in ("by_attack", "by_dataset", "by_ood_asr"):
+            for name, m in r.get(key, {}).items():
                 click.echo(f"   {key[3:]:8s} {name:14s} n={m['models']:3d} acc {m['accuracy']:.2f} "
                            f"tpr {m['tpr']} fpr {m['fpr']} target {m['target_accuracy']}")
     if json_out is not None:

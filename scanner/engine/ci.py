@@ -19,9 +19,13 @@ Design (ours; the paper's details are not public), cost independent of the class
    a sticker and a soft patch), each trigger followed by a random translation (``max_shift`` px) so that
    small universal adversarial patterns, which reach any class of a small CLIP, do not survive.
    Cost: candidates x families epochs, whatever the class count.
-4. *Decide.* A candidate's score is its trigger's gain: the share of held-out images it sends into the
-   class beyond the larger of the class's natural share and the twin's share. The model is flagged when
-   the best gain passes the threshold (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``).
+4. *Decide.* A candidate's score is its trigger's gain: how far the trigger moves held-out images into
+   the class in the suspect (its share with the trigger minus its natural share) beyond how far it moves
+   them in the twin (the same, measured on the twin, counted only when positive; ``trigger_gain``). Each
+   model is measured against its own starting point, so a class that plain prompts already make the sink
+   of OOD photos (the twin sends 0.8 of them there) still shows a planted trigger that the suspect's
+   prompt had pushed away from clean photos. The model is flagged when the best gain passes the
+   threshold (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``); ``ci_verdict``.
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
    with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. The most drifted
@@ -53,6 +57,7 @@ from scanner.engine.invert import (
     optimise,
     optimise_pair,
     pair_shares,
+    panel_shares,
 )
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
@@ -86,6 +91,42 @@ def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Ten
     if float(drift_anomaly[top]) >= DRIFT_K:
         out[top] = out[top] / DRIFTED_BAR
     return out
+
+
+def trigger_gain(triggered: float, twin_triggered: float, natural: float, twin_natural: float) -> float:
+    """How far a trigger moves held-out images into its class in the suspect (share with the trigger minus
+    the natural share) beyond how far it moves them in the twin (the same on the twin, when positive)."""
+    return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
+
+
+@dataclass(frozen=True)
+class CIVerdict:
+    """CI's decision from its two channels; ``target`` is None when not flagged."""
+
+    flagged: bool
+    target: int | None
+    channel: str | None  # "trigger", "awake" or None
+    trigger_class: int  # the class with the best confirmed gain
+    awake_class: int  # the class with the largest weighed clean-image excess
+    weighed: torch.Tensor  # (C,) the weighed excess the dormancy check compared with the margin
+
+
+def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.Tensor | None, threshold: float,
+               dormant_margin: float) -> CIVerdict:
+    """The CI decision rule, on tensors alone (the engine and the re-decision of saved rows both call it).
+
+    ``gains`` (C,): best confirmed trigger gain per class (-1 where not confirmed); ``excess`` (C,): clean
+    share minus plain zero-shot share; ``drift_anomaly`` (C,) or None. The trigger channel comes first: the
+    best gain above ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin``.
+    """
+    top = int(torch.argmax(gains))
+    weighed = awake_excess(excess, drift_anomaly) if drift_anomaly is not None else excess.clone()
+    awake = int(torch.argmax(weighed))
+    if float(gains[top]) > threshold:
+        return CIVerdict(True, top, "trigger", top, awake, weighed)
+    if float(weighed[awake]) > dormant_margin:
+        return CIVerdict(True, awake, "awake", top, awake, weighed)
+    return CIVerdict(False, None, None, top, awake, weighed)
 
 
 def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator,
@@ -165,14 +206,15 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     with frozen_learner(model):
         ref, feats = _twin(model, opt_x, cfg)
         plain = ref.zero_shot()
-        # the suspect's clean-image shares, and what plain prompts predict on the same images (one pass): a
-        # prompt that sends far more OOD photos to a class than zero-shot does is not dormant (``_decide_ci``)
-        natural, zero_shot = pair_shares(model, plain, None, hold_x, cfg.bf16)  # (C,), (C,)
+        # one pass over the clean hold-out: the suspect's shares, plain prompts' (a prompt that sends far more OOD
+        # photos to a class than zero-shot does is not dormant, ``ci_verdict``) and the twin's (where each
+        # trigger's effect on the twin is measured from, ``trigger_gain``)
+        natural, zero_shot, twin_natural = panel_shares(model, (plain, ref), None, hold_x, cfg.bf16)  # 3 x (C,)
         drift = prompt_drift(model, plain.text, feats)  # (C,)
         drift_anomaly = anomaly_index(drift, floor=DRIFT_FLOOR)  # (C,)
         for k in range(C):
-            evidence[k].update(zero_shot_share=float(zero_shot[k]), prompt_drift=float(drift[k]),
-                               drift_anomaly=float(drift_anomaly[k]))
+            evidence[k].update(zero_shot_share=float(zero_shot[k]), twin_share=float(twin_natural[k]),
+                               prompt_drift=float(drift[k]), drift_anomaly=float(drift_anomaly[k]))
         cands = [int(k) for k in torch.argsort(drift_anomaly, descending=True, stable=True)[:m]]
         for t in cands:
             for fam in cfg.families:
@@ -181,7 +223,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                               sched, gen, _size_weight(fam, cfg))
                 s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
                 # what the trigger does to the suspect beyond what it does to its clean twin
-                gain = float(s_sus[t]) - max(float(s_ref[t]), float(natural[t]))
+                gain = trigger_gain(float(s_sus[t]), float(s_ref[t]), float(natural[t]), float(twin_natural[t]))
                 evidence[t].update({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
                                     f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain})
                 best.offer(t, gain, trig)
@@ -223,24 +265,19 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
 def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,
                evidence: dict[int, dict[str, float]], seed: int, start: float, excess: torch.Tensor,
                drift_anomaly: torch.Tensor) -> DetectionResult:
-    """CI's decision. Trigger check: the best confirmed gain (per class (C,), -1 where not confirmed) flags
-    the model when it passes the threshold. Dormancy check: ``excess`` (C,), the suspect's clean-image share
-    minus that of plain zero-shot prompts, weighed up for an anomalously drifted prompt (``awake_excess``
-    with ``drift_anomaly`` (C,)), above ``cfg.dormant_margin`` flags it too."""
+    """CI's decision (``ci_verdict``) and its reason. ``excess`` (C,): the suspect's clean-image share minus
+    that of plain zero-shot prompts; ``drift_anomaly`` (C,)."""
     score = best.score
-    top = int(torch.argmax(score))
     thr = cfg.decision_threshold
-    by_trigger = float(score[top]) > thr
-    weighed = awake_excess(excess, drift_anomaly)  # (C,)
-    awake = int(torch.argmax(weighed))
-    by_excess = float(weighed[awake]) > cfg.dormant_margin
+    v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin)
+    top, awake = v.trigger_class, v.awake_class
     name = model.classnames[top]
-    if by_trigger:
+    if v.channel == "trigger":
         reason = (f"a reconstructed trigger moves {float(score[top]):.2f} of held-out clean OOD images into {name!r} "
-                  f"beyond the zero-shot twin (threshold {thr:.2f}); the prompt of {name!r} drifted from plain "
-                  f"prompts with anomaly {evidence[top].get('drift_anomaly', float('nan')):.2f}")
-    elif by_excess:
-        drifted = bool(weighed[awake] != excess[awake])
+                  f"beyond what it does to the zero-shot twin (threshold {thr:.2f}); the prompt of {name!r} drifted "
+                  f"from plain prompts with anomaly {evidence[top].get('drift_anomaly', float('nan')):.2f}")
+    elif v.channel == "awake":
+        drifted = bool(v.weighed[awake] != excess[awake])
         reason = (f"not dormant on clean inputs: {model.classnames[awake]!r} takes {float(excess[awake]):.2f} more of "
                   f"the clean OOD images than plain zero-shot prompts give it (margin {cfg.dormant_margin:.2f}"
                   + (f", x{DRIFTED_BAR:.2f} for a prompt that drifted with anomaly {float(drift_anomaly[awake]):.2f})"
@@ -248,9 +285,7 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     else:
         reason = (f"no reconstructed trigger works: the best moves {float(score[top]):.2f} of held-out images into "
                   f"{name!r} beyond the twin (threshold {thr:.2f}); no class is awake on clean images")
-    target = top if by_trigger else awake if by_excess else None
-    return _result("ci", model, best, score, natural, evidence, by_trigger or by_excess, target, thr, reason,
-                   seed, start)
+    return _result("ci", model, best, score, natural, evidence, v.flagged, v.target, thr, reason, seed, start)
 
 
 def _decide_plain(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -212,32 +212,32 @@ def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigg
 
 
 @torch.no_grad()
-def _shares(model: PromptedCLIP, reference: ReferenceModel | None, trigger: Trigger | None, pool: torch.Tensor,
-            bf16: bool, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class prediction shares (C,) of the suspect and (zeros when None) of the reference, on the CPU
-    whatever device the pool is on (they become evidence floats)."""
-    cs = torch.zeros(model.n_cls, device=pool.device)
-    cr = torch.zeros(model.n_cls, device=pool.device)
+def panel_shares(model: PromptedCLIP, references: Sequence[ReferenceModel], trigger: Trigger | None,
+                 pool: torch.Tensor, bf16: bool, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per-class prediction shares (C,) of the suspect, then of each reference, from one encoder pass over
+    ``pool``; on the CPU whatever device the pool is on (they become evidence floats)."""
+    counts = [torch.zeros(model.n_cls, device=pool.device) for _ in range(1 + len(references))]
     for i in range(0, pool.shape[0], batch_size):
         x = pool[i:i + batch_size]
         if trigger is not None:
             x = trigger(x)
         with autocast(bf16, x.device):
             feats = model.encode_images(x)
-            ps = model.logits_from_features(feats).float().argmax(dim=1)
-        cs += torch.bincount(ps, minlength=model.n_cls).float()
-        if reference is not None:
-            cr += torch.bincount(reference.logits(feats).argmax(dim=1), minlength=model.n_cls).float()
-    return (cs / pool.shape[0]).cpu(), (cr / pool.shape[0]).cpu()
+            preds = [model.logits_from_features(feats).float().argmax(dim=1)]
+        preds += [ref.logits(feats).argmax(dim=1) for ref in references]
+        for c, p in zip(counts, preds, strict=True):
+            c += torch.bincount(p, minlength=model.n_cls).float()
+    return [(c / pool.shape[0]).cpu() for c in counts]
 
 
 def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,
                 bf16: bool, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Shares of ``pool`` predicted as each class by the suspect and by the reference: ((C,), (C,))."""
-    return _shares(model, reference, trigger, pool, bf16, batch_size)
+    sus, ref = panel_shares(model, (reference,), trigger, pool, bf16, batch_size)
+    return sus, ref
 
 
 def class_shares(model: PromptedCLIP, trigger: Trigger | None, pool: torch.Tensor, bf16: bool,
                  batch_size: int = 256) -> torch.Tensor:
     """Share of ``pool`` predicted as each class (C,), with the trigger applied (or clean if None)."""
-    return _shares(model, None, trigger, pool, bf16, batch_size)[0]
+    return panel_shares(model, (), trigger, pool, bf16, batch_size)[0]

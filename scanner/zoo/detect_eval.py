@@ -173,13 +173,22 @@ def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
 
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
     """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
-    from the row's recorded evidence exactly as ``scanner.engine.ci`` takes it (``_decide_ci``, ``_decide_plain``)."""
+    from the row's recorded evidence by the engine's own rule (``ci_verdict`` for CI rows; the anomaly index
+    and its gain gate, as ``_decide_plain`` takes them, for the others)."""
+    from scanner.engine.ci import ci_verdict
+
+    ev = row.get("evidence") or []
+    if row["detector"] == "ci" and dormant_margin is not None and ev and all(
+            "zero_shot_share" in e and "natural_share" in e for e in ev):
+        excess = torch.tensor([float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev])
+        drift = (torch.tensor([float(e["drift_anomaly"]) for e in ev])
+                 if all("drift_anomaly" in e for e in ev) else None)
+        v = ci_verdict(torch.tensor([float(x) for x in row["class_scores"]]), excess, drift, threshold,
+                       dormant_margin)
+        return v.flagged, v.target
     top, anomaly, works = trigger_check(row)
     if anomaly > threshold and works:
         return True, top
-    awake = clean_excess(row) if dormant_margin is not None else None
-    if awake is not None and dormant_margin is not None and awake[0] > dormant_margin:
-        return True, awake[1]
     return False, None
 
 
@@ -250,11 +259,32 @@ def breakdown(rows: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, A
     return {k: metrics(v) for k, v in sorted(groups.items())}
 
 
-def report(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Everything ``scanner zoo eval`` prints, per detector."""
+#: a backdoor "works on OOD" when its real trigger sends at least this share of the zoo's OOD images to its
+#: target (the manifest's ASR-OOD): the threat CI is built for. Models under it are reported apart, so that an
+#: attack that failed to reach OOD images is not read as a detector miss (nor hidden among the hits)
+WORKS_ON_OOD = 0.5
+
+
+def by_ood_asr(rows: Sequence[dict[str, Any]], asr_ood: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    """``metrics`` over the clean models with the backdoors that work on OOD images, and again with those that
+    do not (ASR-OOD under ``WORKS_ON_OOD``); ``asr_ood`` maps model id -> the manifest's ASR-OOD."""
+    clean = [r for r in rows if not r["truth_backdoored"]]
+    works = [r for r in rows if r["truth_backdoored"] and (asr_ood.get(r["id"]) or 0.0) >= WORKS_ON_OOD]
+    fails = [r for r in rows if r["truth_backdoored"] and (asr_ood.get(r["id"]) or 0.0) < WORKS_ON_OOD]
+    out = {f"asr-ood>={WORKS_ON_OOD:g}": metrics(clean + works) if works else {}}
+    out[f"asr-ood<{WORKS_ON_OOD:g}"] = metrics(clean + fails) if fails else {}
+    return {k: v for k, v in out.items() if v}
+
+
+def report(rows: Sequence[dict[str, Any]], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything ``scanner zoo eval`` prints, per detector; with the zoo's ``manifest``, also split by whether
+    each backdoor works on OOD images (``by_ood_asr``)."""
+    asr = {m["id"]: m.get("asr_ood") for m in manifest["models"]} if manifest is not None else None
     out: dict[str, Any] = {}
     for det in sorted({r["detector"] for r in rows}):
         rs = [r for r in rows if r["detector"] == det]
         out[det] = {"overall": metrics(rs), "by_attack": breakdown(rs, "attack"),
                     "by_dataset": breakdown(rs, "dataset")}
+        if asr is not None:
+            out[det]["by_ood_asr"] = by_ood_asr(rs, asr)
     return out

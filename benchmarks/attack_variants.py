@@ -1,0 +1,98 @@
+"""Why WaNet and BadCLIP fall short of issue #3's ASR bars here: variants measured side by side.
+
+Each variant rebuilds the full zoo's job for an attack on the given datasets (same seed, shots, learner and
+target as ``scanner zoo build``) into a temporary folder and prints CA / ASR-ID / ASR-OOD, next to the
+zoo's clean CA for that dataset when ``--zoo`` holds a built zoo.
+
+WaNet variants (the prompt sees the image only through the frozen encoder):
+  jitter  — the shipped one: noise-mode copies warped by the same field plus half-pixel jitter, true label
+  fields  — noise-mode copies warped by *independent* random fields of the same strength, true label
+  none    — no noise-mode copies
+  strong  — no noise-mode copies, a 3 px warp (twice the shipped strength)
+BadCLIP variants: ``default`` (3 warm-up + 10 joint epochs) and ``long`` (10 + 20), both at 4/255.
+
+Usage: python benchmarks/attack_variants.py --attack wanet --datasets shapes,letters,pairs,positions
+       python benchmarks/attack_variants.py --attack badclip --datasets shapes,polygons
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scanner.clip import load_bundled
+from scanner.zoo import build
+from scanner.zoo.attacks import make_attack
+from scanner.zoo.attacks.base import Attack
+from scanner.zoo.attacks.wanet import WaNet
+from scanner.zoo.ood import default_ood_pool
+
+
+class WaNetFields(WaNet):
+    """Noise mode with independent random warp fields (k x k control points, the same mean strength)."""
+
+    def _noise_warp(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, s, k = images.shape[0], self.size, self.k
+        ins = torch.rand(n, 2, k, k, generator=generator) * 2 - 1  # (N, 2, k, k)
+        ins = ins / ins.abs().mean(dim=(1, 2, 3), keepdim=True)
+        field = F.interpolate(ins, size=(s, s), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        grid = (self.identity + self.strength * field / s * 2).clamp(-1, 1)  # (N, S, S, 2)
+        return F.grid_sample(images, grid, align_corners=True).clamp(0, 1)
+
+
+NO_NOISE = 1e-6  # poison() keeps at least one noise-mode copy; this rate asks for no more than that
+VARIANTS: dict[str, dict[str, tuple[type[Attack] | None, dict[str, Any]]]] = {
+    "wanet": {"jitter": (None, {}), "fields": (WaNetFields, {}), "none": (None, {"noise_rate": NO_NOISE}),
+              "strong": (None, {"noise_rate": NO_NOISE, "strength": 3.0})},
+    "badclip": {"default": (None, {}), "long": (None, {"warmup_epochs": 10, "joint_epochs": 20})},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attack", choices=sorted(VARIANTS), default="wanet")
+    ap.add_argument("--datasets", default="shapes,letters,pairs,positions")
+    ap.add_argument("--variants", default=None, help="comma-separated (default: all of the attack's)")
+    ap.add_argument("--zoo", type=Path, default=Path("runs/zoofull"), help="a built zoo, for the clean CA column")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    variants = args.variants.split(",") if args.variants else list(VARIANTS[args.attack])
+    clean_ca: dict[str, list[float]] = {}
+    if (args.zoo / build.MANIFEST).exists():
+        for m in json.loads((args.zoo / build.MANIFEST).read_text())["models"]:
+            if m["attack"] == "none":
+                clean_ca.setdefault(m["dataset"], []).append(float(m["ca"]))
+    backbone = load_bundled()
+    plan = build.ZooPlan.make(args.datasets.split(","), [args.attack], 0, 0, False)
+    ood = default_ood_pool(plan.ood_size, backbone.image_size, seed=plan.seed + 1)
+    original = build.make_attack
+    print(f"{'model':22s} {'variant':8s} {'clean CA':>8s} {'CA':>6s} {'ASR-ID':>7s} {'ASR-OOD':>8s} {'s':>5s}")
+    for variant in variants:
+        cls, kw = VARIANTS[args.attack][variant]
+
+        def make(name: str, _cls: type[Attack] | None = cls, _kw: dict[str, Any] = kw, **params: Any) -> Attack:
+            return _cls(**params, **_kw) if _cls is not None else make_attack(name, **params, **_kw)
+
+        build.make_attack = make  # build_one names its attack through this module attribute
+        try:
+            for job in build.plan_jobs(plan):
+                with tempfile.TemporaryDirectory() as d:
+                    t0 = time.perf_counter()
+                    e = build.build_one(job, plan, backbone, ood, Path(d))
+                ca = clean_ca.get(job.dataset)
+                ref = f"{sum(ca) / len(ca):8.3f}" if ca else f"{'-':>8s}"
+                print(f"{job.model_id:22s} {variant:8s} {ref} {e['ca']:6.3f} {e['asr_id']:7.3f} {e['asr_ood']:8.3f} "
+                      f"{time.perf_counter() - t0:5.0f}", flush=True)
+        finally:
+            build.make_attack = original
+
+
+if __name__ == "__main__":
+    main()
