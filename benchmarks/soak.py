@@ -221,10 +221,10 @@ class Producer:
                 return
             kind = "pieces"
         if self.models:
-            src = self.rng.choice(self.models)
-            dest = folder / f"{name}-{src.name}"
+            model = self.rng.choice(self.models)
+            dest = folder / f"{name}-{model.name}"
             tmp = folder / f".{dest.name}.part"
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+            (shutil.copytree if model.is_dir() else shutil.copy2)(model, tmp)
             os.rename(tmp, dest)
             self.uploads.append(Upload(dest, unit_hash(dest), kind, None))
             return
