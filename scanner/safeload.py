@@ -28,6 +28,7 @@ import math
 import pickle
 import pickletools
 import struct
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -129,6 +130,17 @@ def _canonical(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
+def _opcodes(stream: BinaryIO) -> list[tuple[pickletools.OpcodeInfo, Any, int | None]]:
+    """The opcodes of the one pickle at the stream's position, up to and including STOP.
+
+    A crafted ``STRING`` argument with an invalid escape makes ``codecs.escape_decode`` (inside genops) emit
+    a DeprecationWarning: a hostile file must not make the scanner print warnings, so they are dropped here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return list(pickletools.genops(stream))
+
+
 def _scan_stream(stream: BinaryIO, where: str) -> tuple[list[str], Any]:
     """Globals referenced by the one pickle at the stream's position; also the value if it is a lone int.
 
@@ -143,7 +155,7 @@ def _scan_stream(stream: BinaryIO, where: str) -> tuple[list[str], Any]:
     unknown = object()
     value: Any = None
     try:
-        for op, arg, _pos in pickletools.genops(stream):
+        for op, arg, _pos in _opcodes(stream):
             name = op.name
             if name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")

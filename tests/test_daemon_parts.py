@@ -258,3 +258,41 @@ def test_busy_port_is_a_config_error_and_releases_everything(tmp_path: Path) -> 
             svc = Service(make_config(tmp_path, **{field: f"127.0.0.1:{port}"}), scan_fn=content_scan)
             with pytest.raises(ConfigError, match="free port"):
                 svc.start()
+
+
+# ------------------------------------------------------------------------------------------------ watcher
+
+
+def test_a_directory_renamed_into_place_is_seen_once_and_quietly(tmp_path: Path) -> None:
+    import threading
+    import warnings
+
+    from scanner.daemon.watcher import UnitEventHandler, make_observer
+
+    root = tmp_path / "registry"
+    root.mkdir()
+    seen: list[Path] = []
+    got = threading.Event()
+
+    def touch(unit: Path) -> None:
+        seen.append(unit)
+        if (root / "model") in unit.parents:
+            got.set()
+
+    with warnings.catch_warnings(record=True) as caught:
+        observer = make_observer([root], UnitEventHandler([root], touch), polling=False, poll_interval_s=1.0)
+        observer.start()
+        try:
+            for i in range(5):  # written under a temp name, renamed at once, as registries upload folders
+                tmp = root / f".model-{i}.part"
+                (tmp / "a" / "b").mkdir(parents=True)
+                (tmp / "a" / "b" / "prompt_learner.pth").write_bytes(b"x")
+                os.rename(tmp, root / ("model" if i == 0 else f"model-{i}"))
+            assert got.wait(10), f"no event for the renamed folder; saw {seen}"
+            time.sleep(0.3)
+        finally:
+            observer.stop()
+            observer.join(10)
+    # nothing inside the temp-named folder was handed on while it was being written
+    assert seen and all(not any(p.startswith(".") for p in u.relative_to(root).parts) for u in seen), seen
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]

@@ -129,7 +129,8 @@ def test_saved_rows_are_redecided_by_the_engine_rule(model: PromptedCLIP) -> Non
     from scanner.zoo.detect_eval import redecide
 
     cases = [([0.1, 0.1, 0.1], [-0.3, 0.9, -0.6], [0.0, 0.0, 0.0]),
-             ([-1.0, 0.61, -1.0], [0.0, 0.0, 0.0], [0.0, 5.0, 0.0]),
+             ([-1.0, 0.75, -1.0], [0.0, 0.0, 0.0], [0.0, 5.0, 0.0]),
+             ([-1.0, 0.65, -1.0], [0.0, 0.0, 0.0], [0.0, 5.0, 0.0]),
              ([0.1, 0.1, 0.1], [-0.3, 0.1, 0.55], [0.0, 1.0, 9.0]),
              ([0.1, 0.1, 0.1], [-0.3, 0.1, 0.55], [9.0, 1.0, 0.0])]
     for gains, excess, drift in cases:
@@ -137,7 +138,8 @@ def test_saved_rows_are_redecided_by_the_engine_rule(model: PromptedCLIP) -> Non
         ev = [{"natural_share": max(0.0, e), "zero_shot_share": max(0.0, -e), "drift_anomaly": d}
               for e, d in zip(excess, drift, strict=True)]
         row = {"detector": "ci", "class_scores": gains, "evidence": ev}
-        assert redecide(row, 0.6, 0.8) == (res.backdoored, res.target_index)
+        cfg = DetectorConfig()
+        assert redecide(row, cfg.decision_threshold, cfg.dormant_margin) == (res.backdoored, res.target_index)
 
 
 def test_anomaly_index_and_calibration() -> None:

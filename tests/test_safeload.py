@@ -293,3 +293,14 @@ def test_safetensors_not_json(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", 4) + b"\xff{{{" + b"\0" * 8)
     with pytest.raises(CheckpointError, match="JSON"):
         safe_load_safetensors(path)
+
+
+def test_a_crafted_string_escape_is_read_silently(tmp_path: Path) -> None:
+    # protocol 0: a STRING with an invalid escape (codecs would warn on it), then a dangerous GLOBAL
+    path = tmp_path / "escape.pkl"
+    path.write_bytes(b"S'\\q'\np0\ncos\nsystem\np1\n0S'x'\n.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning raised while reading the hostile file fails the test
+        assert "os.system" in scan_pickle_globals(path)
+        with pytest.raises(UnsafeFileError):
+            check_torch_file(path)

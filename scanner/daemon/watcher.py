@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from scanner.daemon.units import Signature, discover_units, signature, unit_for_path
+from scanner.daemon.units import Signature, discover_units, is_temp_name, signature, unit_for_path
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ class UnitEventHandler(FileSystemEventHandler):
         root = next((r for r in self._roots if path == r or path.is_relative_to(r)), None)
         if root is None:
             return  # moved out of the watched tree (e.g. into quarantine)
+        if any(is_temp_name(part) for part in path.relative_to(root).parts):
+            return  # still being written under a temp name: seen when it is renamed into place
         unit = unit_for_path(path, root)
         if unit is not None:
             self._touch(unit)
@@ -142,6 +145,13 @@ def make_observer(
     roots: Sequence[Path], handler: FileSystemEventHandler, polling: bool, poll_interval_s: float
 ) -> BaseObserver:
     """A started-later observer watching every root recursively."""
+    # A folder renamed into place while watchdog is still adding watches for its temp name keeps its inodes, so
+    # inotify hands back watches watchdog already holds and it re-registers the same callback on them with a
+    # RuntimeWarning ("Callback with id ... already exists ... will be overwritten"): the callback overwrites
+    # itself. Every temp-name-then-rename upload could print it. Set here, not at import, so the filter goes in
+    # front of whatever filters the host process installed since (an identical one is replaced, not stacked).
+    warnings.filterwarnings("ignore", message=r"Callback with id .* already exists", category=RuntimeWarning,
+                            module=r"watchdog\.")
     observer: BaseObserver = PollingObserver(timeout=poll_interval_s) if polling else Observer()
     for root in roots:
         observer.schedule(handler, str(root), recursive=True)
