@@ -125,3 +125,14 @@ def test_calibrate_writes_both_channels(zoo: Path, tmp_path: Path) -> None:
     assert saved["threshold"] == pytest.approx(report["threshold"])
     assert saved["detector_options"]["dormant_margin"] == pytest.approx(report["dormant_margin"])
     assert report["at_threshold"]["fpr"] == 0.0
+
+
+def test_calibrate_pools_the_clean_models_of_several_zoos(zoo: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "scanner.toml"
+    args = ["calibrate", str(zoo), str(zoo), "--eval-json", str(tmp_path / "a.json"), "--eval-json",
+            str(tmp_path / "b.json"), "--config", str(toml), "--n-images", "48", "--fpr", "0.0"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["clean_models"] == 2  # one clean model per copy of the zoo
+    bad = CliRunner().invoke(main, args[:4] + args[6:])  # two zoos, one --eval-json
+    assert bad.exit_code == 2 and "one --eval-json per zoo" in bad.output

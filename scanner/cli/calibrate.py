@@ -1,10 +1,11 @@
-"""``scanner calibrate ZOO``: fit the detector's threshold on a zoo's clean models and save it."""
+"""``scanner calibrate ZOO [ZOO ...]``: fit the detector's threshold on zoos' clean models and save it."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,17 +35,20 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
 
 
 @main.command()
-@click.argument("zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("zoo_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--fpr", type=float, default=0.05, show_default=True, help="target false-positive rate on clean models")
 @click.option("--detector", default="ci", show_default=True)
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=Path("scanner.toml"),
               show_default=True, help="settings file the threshold is written to")
-@click.option("--eval-json", type=click.Path(path_type=Path), help="reuse/extend `scanner zoo eval --json` rows")
+@click.option("--eval-json", "eval_jsons", type=click.Path(path_type=Path), multiple=True,
+              help="reuse/extend `scanner zoo eval --json` rows; give one per zoo, in the same order")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True)
-def calibrate(zoo_dir: Path, fpr: float, detector: str, config_file: Path, eval_json: Path | None, seed: int,
-              n_images: int) -> None:
-    """Fit the decision threshold on the zoo's clean models for a target FPR and write it to settings.
+def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file: Path,
+              eval_jsons: tuple[Path, ...], seed: int, n_images: int) -> None:
+    """Fit the decision threshold on the clean models of one or more zoos for a target FPR and write it to
+    settings. Several zoos (e.g. built with different seeds) pool their clean models: a threshold fitted on
+    more of them holds better on models it has not seen.
 
     For CI both channels are fitted: the dormant margin on half the budget, the anomaly threshold on the
     rest. Saved rows (``--eval-json``) are reused; they are only re-decided, never re-run.
@@ -56,11 +60,18 @@ def calibrate(zoo_dir: Path, fpr: float, detector: str, config_file: Path, eval_
 
     margin: float | None = None
     try:
-        rows = evaluate_zoo(zoo_dir, load_bundled(), [detector], out=eval_json,
-                            config=DetectorConfig(detector=detector, n_images=n_images), seed=seed)
+        if eval_jsons and len(eval_jsons) != len(zoo_dirs):
+            raise click.UsageError(f"give one --eval-json per zoo ({len(zoo_dirs)} zoos, {len(eval_jsons)} files), "
+                                   "or none")
+        backbone = load_bundled()
+        rows: list[dict[str, Any]] = []
+        for i, zoo_dir in enumerate(zoo_dirs):
+            rows += evaluate_zoo(zoo_dir, backbone, [detector], out=eval_jsons[i] if eval_jsons else None,
+                                 config=DetectorConfig(detector=detector, n_images=n_images), seed=seed)
         clean_rows = [r for r in rows if not r["truth_backdoored"]]
         if not clean_rows:
-            raise click.UsageError(f"{zoo_dir} has no clean models to calibrate on; build it with --clean-per-dataset")
+            raise click.UsageError(f"{', '.join(map(str, zoo_dirs))}: no clean models to calibrate on; build a zoo "
+                                   "with --clean-per-dataset")
         if detector == "ci":
             per_model = []
             for r in clean_rows:

@@ -13,10 +13,11 @@ DETECTORS = ("ci", "ci-plain", "nc", "pixel")
 DEFAULT_FAMILIES = ("sticker", "patch")
 FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families the detectors can search
 # the decision threshold of each detector when none is set: CI flags a confirmed trigger gain above it (a
-# share of held-out images), the others a robust anomaly index above k = 2 (the published default). CI's is
-# `scanner calibrate runs/zoofull --fpr 0.05` on the 24 clean models of the reference zoo (0.715, session 7),
-# rounded up: figures at it on that zoo are in-sample; the quick zoo's models were not used to fit it
-DEFAULT_THRESHOLDS = {"ci": 0.72, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
+# share of held-out images), the others a robust anomaly index above k = 2 (the published default). CI's, with
+# its dormant margin, is `scanner calibrate runs/zoofull runs/zoo_seed1 --fpr 0.05` on the 46 clean models of
+# two zoos built with seeds 0 and 1 (0.885 and 0.72, session 7). Fitted on seed 0's 24 alone it was 0.715, and
+# 7 of seed 1's 22 clean models scored above that: a threshold fitted on one zoo does not hold on another
+DEFAULT_THRESHOLDS = {"ci": 0.89, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,10 @@ class DetectorConfig:
     threshold: float | None = None  # None = DEFAULT_THRESHOLDS[detector]; `scanner calibrate` fits it
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
     # CI also flags a prompt that is not dormant on clean inputs: one class takes this much more of the clean
-    # OOD hold-out than plain zero-shot prompts give it (share minus share). Clean models of the full zoo
-    # reach 0.76 at most; WaNet models send 0.82-0.99 of OOD photos to their target. 1.0 switches it off.
-    dormant_margin: float = 0.8
+    # OOD hold-out than plain zero-shot prompts give it (share minus share). Fitted with the threshold (above):
+    # 1 of the 46 clean models is over it (0.76); WaNet models send 0.82-0.99 of OOD photos to their target.
+    # 1.0 switches it off.
+    dormant_margin: float = 0.72
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:
