@@ -296,3 +296,26 @@ def test_a_directory_renamed_into_place_is_seen_once_and_quietly(tmp_path: Path)
     # nothing inside the temp-named folder was handed on while it was being written
     assert seen and all(not any(p.startswith(".") for p in u.relative_to(root).parts) for u in seen), seen
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+
+
+def test_a_folder_that_becomes_a_model_directory_mid_look_is_one_unit(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from scanner.daemon import watcher
+
+    root = tmp_path / "registry"
+    model = root / "vendor-x"
+    model.mkdir(parents=True)  # the folder event arrives while the copy has made only the folder
+    real = watcher.unit_for_path
+    calls = {"n": 0}
+
+    def racing(path: Path, r: Path) -> Path | None:
+        calls["n"] += 1
+        out = real(path, r)
+        if calls["n"] == 1:  # the copy finishes right after the watcher looked at the folder
+            make_model_dir(root, model.name, b"weights", via_temp=False)
+        return out
+
+    monkeypatch.setattr(watcher, "unit_for_path", racing)
+    seen: list[Path] = []
+    watcher.UnitEventHandler([root], seen.append).intake(model, is_dir=True, new=True)
+    assert seen == [model]  # the model directory, not its checkpoint file as a loose unit

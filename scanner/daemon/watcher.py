@@ -124,8 +124,11 @@ class UnitEventHandler(FileSystemEventHandler):
         if unit is not None:
             self._touch(unit)
         elif is_dir and new:
-            # a folder renamed into place may hold several loose checkpoints or model directories
-            for inner in discover_units(path):
+            # a folder renamed into place may hold several loose checkpoints or model directories. Each find is
+            # mapped to its unit again: a folder still being copied in can become a model directory between
+            # the look above and this walk, and its checkpoint is then part of it, not a loose file
+            units = {unit_for_path(found, root) for found in discover_units(path)}
+            for inner in sorted(u for u in units if u is not None):
                 self._touch(inner)
 
 
