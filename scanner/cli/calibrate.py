@@ -13,6 +13,14 @@ from scanner.cli import main
 from scanner.errors import ScannerError
 
 
+def _round_up(value: float, places: int = 6) -> float:
+    """``value`` rounded *up* at ``places`` decimals. A fitted line sits exactly on a clean model's score (models
+    are flagged above it), so rounding it down would flag that model and break the FPR it was fitted for."""
+    import math
+
+    return math.ceil(value * 10**places - 1e-9) / 10**places
+
+
 def write_threshold(config_file: Path, threshold: float, dormant_margin: float | None = None) -> None:
     """Set ``threshold`` (and CI's ``detector_options.dormant_margin``) in a settings TOML file, keeping
     every other key; written atomically."""
@@ -24,11 +32,11 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
     data: dict[str, object] = {}
     if config_file.exists():
         data = tomllib.loads(config_file.read_text())
-    data["threshold"] = round(threshold, 6)
+    data["threshold"] = _round_up(threshold)
     if dormant_margin is not None:
         options = data.get("detector_options")
         data["detector_options"] = {**(options if isinstance(options, dict) else {}),
-                                    "dormant_margin": round(dormant_margin, 6)}
+                                    "dormant_margin": _round_up(dormant_margin)}
     tmp = config_file.with_name(f".{config_file.name}.tmp")
     tmp.write_text(tomli_w.dumps(data))
     os.replace(tmp, config_file)

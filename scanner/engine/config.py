@@ -15,8 +15,9 @@ FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families
 # the decision threshold of each detector when none is set: CI flags a confirmed trigger gain above it (a
 # share of held-out images), the others a robust anomaly index above k = 2 (the published default). CI's, with
 # its dormant margin, is `scanner calibrate runs/zoofull runs/zoo_seed1 --fpr 0.05` on the 46 clean models of
-# two zoos built with seeds 0 and 1 (0.885 and 0.72, session 7). Fitted on seed 0's 24 alone it was 0.715, and
-# 7 of seed 1's 22 clean models scored above that: a threshold fitted on one zoo does not hold on another
+# two zoos built with seeds 0 and 1 (0.885 and 0.72000003, session 7), rounded up (a clean model sits on each
+# fitted line, and flagging is "above"). Fitted on seed 0's 24 alone it was 0.715, and 7 of seed 1's 22 clean
+# models scored above that: a threshold fitted on one zoo does not hold on another
 DEFAULT_THRESHOLDS = {"ci": 0.89, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 
 
@@ -52,7 +53,7 @@ class DetectorConfig:
     # OOD hold-out than plain zero-shot prompts give it (share minus share). Fitted with the threshold (above):
     # 1 of the 46 clean models is over it (0.76); WaNet models send 0.82-0.99 of OOD photos to their target.
     # 1.0 switches it off.
-    dormant_margin: float = 0.72
+    dormant_margin: float = 0.73
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:
