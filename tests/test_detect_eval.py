@@ -146,3 +146,11 @@ def test_fitted_lines_are_written_rounded_up() -> None:
     fitted = 0.7200000286102295  # a float32 share: the clean model on the line has exactly this excess
     assert fitted < _round_up(fitted) <= fitted + 1e-6
     assert _round_up(0.72) == 0.72 and _round_up(0.1234564) == 0.123457
+
+
+def test_eval_help_states_the_default_threshold_in_force() -> None:
+    from scanner.engine.config import DEFAULT_THRESHOLDS
+
+    res = CliRunner().invoke(main, ["zoo", "eval", "--help"])
+    text = " ".join(res.output.split())  # click wraps help lines
+    assert res.exit_code == 0 and f"CI: trigger gain {DEFAULT_THRESHOLDS['ci']:g}" in text
