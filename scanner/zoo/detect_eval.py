@@ -143,18 +143,29 @@ def _auroc(labels: list[bool], scores: list[float]) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
+def _dormancy_inputs(row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(excess (C,), drift anomaly (C,) or None) from a CI row's evidence: each class's clean-image share minus
+    plain zero-shot prompts'; None for rows that do not record it (baselines, rows written before it was)."""
+    ev = row.get("evidence") or []
+    if not ev or not all("zero_shot_share" in e and "natural_share" in e for e in ev):
+        return None
+    excess = torch.tensor([float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev])
+    drift = torch.tensor([float(e["drift_anomaly"]) for e in ev]) if all("drift_anomaly" in e for e in ev) else None
+    return excess, drift
+
+
 def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
     """(largest clean-image share beyond plain zero-shot prompts, its class) from a CI row's evidence, weighed
     as the engine weighs it (``awake_excess``: an anomalously drifted prompt is held to a lower bar); None for
     rows that do not record it (baselines, rows written before it was recorded)."""
     from scanner.engine.ci import awake_excess
 
-    ev = row.get("evidence") or []
-    if not ev or not all("zero_shot_share" in e and "natural_share" in e for e in ev):
+    inputs = _dormancy_inputs(row)
+    if inputs is None:
         return None
-    ex = torch.tensor([float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev])
-    if all("drift_anomaly" in e for e in ev):
-        ex = awake_excess(ex, torch.tensor([float(e["drift_anomaly"]) for e in ev]))
+    ex, drift = inputs
+    if drift is not None:
+        ex = awake_excess(ex, drift)
     k = int(torch.argmax(ex))
     return float(ex[k]), k
 
@@ -177,14 +188,9 @@ def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None
     and its gain gate, as ``_decide_plain`` takes them, for the others)."""
     from scanner.engine.ci import ci_verdict
 
-    ev = row.get("evidence") or []
-    if row["detector"] == "ci" and dormant_margin is not None and ev and all(
-            "zero_shot_share" in e and "natural_share" in e for e in ev):
-        excess = torch.tensor([float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev])
-        drift = (torch.tensor([float(e["drift_anomaly"]) for e in ev])
-                 if all("drift_anomaly" in e for e in ev) else None)
-        v = ci_verdict(torch.tensor([float(x) for x in row["class_scores"]]), excess, drift, threshold,
-                       dormant_margin)
+    inputs = _dormancy_inputs(row) if row["detector"] == "ci" and dormant_margin is not None else None
+    if inputs is not None and dormant_margin is not None:
+        v = ci_verdict(torch.tensor([float(x) for x in row["class_scores"]]), *inputs, threshold, dormant_margin)
         return v.flagged, v.target
     top, anomaly, works = trigger_check(row)
     if anomaly > threshold and works:
