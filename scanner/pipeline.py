@@ -356,7 +356,8 @@ def _attach_accel(settings: Settings, model: Any, pool: torch.Tensor, pool_hash:
         log.warning("forward-only encoders unavailable for backbone %s (%s); using torch", model.backbone.name, why)
         return {"image": "torch-fallback", "text": "torch-fallback", "image_fallback_reason": why,
                 "text_fallback_reason": why}
-    log.info("forward-only work of backbone %s: image %s, text %s", model.backbone.name, info.image, info.text)
+    log.info("forward-only work of backbone %s: image %s, text %s%s", model.backbone.name, info.image, info.text,
+             f" (onnxruntime provider {info.provider})" if info.provider else "")
     return info.to_dict()
 
 

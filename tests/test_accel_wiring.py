@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from scanner.accel import STATS, reset_registry
+from scanner.accel import STATS, best_providers, reset_registry
 from scanner.accel.export import ExportError
 from scanner.accel.features import forward_features
 from scanner.clip import ClipBackbone
@@ -98,7 +98,7 @@ def test_second_model_on_same_backbone_exports_and_encodes_nothing(
     with caplog.at_level(logging.INFO, logger="scanner"):
         first = scan_path(models / "coop-1.safetensors", settings).models[0]
     assert first.verdict in (Verdict.CLEAN, Verdict.BACKDOORED), first.message
-    assert first.accel == {"image": "onnx-fp32", "text": "onnx-fp32"}
+    assert first.accel == {"image": "onnx-fp32", "text": "onnx-fp32", "provider": best_providers()[0]}
     exports, sessions, rows = _counters()
     assert (exports - before[0], sessions - before[1]) == (2, 2)  # image + text graph, once
     # The clean images the detector looks at (at least its held-out split), each encoded once by onnxruntime.
@@ -193,7 +193,8 @@ def test_unwritable_cache_folder_still_uses_onnx(models: Path, tmp_path: Path, f
         report = scan_path(models / "coop-1.safetensors", _settings(blocker))
     (m,) = report.models
     assert m.verdict in (Verdict.CLEAN, Verdict.BACKDOORED), m.message
-    assert m.accel == {"image": "onnx-fp32", "text": "onnx-fp32"}  # exported to a per-process temp folder
+    # exported to a per-process temp folder
+    assert m.accel == {"image": "onnx-fp32", "text": "onnx-fp32", "provider": best_providers()[0]}
     assert "cannot be written" in caplog.text and "temporary folder" in caplog.text
 
 

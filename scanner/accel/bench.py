@@ -28,7 +28,7 @@ import torch
 from scanner.accel.encoders import ForwardEncoders, _key
 from scanner.accel.export import example_inputs
 from scanner.accel.quantize import default_gate_pool, top1_agreement, transformer_optimize
-from scanner.accel.sessions import OnnxEncoder, physical_cores
+from scanner.accel.sessions import CPU, OnnxEncoder, best_providers, physical_cores
 from scanner.clip.backbone import (
     BUNDLED_NAME,
     ClipBackbone,
@@ -44,7 +44,8 @@ class BenchRow:
 
     arch: str
     encoder: str  # "image" | "text"
-    backend: str  # "torch-fp32", "torch-bf16", "ort-fp32", "ort-fp32-fused", "ort-int8"
+    # "torch-fp32", "torch-bf16", "ort-fp32" (best provider), "ort-fp32-cpu-ep", "ort-fp32-fused", "ort-int8"
+    backend: str
     items_per_s: float
     speedup: float  # vs torch-fp32 of the same encoder
     max_abs_diff: float | None  # vs torch-fp32 on the bench batch
@@ -102,6 +103,12 @@ def run_bench(
     extra: dict[str, tuple[float | None, float | None]] = {
         "ort-fp32": (_diff(fp32.encode_images(pixels), ref), None)
     }
+    cpu_ep = _cpu_provider_session(backbone, cache_dir, n_threads) if fp32.providers[:1] != [CPU] else None
+    if cpu_ep is not None:
+        # the same graph on onnxruntime's own CPU kernels, beside the provider the scanner picked
+        arr_cpu = pixels.numpy()
+        fns["ort-fp32-cpu-ep"] = lambda: cpu_ep.run([arr_cpu], batch)
+        extra["ort-fp32-cpu-ep"] = (_diff(torch.from_numpy(cpu_ep.run([arr_cpu], batch)), ref), None)
     if fused and fp32.image_backend == "onnx-fp32":
         fused_enc = _fused_session(backbone, cache_dir, n_threads)
         if fused_enc is not None:
@@ -174,6 +181,13 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _cpu_provider_session(backbone: ClipBackbone, cache_dir: Path | None, threads: int) -> OnnxEncoder | None:
+    from scanner.accel.cache import OnnxCache, default_cache_dir
+
+    graph = OnnxCache(cache_dir or default_cache_dir()).load(_key(backbone, "image", "fp32"))
+    return None if graph is None else OnnxEncoder(graph.data, threads=threads, providers=[CPU])
+
+
 def _fused_session(backbone: ClipBackbone, cache_dir: Path | None, threads: int) -> OnnxEncoder | None:
     from scanner.accel.cache import OnnxCache, default_cache_dir
 
@@ -208,7 +222,7 @@ def format_rows(rows: list[BenchRow], threads: int, batch: int) -> str:
     """A fixed-width table, one line per (arch, encoder, backend)."""
     head = (
         f"threads={threads} (torch.set_num_threads and onnxruntime intra-op), batch={batch}, "
-        "median of interleaved rounds\n"
+        f"median of interleaved rounds; ort-fp32 on {best_providers()[0]}, ort-int8 on {CPU}\n"
         f"{'arch':<14}{'encoder':<8}{'backend':<16}{'items/s':>10}{'× torch':>9}"
         f"{'max|Δ|':>11}{'top-1 agr':>11}{'tasks min/mean':>16}"
     )

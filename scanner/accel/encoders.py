@@ -27,7 +27,16 @@ import onnxruntime as ort
 import torch
 
 from scanner.accel.cache import CachedGraph, CacheKey, CacheUnwritableError, OnnxCache, default_cache_dir
-from scanner.accel.export import ENCODERS, EXPORTER, OPSET, Which, export_encoder
+from scanner.accel.export import (
+    ENCODERS,
+    EXPORTER,
+    OPSET,
+    PARITY_ATOL,
+    Which,
+    example_inputs,
+    export_encoder,
+    graph_module,
+)
 from scanner.accel.quantize import (
     INT8_MIN_AGREEMENT,
     default_gate_pool,
@@ -35,7 +44,7 @@ from scanner.accel.quantize import (
     quantize_int8,
     top1_agreement,
 )
-from scanner.accel.sessions import OnnxEncoder
+from scanner.accel.sessions import CPU, OnnxEncoder, int8_providers, provider_choice
 from scanner.clip.backbone import ClipBackbone
 from scanner.errors import ScannerError
 
@@ -168,6 +177,7 @@ class ForwardEncoders:
             gate_key,
             min_agreement,
             threads,
+            provider_choice(),  # SCANNER_ONNX_PROVIDER: sessions on another provider are other entries
         )
         with _LOCK:
             found = _REGISTRY.get(reg_key)
@@ -329,8 +339,43 @@ def _produce_graph(
     return graph
 
 
-def _open(graph: CachedGraph, which: str, threads: int | None, hook: MetricsHook | None) -> OnnxEncoder:
-    enc = OnnxEncoder(graph.data, threads=threads)
+def session_parity(backbone: ClipBackbone, which: Which, enc: OnnxEncoder, *, batch: int = 2) -> float:
+    """Max abs difference between the session ``enc`` (whatever its provider) and torch fp32 on random
+    inputs the export never saw. The export's own check ran on the CPU provider; another provider may
+    compute differently (OpenVINO's default bf16, CUDA's TF32), so each such session is checked too."""
+    inputs = example_inputs(backbone, which, batch, seed=5)
+    with torch.inference_mode():
+        ref = graph_module(backbone, which)(*inputs).float().numpy()
+    out = enc.run([t.numpy() for t in inputs], batch)
+    return float(np.abs(out - ref).max()) if out.shape == ref.shape else float("inf")
+
+
+def _open(
+    graph: CachedGraph,
+    which: str,
+    threads: int | None,
+    hook: MetricsHook | None,
+    *,
+    check: tuple[ClipBackbone, Which] | None = None,
+    providers: list[str] | None = None,
+) -> OnnxEncoder:
+    """A session on ``graph``. With ``check`` (an fp32 graph of that backbone's encoder), a session on a
+    provider other than the CPU one must match torch within ``PARITY_ATOL`` or is reopened on the CPU
+    provider, with a warning: the scanner's scores must not depend on which provider ran them.
+    ``providers``: as ``OnnxEncoder`` (default: the best available)."""
+    enc = OnnxEncoder(graph.data, threads=threads, providers=providers)
+    if check is not None and enc.providers[0] != CPU:
+        diff = session_parity(check[0], check[1], enc)
+        if not diff <= PARITY_ATOL:
+            log.warning(
+                "%s on the %s encoder of %s differs from torch by %.2e (> %.0e); using the CPU provider",
+                enc.providers[0],
+                which,
+                check[0].name,
+                diff,
+                PARITY_ATOL,
+            )
+            enc = OnnxEncoder(graph.data, threads=threads, providers=[CPU])
     STATS.sessions_created += 1
     if hook is not None:
         hook("onnx_session", {"encoder": which})
@@ -368,7 +413,7 @@ def _build(
 
         try:
             graphs[which] = _produce_graph(cache, _key(backbone, which, "fp32"), produce, hook)
-            sessions[which] = _open(graphs[which], which, threads, hook)
+            sessions[which] = _open(graphs[which], which, threads, hook, check=(backbone, which))
         except (ScannerError, OSError, RuntimeError, ValueError) as exc:
             reason = getattr(exc, "category", type(exc).__name__)
             log.warning(
@@ -440,7 +485,7 @@ def _int8_image(
         text = gate_text if gate_text is not None else default_gate_text_features(backbone)
         arr = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
         ref = fp32_session.run([arr], 64)  # (P, E)
-        cand = OnnxEncoder(tmp, threads=threads).run([arr], 64)  # (P, E)
+        cand = OnnxEncoder(tmp, threads=threads, providers=int8_providers()).run([arr], 64)  # (P, E)
         agree = top1_agreement(torch.from_numpy(ref), torch.from_numpy(cand), text)
         cos = _min_cosine(ref, cand)
         return {
@@ -451,7 +496,7 @@ def _int8_image(
         }
 
     graph = _produce_graph(cache, _key(backbone, "image", "int8", extra=gate_key), produce, hook)
-    return _open(graph, "image-int8", threads, hook), float(graph.meta["top1_agreement"])
+    return _open(graph, "image-int8", threads, hook, providers=int8_providers()), float(graph.meta["top1_agreement"])
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -68,9 +68,12 @@ class AccelInfo:
     text: str
     reasons: dict[str, str] = field(default_factory=dict)  # encoder -> why it fell back
     int8_agreement: float | None = None  # the model's top-1 agreement int8 vs fp32 (int8 requested)
+    provider: str | None = None  # onnxruntime provider of the image session (None when torch serves it)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"image": self.image, "text": self.text}
+        if self.provider is not None:
+            out["provider"] = self.provider
         for which, why in sorted(self.reasons.items()):
             out[f"{which}_fallback_reason"] = why
         if self.int8_agreement is not None:
@@ -174,7 +177,8 @@ class ForwardFeatures:
         model.use_forward_only(image_fn, self.encode_prompts)
         info = AccelInfo(self._backend_label(image_fn.backend, "image"),
                          self._backend_label(self.encoders.text_backend, "text"),
-                         int8_agreement=agreement)
+                         int8_agreement=agreement,
+                         provider=next(iter(image_fn.encoders.providers), None))
         for which in info.fell_back:
             info.reasons[which] = self.encoders.fallback_reasons.get(which, "")
         return info
