@@ -154,3 +154,21 @@ def test_eval_help_states_the_default_threshold_in_force() -> None:
     res = CliRunner().invoke(main, ["zoo", "eval", "--help"])
     text = " ".join(res.output.split())  # click wraps help lines
     assert res.exit_code == 0 and f"CI: trigger gain {DEFAULT_THRESHOLDS['ci']:g}" in text
+
+
+def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path, bundled_backbone: ClipBackbone,
+                                                                     tmp_path: Path) -> None:
+    from scanner.zoo.detect_eval import first_candidates
+
+    one = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=SMALL, accel="torch")
+    two_cfg = DetectorConfig(**{**SMALL.__dict__, "candidates": 2})
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--candidates", "2", "--n-images",
+                                    "48", "--accel", "torch", "--json", str(tmp_path / "two.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "two.json").read_text())["config"]["candidates"] == 2
+    two = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=two_cfg, accel="torch")
+    for a, b in zip(one, two, strict=True):
+        assert sum(e["candidate"] for e in b["evidence"]) == min(2, b["n_classes"])
+        cut = first_candidates(b, 1)
+        assert cut["class_scores"] == a["class_scores"] and cut["anomaly_score"] == a["anomaly_score"]
+        assert [e["candidate"] for e in cut["evidence"]] == [e["candidate"] for e in a["evidence"]]

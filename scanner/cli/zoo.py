@@ -153,8 +153,10 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--accel", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
               help="forward-only encoder work: onnxruntime (torch fallback), torch, or onnx when installed")
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
+@click.option("--candidates", type=click.IntRange(1), default=None,
+              help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
-          threshold: float | None, accel: str, accel_int8: bool) -> None:
+          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -172,6 +174,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         cfg = DetectorConfig(n_images=n_images)
         if threshold is not None:
             cfg = replace(cfg, threshold=threshold)
+        if candidates is not None:
+            cfg = replace(cfg, candidates=candidates)
         manifest = load_manifest(zoo_dir)
         n = len(manifest["models"]) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")

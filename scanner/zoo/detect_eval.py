@@ -182,6 +182,22 @@ def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
     return top, scores[top], works
 
 
+def first_candidates(row: dict[str, Any], c: int) -> dict[str, Any]:
+    """A CI row as a run confirming only its ``c`` most drifted classes would have written it.
+
+    The engine confirms candidates in drift order (``torch.argsort(drift_anomaly, descending, stable)``)
+    with one generator, so the first c confirmations of a run with more candidates are exactly a
+    c-candidate run's: one run answers "how many candidates?" for every smaller count.
+    """
+    ev = row["evidence"]
+    drift = torch.tensor([float(e["drift_anomaly"]) for e in ev])  # (C,)
+    keep = {int(k) for k in torch.argsort(drift, descending=True, stable=True)[:c]}
+    scores = [float(s) if k in keep else -1.0 for k, s in enumerate(row["class_scores"])]
+    evidence = [{**e, "candidate": float(k in keep), **({} if k in keep else {"score": -1.0})}
+                for k, e in enumerate(ev)]
+    return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
+
+
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
     """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
     from the row's recorded evidence by the engine's own rule (``ci_verdict`` for CI rows; the anomaly index

@@ -1,0 +1,82 @@
+"""How many drift-ranked classes should CI confirm? Out-of-sample figures by leaving one zoo out.
+
+    python benchmarks/candidates_cv.py runs/eval_seed2_cand3.json runs/eval_seed1_cand3.json \
+        runs/eval_full_cand3.json [--fpr 0.05]
+
+Each JSON is a ``scanner zoo eval ZOO --detectors ci --candidates K`` run (one zoo each, built with
+different seeds). A run with K candidates holds the evidence of every smaller count: the engine confirms
+classes in drift order with one generator, so its first c classes are exactly a c-candidate run's. For
+c = 1..K every row is cut to its first c candidates; then, for each zoo in turn, both CI lines are
+fitted (as ``scanner calibrate`` fits them) on the clean models of the *other* zoos and applied to the
+held-out one. The pooled held-out verdicts give accuracy, TPR, FPR and target accuracy that no fitted
+line has seen; AUROC (trigger gain alone, and both channels) is pooled over all rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sklearn.metrics import roc_auc_score
+
+from scanner.engine.calibration import fit_two_channels
+from scanner.zoo.detect_eval import clean_excess, combined_score, first_candidates, redecide, trigger_check
+
+
+def fit(rows: list[dict[str, Any]], fpr: float) -> tuple[float, float | None]:
+    clean = []
+    for r in rows:
+        if not r["truth_backdoored"]:
+            _, anomaly, works = trigger_check(r)
+            awake = clean_excess(r)
+            clean.append((anomaly, works, None if awake is None else awake[0]))
+    return fit_two_channels(clean, fpr)
+
+
+def pooled(decided: list[tuple[dict[str, Any], bool, int | None]]) -> dict[str, float | None]:
+    pos = [(r, f, t) for r, f, t in decided if r["truth_backdoored"]]
+    neg = [f for r, f, _ in decided if not r["truth_backdoored"]]
+    tp = [(r, t) for r, f, t in pos if f]
+    right = sum(f == bool(r["truth_backdoored"]) for r, f, _ in decided)
+    return {
+        "accuracy": right / len(decided),
+        "tpr": len(tp) / len(pos) if pos else None,
+        "fpr": sum(neg) / len(neg) if neg else None,
+        "target_accuracy": sum(t == r["truth_target"] for r, t in tp) / len(tp) if tp else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="one `scanner zoo eval --candidates K --json` file per zoo")
+    ap.add_argument("--fpr", type=float, default=0.05)
+    args = ap.parse_args()
+    if len(args.runs) < 2:
+        ap.error("leave-one-zoo-out needs at least two zoos' runs")
+    zoos = [[r for r in json.loads(p.read_text())["rows"] if r["detector"] == "ci"] for p in args.runs]
+    k_max = min(int(sum(e.get("candidate", 0.0) for e in r["evidence"])) for z in zoos for r in z)
+    print(f"{len(zoos)} zoos, {sum(map(len, zoos))} models; every row confirmed {k_max}+ candidates; "
+          f"lines fitted at FPR {args.fpr} on the other zoos' clean models")
+    for c in range(1, k_max + 1):
+        cut = [[first_candidates(r, c) for r in z] for z in zoos]
+        decided: list[tuple[dict[str, Any], bool, int | None]] = []
+        lines = []
+        for i, held in enumerate(cut):
+            t, margin = fit([r for j, z in enumerate(cut) if j != i for r in z], args.fpr)
+            lines.append(f"{t:.2f}/{margin if margin is None else round(margin, 2)}")
+            decided += [(r, *redecide(r, t, margin)) for r in held]
+        every = [r for z in cut for r in z]
+        y = [int(r["truth_backdoored"]) for r in every]
+        t_all, m_all = fit(every, args.fpr)
+        auroc = roc_auc_score(y, [r["anomaly_score"] for r in every])
+        both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in every])
+        m = pooled(decided)
+        print(f"candidates {c}: held-out accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
+              f"target {m['target_accuracy']:.3f}  | AUROC gain {auroc:.3f}, both {both:.3f}  "
+              f"| lines per held-out zoo {', '.join(lines)}")
+
+
+if __name__ == "__main__":
+    main()
