@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from statistics import fmean
 from typing import Any, NoReturn
 
 import click
@@ -84,24 +85,37 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-coop", is_flag=True, help="skip the 16-shot CoOp column (zero-shot only, fast)")
-def info(as_json: bool, seed: int, no_coop: bool) -> None:
-    """Per dataset: classes, shots available, zero-shot and 16-shot CoOp accuracy of the bundled CLIP."""
+@click.option("--no-probe", is_flag=True, help="skip the 16-shot linear-probe column")
+@click.option("--datasets", help="comma-separated dataset names (default: all)")
+def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str | None) -> None:
+    """Per dataset: classes, shots available, zero-shot, 16-shot linear-probe and 16-shot CoOp accuracy of
+    the bundled CLIP."""
     from scanner.clip import load_bundled
     from scanner.zoo.quality import dataset_table
 
     try:
-        rows = dataset_table(load_bundled(), seed=seed, coop=not no_coop,
+        rows = dataset_table(load_bundled(), seed=seed, coop=not no_coop, probe=not no_probe, datasets=_csv(datasets),
                              progress=None if as_json else lambda n: click.echo(f"  measuring {n}…", err=True))
     except ScannerError as exc:
         _fail(exc)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'dataset':14s} {'classes':>7s} {'shots':>5s} {'zero-shot':>9s} {'CoOp-16':>8s} {'CoOp s':>7s}")
+    click.echo(f"{'dataset':14s} {'classes':>7s} {'shots':>5s} {'zero-shot':>9s} {'probe-16':>8s} {'CoOp-16':>8s} "
+               f"{'CoOp s':>7s}")
     for r in rows:
+        probe = f"{r['linear_probe16']:.3f}" if r.get("linear_probe16") is not None else "-"
         coop = f"{r['coop16']:.3f}" if r.get("coop16") is not None else "-"
         secs = f"{r['coop_seconds']:.1f}" if r.get("coop_seconds") is not None else "-"
-        click.echo(f"{r['dataset']:14s} {r['classes']:7d} {r['shots']:5d} {r['zero_shot']:9.3f} {coop:>8s} {secs:>7s}")
+        click.echo(f"{r['dataset']:14s} {r['classes']:7d} {r['shots']:5d} {r['zero_shot']:9.3f} {probe:>8s} "
+                   f"{coop:>8s} {secs:>7s}")
+    generated = [r for r in rows if not r["real"]]
+    if generated:
+        means = [f"zero-shot {fmean(r['zero_shot'] for r in generated):.3f}"]
+        for key, label in (("linear_probe16", "probe-16"), ("coop16", "CoOp-16")):
+            if all(r.get(key) is not None for r in generated):
+                means.append(f"{label} {fmean(r[key] for r in generated):.3f}")
+        click.echo(f"mean over {len(generated)} generated datasets: " + ", ".join(means))
 
 
 @zoo.command()
