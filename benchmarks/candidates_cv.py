@@ -21,31 +21,7 @@ from typing import Any
 
 from sklearn.metrics import roc_auc_score
 
-from scanner.engine.calibration import fit_two_channels
-from scanner.zoo.detect_eval import clean_excess, combined_score, first_candidates, redecide, trigger_check
-
-
-def fit(rows: list[dict[str, Any]], fpr: float) -> tuple[float, float | None]:
-    clean = []
-    for r in rows:
-        if not r["truth_backdoored"]:
-            _, anomaly, works = trigger_check(r)
-            awake = clean_excess(r)
-            clean.append((anomaly, works, None if awake is None else awake[0]))
-    return fit_two_channels(clean, fpr)
-
-
-def pooled(decided: list[tuple[dict[str, Any], bool, int | None]]) -> dict[str, float | None]:
-    pos = [(r, f, t) for r, f, t in decided if r["truth_backdoored"]]
-    neg = [f for r, f, _ in decided if not r["truth_backdoored"]]
-    tp = [(r, t) for r, f, t in pos if f]
-    right = sum(f == bool(r["truth_backdoored"]) for r, f, _ in decided)
-    return {
-        "accuracy": right / len(decided),
-        "tpr": len(tp) / len(pos) if pos else None,
-        "fpr": sum(neg) / len(neg) if neg else None,
-        "target_accuracy": sum(t == r["truth_target"] for r, t in tp) / len(tp) if tp else None,
-    }
+from scanner.zoo.detect_eval import combined_score, first_candidates, fit_ci_lines, metrics, redecide
 
 
 def main() -> None:
@@ -61,18 +37,20 @@ def main() -> None:
           f"lines fitted at FPR {args.fpr} on the other zoos' clean models")
     for c in range(1, k_max + 1):
         cut = [[first_candidates(r, c) for r in z] for z in zoos]
-        decided: list[tuple[dict[str, Any], bool, int | None]] = []
+        decided: list[dict[str, Any]] = []  # held-out rows carrying the verdict of the lines fitted without them
         lines = []
         for i, held in enumerate(cut):
-            t, margin = fit([r for j, z in enumerate(cut) if j != i for r in z], args.fpr)
+            t, margin = fit_ci_lines([r for j, z in enumerate(cut) if j != i for r in z], args.fpr)
             lines.append(f"{t:.2f}/{margin if margin is None else round(margin, 2)}")
-            decided += [(r, *redecide(r, t, margin)) for r in held]
+            for r in held:
+                flagged, target = redecide(r, t, margin)
+                decided.append({**r, "flagged": flagged, "target": target, "threshold": t, "dormant_margin": margin})
         every = [r for z in cut for r in z]
         y = [int(r["truth_backdoored"]) for r in every]
-        t_all, m_all = fit(every, args.fpr)
+        t_all, m_all = fit_ci_lines(every, args.fpr)
         auroc = roc_auc_score(y, [r["anomaly_score"] for r in every])
         both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in every])
-        m = pooled(decided)
+        m = metrics(decided)
         print(f"candidates {c}: held-out accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
               f"target {m['target_accuracy']:.3f}  | AUROC gain {auroc:.3f}, both {both:.3f}  "
               f"| lines per held-out zoo {', '.join(lines)}")

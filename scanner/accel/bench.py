@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from scanner.accel.cache import CachedGraph, OnnxCache, default_cache_dir
 from scanner.accel.encoders import ForwardEncoders, _key
 from scanner.accel.export import example_inputs
 from scanner.accel.quantize import default_gate_pool, top1_agreement, transformer_optimize
@@ -181,17 +182,18 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _cpu_provider_session(backbone: ClipBackbone, cache_dir: Path | None, threads: int) -> OnnxEncoder | None:
-    from scanner.accel.cache import OnnxCache, default_cache_dir
+def _cached_image_graph(backbone: ClipBackbone, cache_dir: Path | None) -> CachedGraph | None:
+    """The fp32 image graph ``ForwardEncoders`` exported for ``backbone`` (None if absent or corrupt)."""
+    return OnnxCache(cache_dir or default_cache_dir()).load(_key(backbone, "image", "fp32"))
 
-    graph = OnnxCache(cache_dir or default_cache_dir()).load(_key(backbone, "image", "fp32"))
+
+def _cpu_provider_session(backbone: ClipBackbone, cache_dir: Path | None, threads: int) -> OnnxEncoder | None:
+    graph = _cached_image_graph(backbone, cache_dir)
     return None if graph is None else OnnxEncoder(graph.data, threads=threads, providers=[CPU])
 
 
 def _fused_session(backbone: ClipBackbone, cache_dir: Path | None, threads: int) -> OnnxEncoder | None:
-    from scanner.accel.cache import OnnxCache, default_cache_dir
-
-    graph = OnnxCache(cache_dir or default_cache_dir()).load(_key(backbone, "image", "fp32"))
+    graph = _cached_image_graph(backbone, cache_dir)
     if graph is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:

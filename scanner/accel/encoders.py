@@ -33,9 +33,8 @@ from scanner.accel.export import (
     OPSET,
     PARITY_ATOL,
     Which,
-    example_inputs,
     export_encoder,
-    graph_module,
+    parity_of,
 )
 from scanner.accel.quantize import (
     INT8_MIN_AGREEMENT,
@@ -343,11 +342,7 @@ def session_parity(backbone: ClipBackbone, which: Which, enc: OnnxEncoder, *, ba
     """Max abs difference between the session ``enc`` (whatever its provider) and torch fp32 on random
     inputs the export never saw. The export's own check ran on the CPU provider; another provider may
     compute differently (OpenVINO's default bf16, CUDA's TF32), so each such session is checked too."""
-    inputs = example_inputs(backbone, which, batch, seed=5)
-    with torch.inference_mode():
-        ref = graph_module(backbone, which)(*inputs).float().numpy()
-    out = enc.run([t.numpy() for t in inputs], batch)
-    return float(np.abs(out - ref).max()) if out.shape == ref.shape else float("inf")
+    return parity_of(backbone, which, lambda inputs: enc.run([t.numpy() for t in inputs], batch), batch=batch, seed=5)
 
 
 def _open(

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -195,11 +195,18 @@ def run_onnx(path_or_bytes: Path | bytes, which: Which, inputs: tuple[torch.Tens
 
 
 def parity(backbone: ClipBackbone, which: Which, path: Path, *, batch: int = 3, seed: int = 1) -> float:
-    """Max abs difference between onnxruntime and torch on random inputs of a batch the export never saw."""
+    """Max abs difference between onnxruntime (CPU provider) and torch on a batch the export never saw."""
+    return parity_of(backbone, which, lambda inputs: run_onnx(path, which, inputs), batch=batch, seed=seed)
+
+
+def parity_of(backbone: ClipBackbone, which: Which, run: Callable[[tuple[torch.Tensor, ...]], np.ndarray], *,
+              batch: int, seed: int) -> float:
+    """Max abs difference between ``run`` (inputs of ``which`` -> features (B, E)) and torch fp32 on random
+    inputs drawn with ``seed``; inf when the shapes differ."""
     inputs = example_inputs(backbone, which, batch, seed=seed)
     with torch.inference_mode():
         ref = graph_module(backbone, which)(*inputs).float().numpy()
-    out = run_onnx(path, which, inputs)
+    out = run(inputs)
     if out.shape != ref.shape:
         return float("inf")
     return float(np.abs(out - ref).max())

@@ -40,8 +40,7 @@ def select_providers(
     ``choice`` ("auto" or one provider's short name) restricts the pick; CPU always closes the list so a
     node the first provider cannot run still has a home.
     """
-    if choice not in PROVIDER_CHOICES:
-        raise ValueError(f"{PROVIDER_ENV} must be one of {', '.join(PROVIDER_CHOICES)}; got {choice!r}")
+    _check_choice(choice)
     if choice in ("auto", "cuda") and gpu_present and CUDA in available:
         return [CUDA, CPU]
     if choice in ("auto", "openvino") and openvino:
@@ -64,9 +63,13 @@ def gpu_present() -> bool:
 def provider_choice() -> str:
     """The user's ``SCANNER_ONNX_PROVIDER`` (default "auto"); an unknown value is a clear error."""
     choice = os.environ.get(PROVIDER_ENV, "auto").strip().lower() or "auto"
+    _check_choice(choice)
+    return choice
+
+
+def _check_choice(choice: str) -> None:
     if choice not in PROVIDER_CHOICES:
         raise ValueError(f"{PROVIDER_ENV} must be one of {', '.join(PROVIDER_CHOICES)}; got {choice!r}")
-    return choice
 
 
 @functools.cache

@@ -63,8 +63,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
     """
     from scanner.clip import load_bundled
     from scanner.engine import DetectorConfig
-    from scanner.engine.calibration import fit_two_channels, threshold_for_fpr
-    from scanner.zoo.detect_eval import clean_excess, evaluate_zoo, metrics, trigger_check
+    from scanner.engine.calibration import threshold_for_fpr
+    from scanner.zoo.detect_eval import evaluate_zoo, fit_ci_lines, metrics
 
     margin: float | None = None
     try:
@@ -81,12 +81,7 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
             raise click.UsageError(f"{', '.join(map(str, zoo_dirs))}: no clean models to calibrate on; build a zoo "
                                    "with --clean-per-dataset")
         if detector == "ci":
-            per_model = []
-            for r in clean_rows:
-                _, anomaly, works = trigger_check(r)
-                awake = clean_excess(r)
-                per_model.append((anomaly, works, None if awake is None else awake[0]))
-            t, margin = fit_two_channels(per_model, fpr)
+            t, margin = fit_ci_lines(clean_rows, fpr)
         else:
             t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)
         write_threshold(config_file, t, margin)

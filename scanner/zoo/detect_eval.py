@@ -182,6 +182,20 @@ def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
     return top, scores[top], works
 
 
+def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float) -> tuple[float, float | None]:
+    """CI's (gain threshold, dormant margin) fitted on the clean models among ``rows`` for ``fpr``
+    (``fit_two_channels`` on each clean row's trigger score and clean-image excess)."""
+    from scanner.engine.calibration import fit_two_channels
+
+    per_model = []
+    for r in rows:
+        if not r["truth_backdoored"]:
+            _, anomaly, works = trigger_check(r)
+            awake = clean_excess(r)
+            per_model.append((anomaly, works, None if awake is None else awake[0]))
+    return fit_two_channels(per_model, fpr)
+
+
 def first_candidates(row: dict[str, Any], c: int) -> dict[str, Any]:
     """A CI row as a run confirming only its ``c`` most drifted classes would have written it.
 
