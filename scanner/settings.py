@@ -177,6 +177,19 @@ def _device(name: str, value: Any, source: Source) -> str:
     return value
 
 
+def check_device(value: str, source: Source = "flag --device") -> str:
+    """A torch device name that is usable here: its form, and for CUDA, that torch sees a GPU."""
+    _device("device", value, source)
+    if value.startswith("cuda"):
+        import torch  # only here: settings stay importable without torch's start-up cost
+
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ConfigError(f"device {value!r} ({source}): torch sees no such CUDA GPU here "
+                              f"({torch.cuda.device_count()} visible); use cpu, or run on a machine with one")
+    return value
+
+
 def _plugins(name: str, value: Any, source: Source) -> tuple[str, ...] | None:
     if value is None:
         return None

@@ -77,3 +77,21 @@ def test_scan_path_on_cuda_matches_cpu(tmp_path_factory: pytest.TempPathFactory)
         assert m.verdict is ref.verdict, (Path(m.path).name, m.message)
         assert m.target_class == ref.target_class
     assert any(m.verdict in (Verdict.CLEAN, Verdict.BACKDOORED) for m in gpu.models)
+
+
+def test_zoo_eval_on_cuda_gives_the_cpu_rows(tmp_path_factory: pytest.TempPathFactory,
+                                             bundled_backbone: ClipBackbone) -> None:
+    from scanner.prompting.train import TrainConfig
+    from scanner.zoo.build import ZooPlan, build_zoo
+    from scanner.zoo.detect_eval import evaluate_zoo
+
+    root = tmp_path_factory.mktemp("cuda-zoo")
+    build_zoo(root, ZooPlan(datasets=("sizes",), attacks=("badnets",), clean_per_dataset=1, seed=0,
+                            train=TrainConfig(epochs=1), ood_size=40), bundled_backbone)
+    cpu = evaluate_zoo(root, bundled_backbone, ["ci", "nc"], config=CFG, accel="torch")
+    gpu = evaluate_zoo(root, bundled_backbone, ["ci", "nc"], config=CFG, accel="torch", device="cuda")
+    assert [(r["id"], r["detector"], r["flagged"], r["target"]) for r in gpu] == \
+        [(r["id"], r["detector"], r["flagged"], r["target"]) for r in cpu]
+    assert {r["device"] for r in gpu} == {"cuda"}
+    # the shared backbone is handed back on the CPU, where the next caller's learners are built
+    assert all(p.device.type == "cpu" for p in bundled_backbone.parameters())

@@ -172,3 +172,88 @@ def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path,
         cut = first_candidates(b, 1)
         assert cut["class_scores"] == a["class_scores"] and cut["anomaly_score"] == a["anomaly_score"]
         assert [e["candidate"] for e in cut["evidence"]] == [e["candidate"] for e in a["evidence"]]
+
+
+def test_shards_split_a_zoo_and_report_joins_them_as_one_run(zoo: Path, bundled_backbone: ClipBackbone,
+                                                             tmp_path: Path) -> None:
+    from scanner.zoo.detect_eval import load_manifest
+
+    ids = [m["id"] for m in load_manifest(zoo)["models"]]
+    whole = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=SMALL, accel="torch")
+    parts = [tmp_path / "s1.json", tmp_path / "s2.json"]
+    for k, part in enumerate(parts, start=1):
+        rows = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=part, config=SMALL, accel="torch", shard=(k, 2))
+        assert [r["id"] for r in rows] == ids[k - 1::2] and all(r["device"] == "cpu" for r in rows)
+    merged = tmp_path / "merged.json"
+    res = CliRunner().invoke(main, ["zoo", "report", *map(str, parts), "--zoo", str(zoo), "--json", str(merged)])
+    assert res.exit_code == 0, res.output
+    assert "2 rows from 2 file(s)" in res.output and "== ci: accuracy" in res.output
+    joined = json.loads(merged.read_text())["rows"]
+    # a seeded search does not depend on which process ran it: the shards hold the whole run's rows
+    assert sorted((r["id"], r["anomaly_score"], r["target"]) for r in joined) == \
+        sorted((r["id"], r["anomaly_score"], r["target"]) for r in whole)
+    # a shard listed twice adds nothing
+    again = CliRunner().invoke(main, ["zoo", "report", str(parts[0]), str(parts[0])])
+    assert again.exit_code == 0 and "1 rows from 2 file(s)" in again.output
+
+
+def test_report_refuses_files_that_measured_different_things(tmp_path: Path) -> None:
+    from scanner.zoo.detect_eval import merge_rows
+
+    base = {"ood_sha256": "a" * 64, "config": _config(), "accel": "auto", "rows": [_row([1.0], [0.5], [0.1], [0.1],
+                                                                                          truth=None)]}
+    a, b, c, junk = (tmp_path / n for n in ("a.json", "b.json", "c.json", "junk.json"))
+    a.write_text(json.dumps(base))
+    b.write_text(json.dumps({**base, "ood_sha256": "b" * 64}))
+    c.write_text(json.dumps({**base, "config": {**_config(), "lr": 0.5}}))
+    junk.write_text("{not json")
+    assert len(merge_rows([a])["rows"]) == 1
+    # a decision setting is not a search setting: files that differ only there are merged
+    d = tmp_path / "d.json"
+    d.write_text(json.dumps({**base, "config": {**_config(), "threshold": 3.0}}))
+    assert len(merge_rows([a, d])["rows"]) == 1
+    for other, words in ((b, "another OOD pool"), (c, "other search settings"), (junk, "not a `scanner zoo eval")):
+        res = CliRunner().invoke(main, ["zoo", "report", str(a), str(other)])
+        assert res.exit_code == 2 and words in res.output, res.output
+
+
+def _config() -> dict[str, Any]:
+    from scanner.zoo.detect_eval import _config_dict
+
+    return _config_dict(SMALL)
+
+
+def test_eval_rejects_a_bad_shard_or_an_absent_device(zoo: Path) -> None:
+    import torch
+
+    base = ["zoo", "eval", str(zoo), "--detectors", "ci", "--n-images", "48"]
+    for spec in ("3/2", "0/2", "half"):
+        res = CliRunner().invoke(main, [*base, "--shard", spec])
+        assert res.exit_code == 2 and "K/N" in res.output, res.output
+    res = CliRunner().invoke(main, [*base, "--device", "gpu"])
+    assert res.exit_code == 2 and "cpu, cuda, cuda:N or mps" in res.output
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(main, [*base, "--device", "cuda"])
+        assert res.exit_code == 2 and "torch sees no such CUDA GPU" in res.output, res.output
+
+
+def test_a_results_file_of_another_zoo_is_refused_not_resumed(zoo: Path, bundled_backbone: ClipBackbone,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=SMALL, accel="torch", shard=(1, 2))
+    saved = json.loads(out.read_text())
+    assert saved["zoo"]["seed"] == 0 and saved["shard"] == "1/2"
+    # another seed's zoo has the same model ids: its verdicts must not pass for this zoo's
+    other = {**saved, "zoo": {**saved["zoo"], "seed": 7}}
+    out.write_text(json.dumps(other))
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--n-images", "48",
+                                    "--json", str(out)])
+    assert res.exit_code == 2 and "another zoo (seed 7" in res.output, res.output
+    assert json.loads(out.read_text()) == other  # nothing lost
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(saved))
+    res = CliRunner().invoke(main, ["zoo", "report", str(mine), str(out)])
+    assert res.exit_code == 2 and "another zoo" in res.output
+    out.write_text(json.dumps({**saved, "rows": [{"id": "x"}]}))
+    res = CliRunner().invoke(main, ["zoo", "report", str(out)])
+    assert res.exit_code == 2 and "lack model ids" in res.output

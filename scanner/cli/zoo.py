@@ -169,8 +169,12 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the searches: cpu, cuda, cuda:1")
+@click.option("--shard", default=None, metavar="K/N",
+              help="evaluate only every N-th model from the K-th (parallel runs; join them with `scanner zoo report`)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
-          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None) -> None:
+          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, device: str,
+          shard: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -178,20 +182,23 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
 
     from scanner.clip import load_bundled
     from scanner.engine import DETECTORS, DetectorConfig
-    from scanner.zoo.detect_eval import evaluate_zoo, load_manifest, report
+    from scanner.settings import check_device
+    from scanner.zoo.detect_eval import evaluate_zoo, load_manifest, parse_shard, shard_models
 
     dets = _csv(detectors) or []
     bad = [d for d in dets if d not in DETECTORS]
     if bad:
         raise click.BadParameter(f"unknown detector(s) {bad}; expected from {', '.join(DETECTORS)}")
     try:
+        check_device(device)
+        part = parse_shard(shard) if shard is not None else None
         cfg = DetectorConfig(n_images=n_images)
         if threshold is not None:
             cfg = replace(cfg, threshold=threshold)
         if candidates is not None:
             cfg = replace(cfg, candidates=candidates)
         manifest = load_manifest(zoo_dir)
-        n = len(manifest["models"]) * len(dets)
+        n = len(shard_models(manifest["models"], part)) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")
 
         def on_result(r: dict[str, Any]) -> None:
@@ -201,10 +208,36 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
                       f"score={r['anomaly_score']:.2f} ({r['seconds']:.1f}s)")
 
         rows = evaluate_zoo(zoo_dir, load_bundled(), dets, out=json_out, config=cfg, seed=seed, on_result=on_result,
-                            accel=accel, accel_int8=accel_int8)
+                            accel=accel, accel_int8=accel_int8, device=device, shard=part)
         bar.close()
     except ScannerError as exc:
         _fail(exc)
+    _print_report(rows, manifest, json_out)
+
+
+@zoo.command("report")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--zoo", "zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="the zoo the files evaluated: adds the split by whether each backdoor works on OOD images")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="write the merged rows here (resumable)")
+def report_(files: tuple[Path, ...], zoo_dir: Path | None, json_out: Path | None) -> None:
+    """Print `zoo eval`'s report from saved `--json` files, joining shards or per-detector runs."""
+    from scanner.zoo.detect_eval import load_manifest, merge_rows, write_rows
+
+    try:
+        merged = merge_rows(files)
+        manifest = load_manifest(zoo_dir) if zoo_dir is not None else None
+        if json_out is not None:
+            write_rows(json_out, merged)
+    except ScannerError as exc:
+        _fail(exc)
+    click.echo(f"{len(merged['rows'])} rows from {len(files)} file(s)")
+    _print_report(merged["rows"], manifest, json_out)
+
+
+def _print_report(rows: list[dict[str, Any]], manifest: dict[str, Any] | None, json_out: Path | None) -> None:
+    from scanner.zoo.detect_eval import report
+
     rep = report(rows, manifest)
     for det, r in rep.items():
         o = r["overall"]

@@ -38,70 +38,152 @@ def load_manifest(zoo: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N): the K-th of N interleaved slices of a zoo's models (1 <= K <= N)."""
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must look like K/N (e.g. 2/4); got {spec!r}") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"shard K/N needs 1 <= K <= N; got {spec!r}")
+    return k, n
+
+
+def shard_models(models: Sequence[dict[str, Any]], shard: tuple[int, int] | None) -> list[dict[str, Any]]:
+    """The manifest models of ``shard`` (K, N): every N-th model from the K-th, so that each slice mixes
+    datasets, attacks and learners as the whole zoo does (and a slice cut short still says something)."""
+    if shard is None:
+        return list(models)
+    k, n = shard
+    return [m for i, m in enumerate(models) if i % n == k - 1]
+
+
 def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *, out: Path | None = None,
                  config: DetectorConfig | None = None, seed: int = 0, ood: torch.Tensor | None = None,
                  on_result: Callable[[dict[str, Any]], None] | None = None, accel: str = "auto",
-                 accel_int8: bool = False, cache_dir: Path | None = None) -> list[dict[str, Any]]:
+                 accel_int8: bool = False, cache_dir: Path | None = None, device: str = "cpu",
+                 shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Per (model, detector) rows: verdict, suspected target, anomaly score, seconds, ground truth.
 
     ``accel`` ("auto" | "onnx" | "torch") picks what does the forward-only encoder work, as in a scan
     (``scanner.accel.features``); the pool's clean features are encoded once for the whole zoo.
     ``cache_dir`` is the ONNX cache folder (default ``scanner.accel.default_cache_dir()``).
+    ``device`` runs the searches there (the backbone is moved there for the run and back to the CPU
+    after); ``shard`` (K, N) evaluates only that slice of the models (``shard_models``), so that several
+    processes or machines can share a zoo and ``merge_rows`` can join their files.
     """
     manifest = load_manifest(zoo)
     base = config or DetectorConfig()
     pool = ood if ood is not None else default_ood_pool(base.n_images, backbone.image_size,
                                                          seed=seed + EVAL_SEED_OFFSET)
     pool_hash = pool_sha256(pool)
-    feats = _forward_features(backbone, accel, accel_int8, cache_dir, pool, pool_hash)
+    feats = _forward_features(backbone, accel, accel_int8, cache_dir, pool, pool_hash, device)
     rows: list[dict[str, Any]] = []
     if out is not None and out.exists():
         prev = json.loads(out.read_text())
+        _check_same_zoo(prev.get("zoo"), manifest.get("zoo"), out)
         if (prev.get("ood_sha256") == pool_hash and _evidence_config(prev.get("config") or {})
                 == _evidence_config(_config_dict(base)) and prev.get("accel", "torch") == accel):
             # the same searches: keep their evidence, and decide it again if the decision settings differ
             rows = [_redecided(r, base) for r in prev["rows"]]
     done = {(r["id"], r["detector"]) for r in rows}
-    for m in manifest["models"]:
-        ckpt = None
-        for det in detectors:
-            if (m["id"], det) in done:
-                continue
-            if ckpt is None:
-                ckpt = load_checkpoint(zoo / m["path"], backbone)
-            model = PromptedCLIP(backbone, ckpt.learner)
-            info: dict[str, Any] = {"image": "torch", "text": "torch"}
-            if feats is not None:
-                gate = pool[: base.n_images][-INT8_GATE_IMAGES:] if accel_int8 else None
-                info = feats.attach(model, gate).to_dict()
-            cfg = DetectorConfig(**{**_config_dict(base), "detector": det})
-            t0 = time.perf_counter()
-            res = detect(model, pool, cfg, seed=seed)
-            row = {
-                "id": m["id"], "dataset": m["dataset"], "attack": m["attack"], "learner": m["learner"],
-                "n_classes": m["n_classes"], "truth_backdoored": m["attack"] != "none",
-                "truth_target": m["target_index"], "detector": det, "flagged": res.backdoored,
-                "target": res.target_index, "anomaly_score": res.anomaly_score, "threshold": res.threshold,
-                "dormant_margin": cfg.dormant_margin if det == "ci" else None,
-                "seconds": time.perf_counter() - t0,
-                "class_scores": [c.anomaly_score for c in res.classes],
-                "evidence": [c.evidence for c in res.classes], "accel": info,
-            }
-            rows.append(row)
-            if out is not None:
-                _write(out, {"ood_sha256": pool_hash, "config": _config_dict(base), "accel": accel, "rows": rows})
-            if on_result is not None:
-                on_result(row)
+    header = {"zoo": manifest.get("zoo"), "ood_sha256": pool_hash, "config": _config_dict(base), "accel": accel,
+              "device": device, "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
+    pool = pool.to(device)
+    try:
+        for m in shard_models(manifest["models"], shard):
+            ckpt = None
+            for det in detectors:
+                if (m["id"], det) in done:
+                    continue
+                if ckpt is None:
+                    ckpt = load_checkpoint(zoo / m["path"], backbone)
+                row = _evaluate_one(m, det, PromptedCLIP(backbone, ckpt.learner).to(device), pool, base, seed,
+                                    feats, accel_int8)
+                rows.append(row)
+                if out is not None:
+                    write_rows(out, {**header, "rows": rows})
+                if on_result is not None:
+                    on_result(row)
+    finally:
+        backbone.to("cpu")  # the caller's backbone, where it was given
     return rows
 
 
+def _evaluate_one(m: dict[str, Any], det: str, model: PromptedCLIP, pool: torch.Tensor, base: DetectorConfig,
+                  seed: int, feats: ForwardFeatures | None, accel_int8: bool) -> dict[str, Any]:
+    """One detector's row for manifest model ``m`` (``model`` already on the pool's device)."""
+    info: dict[str, Any] = {"image": "torch", "text": "torch"}
+    if feats is not None:
+        gate = pool[: base.n_images][-INT8_GATE_IMAGES:] if accel_int8 else None
+        info = feats.attach(model, gate).to_dict()
+    cfg = DetectorConfig(**{**_config_dict(base), "detector": det})
+    t0 = time.perf_counter()
+    res = detect(model, pool, cfg, seed=seed)
+    return {
+        "id": m["id"], "dataset": m["dataset"], "attack": m["attack"], "learner": m["learner"],
+        "n_classes": m["n_classes"], "truth_backdoored": m["attack"] != "none",
+        "truth_target": m["target_index"], "detector": det, "flagged": res.backdoored,
+        "target": res.target_index, "anomaly_score": res.anomaly_score, "threshold": res.threshold,
+        "dormant_margin": cfg.dormant_margin if det == "ci" else None,
+        "seconds": time.perf_counter() - t0, "device": pool.device.type,
+        "class_scores": [c.anomaly_score for c in res.classes],
+        "evidence": [c.evidence for c in res.classes], "accel": info,
+    }
+
+
+def _check_same_zoo(saved: dict[str, Any] | None, zoo: dict[str, Any] | None, path: Path) -> None:
+    """Refuse rows of another zoo: zoos share model ids ("shapes/badnets"), so a resumed file of another
+    seed would pass its verdicts off as this zoo's (files written before the zoo was recorded pass)."""
+    if saved is not None and zoo is not None and saved != zoo:
+        raise ConfigError(f"{path} holds the evaluation of another zoo (seed {saved.get('seed')}, backbone "
+                          f"{str(saved.get('backbone_sha256'))[:12]}), not this one (seed {zoo.get('seed')}, "
+                          f"backbone {str(zoo.get('backbone_sha256'))[:12]}); give another --json path")
+
+
+def merge_rows(files: Sequence[Path]) -> dict[str, Any]:
+    """One evaluation file from several (shards, or runs of different detectors): their rows must come from
+    the same OOD pool and the same search settings, else they measure different things and cannot be
+    merged. A (model, detector) pair held by two files is kept once (the first file's)."""
+    if not files:
+        raise ConfigError("no evaluation files to merge")
+    merged: dict[str, Any] | None = None
+    seen: set[tuple[str, str]] = set()
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+            rows = data["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} is not a `scanner zoo eval --json` file ({type(exc).__name__}: {exc})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "detector"} <= r.keys() for r in rows):
+            raise ConfigError(f"{path} is not a `scanner zoo eval --json` file (its rows lack model ids or detectors)")
+        if merged is None:
+            merged = {k: v for k, v in data.items() if k not in ("rows", "shard")} | {"rows": []}
+        else:
+            _check_same_zoo(data.get("zoo"), merged.get("zoo"), path)
+        if data.get("ood_sha256") != merged.get("ood_sha256"):
+            raise ConfigError(f"{path} was evaluated on another OOD pool ({str(data.get('ood_sha256'))[:12]}, not "
+                              f"{str(merged.get('ood_sha256'))[:12]}): evaluate both with the same --seed "
+                              "and --n-images on the same backbone")
+        elif _evidence_config(data.get("config") or {}) != _evidence_config(merged.get("config") or {}):
+            raise ConfigError(f"{path} was evaluated with other search settings than {files[0]}; "
+                              "merge only runs of one configuration")
+        for r in rows:
+            key = (r["id"], r["detector"])
+            if key not in seen:
+                seen.add(key)
+                merged["rows"].append(r)
+    assert merged is not None
+    return merged
+
+
 def _forward_features(backbone: ClipBackbone, accel: str, int8: bool, cache_dir: Path | None, pool: torch.Tensor,
-                      pool_hash: str) -> ForwardFeatures | None:
+                      pool_hash: str, device: str) -> ForwardFeatures | None:
     if accel == "torch":
         return None
     from scanner.accel.features import forward_features
 
-    feats = forward_features(backbone, accel, cache_dir=cache_dir, int8=int8)
+    feats = forward_features(backbone, accel, cache_dir=cache_dir, int8=int8, device=device)
     if feats is not None:
         feats.register_pool(pool, pool_hash)
     return feats
@@ -129,7 +211,9 @@ def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
     return d
 
 
-def _write(path: Path, data: dict[str, Any]) -> None:
+def write_rows(path: Path, data: dict[str, Any]) -> None:
+    """Write an evaluation file atomically (a reader never sees half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)

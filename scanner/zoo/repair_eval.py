@@ -13,7 +13,6 @@ the zoo's (deterministic) implant and accepted only when it hashes to the manife
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from scanner.repair import RepairConfig, repair_prompt
 from scanner.zoo import attack_eval as E
 from scanner.zoo.attacks import Attack, make_attack
 from scanner.zoo.datasets import get_spec, load_split
-from scanner.zoo.detect_eval import EVAL_SEED_OFFSET, load_manifest
+from scanner.zoo.detect_eval import EVAL_SEED_OFFSET, load_manifest, write_rows
 from scanner.zoo.ood import default_ood_pool, pool_sha256
 
 ASR_OOD_SIZES = (300, 500)  # the builder's ASR-OOD pool sizes (quick, full); drawn from zoo seed + 1
@@ -122,7 +121,7 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
         row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed, clean)
         rows.append(row)
         if out is not None:
-            _write(out, {"settings": settings, "rows": rows})
+            write_rows(out, {"settings": settings, "rows": rows})
         if on_result is not None:
             on_result(row)
     return rows
@@ -170,13 +169,6 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _mean(values: list[float | None]) -> float | None:
