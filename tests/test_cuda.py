@@ -95,3 +95,16 @@ def test_zoo_eval_on_cuda_gives_the_cpu_rows(tmp_path_factory: pytest.TempPathFa
     assert {r["device"] for r in gpu} == {"cuda"}
     # the shared backbone is handed back on the CPU, where the next caller's learners are built
     assert all(p.device.type == "cpu" for p in bundled_backbone.parameters())
+
+
+def test_pretraining_steps_run_on_cuda() -> None:
+    from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain
+
+    losses: list[float] = []
+    cfg = PretrainConfig(phases=(Phase(3, 1e-3, caption_aware=True),), batch_size=16, warmup=1, device="cuda",
+                         workers=2)
+    bb, _ = pretrain(cfg, lambda step, loss, scale: losses.append(loss))
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # handed back frozen, on the CPU, where learners are built
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in bb.parameters())
+    assert bb.mean.device.type == "cpu"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -45,6 +46,31 @@ def test_short_run_is_reproducible_and_freezes() -> None:
     assert a.content_hash() == b.content_hash()
     assert not any(p.requires_grad for p in a.model.parameters())
     assert rec["pairs_seen"] == 16
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_the_stream_does_not_depend_on_how_many_workers_render_it() -> None:
+    from dataclasses import replace
+
+    from scanner.zoo.pretrain import _PairStream
+
+    stream = _PairStream(seed=3, batch_size=4, size=32, start=5, stop=10, focus=0.5, drill=0.5)
+
+    def batches(workers: int) -> list[tuple[torch.Tensor, list[str]]]:
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+        return list(loader)
+
+    alone, three = batches(0), batches(3)  # 5 steps over 3 workers: uneven shares, still in order
+    assert len(alone) == len(three) == 5
+    for (ia, ca), (ib, cb) in zip(alone, three, strict=True):
+        assert ca == cb and torch.equal(ia, ib)
+    cfg = PretrainConfig(phases=(Phase(3, 1e-3),), batch_size=8, warmup=1)
+    a, _ = pretrain(replace(cfg, workers=0))
+    b, rec = pretrain(replace(cfg, workers=2))
+    assert a.content_hash() == b.content_hash()
+    assert rec["config"]["workers"] == 2 and rec["config"]["device"] == "cpu"  # type: ignore[index]
+    with pytest.raises(ValueError, match="workers"):
+        PretrainConfig(workers=-1)
 
 
 def test_a_resumed_run_gives_the_uninterrupted_weights() -> None:

@@ -40,7 +40,11 @@ def zoo() -> None:
               help="weights (safetensors) saved after --start-phase phases of the same recipe: continue from them")
 @click.option("--start-phase", type=click.IntRange(min=0), default=0, show_default=True,
               help="how many phases the --resume weights have done")
-def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None, start_phase: int) -> None:
+@click.option("--device", default="cpu", show_default=True, help="torch device for the training steps: cpu, cuda")
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
+              help="processes rendering training pairs (on a GPU: about the number of free CPU cores)")
+def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None, start_phase: int, device: str,
+             workers: int) -> None:
     """Contrastively pre-train the bundled tiny CLIP from scratch, or resume it between phases
     (reproducible from the seed: a resumed run gives the weights an uninterrupted one gives)."""
     from dataclasses import replace
@@ -48,9 +52,14 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
     from tqdm import tqdm
 
     from scanner.clip.backbone import bundled_weights_path, read_fp32_weights
+    from scanner.settings import check_device
     from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain, save_weights
 
-    cfg = PretrainConfig(seed=seed)
+    try:
+        check_device(device)
+    except ScannerError as exc:
+        _fail(exc)
+    cfg = PretrainConfig(seed=seed, device=device, workers=workers)
     if steps is not None:  # a short run for a smoke test: one phase at the first phase's rate
         cfg = replace(cfg, phases=(Phase(steps, cfg.phases[0].lr),))
     if (resume is None) != (start_phase == 0):
