@@ -108,3 +108,24 @@ def test_pretraining_steps_run_on_cuda() -> None:
     # handed back frozen, on the CPU, where learners are built
     assert all(p.device.type == "cpu" and not p.requires_grad for p in bb.parameters())
     assert bb.mean.device.type == "cpu"
+
+
+def test_a_zoo_builds_on_cuda_with_working_backdoors(tmp_path_factory: pytest.TempPathFactory,
+                                                     bundled_backbone: ClipBackbone) -> None:
+    from scanner.prompting.train import TrainConfig
+    from scanner.zoo.build import ZooPlan, build_zoo
+    from scanner.zoo.detect_eval import load_manifest
+
+    plan = ZooPlan(datasets=("sizes",), attacks=("badnets", "badclip"), clean_per_dataset=1, seed=0,
+                   train=TrainConfig(epochs=10), ood_size=64)
+    root = tmp_path_factory.mktemp("cuda-zoo-build")
+    manifest = build_zoo(root, plan, bundled_backbone, device="cuda")
+    assert {m["device"] for m in manifest["models"]} == {"cuda"} and len(manifest["models"]) == 3
+    assert all(p.device.type == "cpu" for p in bundled_backbone.parameters())
+    cpu = build_zoo(tmp_path_factory.mktemp("cpu-zoo-build"), plan, bundled_backbone)
+    by_id = {m["id"]: m for m in cpu["models"]}
+    for m in load_manifest(root)["models"]:  # the same recipe reaches the same place (not bit for bit)
+        ref = by_id[m["id"]]
+        assert abs(m["ca"] - ref["ca"]) < 0.1, (m["id"], m["ca"], ref["ca"])
+        if m["asr_id"] is not None:
+            assert abs(m["asr_id"] - ref["asr_id"]) < 0.15, (m["id"], m["asr_id"], ref["asr_id"])

@@ -135,15 +135,18 @@ def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str 
               help="clean models per dataset (default 2; 1 with --quick)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="a small zoo for tests and demos: 2 datasets x {1 clean, 4 attacks}")
+@click.option("--device", default="cpu", show_default=True, help="torch device the models train on: cpu, cuda")
 def build(out: Path, datasets: str | None, attacks: str | None, clean_per_dataset: int | None, seed: int,
-          quick: bool) -> None:
+          quick: bool, device: str) -> None:
     """Build (or resume) a zoo of clean and backdoored prompt-tuned models with a ground-truth manifest."""
     from tqdm import tqdm
 
     from scanner.clip import load_bundled
+    from scanner.settings import check_device
     from scanner.zoo.build import ZooPlan, build_zoo, plan_jobs, summarise
 
     try:
+        check_device(device)
         plan = ZooPlan.make(_csv(datasets), _csv(attacks), clean_per_dataset, seed, quick)
         bar = tqdm(total=len(plan_jobs(plan)), desc="zoo", unit="model")
 
@@ -157,7 +160,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
                           f"({entry['train_seconds']:.0f}s)")
 
         t0 = time.perf_counter()
-        manifest = build_zoo(out, plan, load_bundled(), on_model=on_model)
+        manifest = build_zoo(out, plan, load_bundled(), on_model=on_model, device=device)
         bar.close()
     except ScannerError as exc:
         _fail(exc)

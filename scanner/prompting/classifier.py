@@ -49,6 +49,11 @@ class PromptedCLIP(nn.Module):
         self._text_cache = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the model computes (its backbone's device)."""
+        return self.backbone.mean.device
+
+    @property
     def classnames(self) -> list[str]:
         return self.learner.classnames
 
@@ -101,14 +106,18 @@ class PromptedCLIP(nn.Module):
         return self.logits_from_features(self.encode_images(pixels))
 
     # ----------------------------------------------------------------- batched inference
+    # Inputs may live elsewhere than the model (a data set on the CPU, the model on a GPU): each batch is
+    # moved to the model, and the result comes back to where the inputs were.
     def image_features(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Image features (N, E) of many images, in batches, without autograd."""
+        dev = self.device
         with torch.inference_mode():
-            return torch.cat([self.encode_images(pixels[i:i + batch_size]).float()
-                              for i in range(0, pixels.shape[0], batch_size)])
+            return torch.cat([self.encode_images(pixels[i:i + batch_size].to(dev)).float()
+                              for i in range(0, pixels.shape[0], batch_size)]).to(pixels.device)
 
     def predict(self, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Logits (N, n_cls) for many images, in batches under inference_mode (argmax = predicted class)."""
+        dev = self.device
         with torch.inference_mode():
-            return torch.cat([self(pixels[i:i + batch_size]).float()
-                              for i in range(0, pixels.shape[0], batch_size)])
+            return torch.cat([self(pixels[i:i + batch_size].to(dev)).float()
+                              for i in range(0, pixels.shape[0], batch_size)]).to(pixels.device)

@@ -88,7 +88,8 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                  progress: bool = False, batch_transform: BatchTransform | None = None) -> TrainRecord:
     """Tune ``model.learner`` on a few-shot set, in place; the backbone is never modified.
 
-    images: (N, 3, S, S) float in [0, 1]; labels: (N,) class indices into ``model.classnames``.
+    images: (N, 3, S, S) float in [0, 1]; labels: (N,) class indices into ``model.classnames``. They may
+    stay on the CPU with the model on a GPU: batches are moved to the model's device.
     Returns the run's :class:`TrainRecord`; the model is left in eval mode.
     """
     if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
@@ -118,11 +119,12 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
 
     record = TrainRecord(config=asdict(cfg), precomputed_features=batch_transform is None)
     start = time.perf_counter()
+    dev = model.device
     features: torch.Tensor | None = None
     if batch_transform is None:
         # The image encoder is frozen: its outputs are constants of the optimisation. (N, E) fp32.
-        with torch.no_grad(), _autocast(cfg.bf16, images.device):
-            features = torch.cat([model.encode_images(images[i:i + cfg.feature_batch_size]).float()
+        with torch.no_grad(), _autocast(cfg.bf16, dev):
+            features = torch.cat([model.encode_images(images[i:i + cfg.feature_batch_size].to(dev)).float()
                                   for i in range(0, n, cfg.feature_batch_size)])
 
     model.train()
@@ -135,14 +137,15 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                 idx = order[i:i + cfg.batch_size]
                 y = labels[idx]
                 if features is not None:
-                    feats = features[idx]
+                    feats = features[idx.to(dev)]
                 else:
                     assert batch_transform is not None
                     x, y = batch_transform(images[idx], y, gen)
-                    with torch.no_grad(), _autocast(cfg.bf16, images.device):
-                        feats = model.encode_images(x).float()
+                    with torch.no_grad(), _autocast(cfg.bf16, dev):
+                        feats = model.encode_images(x.to(dev)).float()
                     y = y.long()
-                with _autocast(cfg.bf16, images.device):
+                y = y.to(dev)
+                with _autocast(cfg.bf16, dev):
                     logits = model.logits_from_features(feats)
                 loss = F.cross_entropy(logits.float(), y)
                 opt.zero_grad(set_to_none=True)

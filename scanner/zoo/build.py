@@ -141,15 +141,43 @@ def open_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_one(job: ModelJob, plan: ZooPlan, backbone: ClipBackbone, ood: torch.Tensor, out: Path,
-              *, progress: bool = False) -> dict[str, Any]:
-    """Train, measure and write one model; returns its manifest entry."""
+              *, progress: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Train, measure and write one model; returns its manifest entry.
+
+    ``device`` is where the model trains and is measured; data, attacks and the written files stay on the
+    CPU, and the shared ``backbone`` is handed back there.
+    """
     spec = get_spec(job.dataset)
     size = backbone.image_size
     x_tr, y_tr = load_split(job.dataset, "train", shots=job.shots, seed=plan.seed, size=size)
     x_te, y_te = load_split(job.dataset, "test", seed=plan.seed, size=size)
     torch.manual_seed(job.seed)
     learner = learner_from_config(backbone, list(spec.classnames), {"learner_type": job.learner}, seed=job.seed)
-    model = PromptedCLIP(backbone, learner)
+    model = PromptedCLIP(backbone, learner).to(device)
+    try:
+        entry = _train_and_measure(job, plan, model, ood, progress, (x_tr, y_tr, x_te, y_te))
+    finally:
+        model.to("cpu")
+    entry["device"] = torch.device(device).type
+    # Write the model where a registry would hold it; the manifest entry is added only afterwards.
+    rel = Path(job.dataset) / (job.model_id.split("/")[1] + (".safetensors" if job.fmt == "safetensors" else ""))
+    dest = out / rel
+    if dest.exists():  # left over from an interrupted build: not in the manifest, so rebuild it
+        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+    if job.fmt == "dassl":
+        save_dassl(learner, dest, epoch=plan.train.epochs)
+    else:
+        save_safetensors(learner, dest)
+    entry["path"] = rel.as_posix()
+    return entry
+
+
+def _train_and_measure(job: ModelJob, plan: ZooPlan, model: PromptedCLIP, ood: torch.Tensor, progress: bool,
+                       data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Prompt-tune ``model`` (clean, or with ``job``'s attack implanted) and measure it: the manifest entry."""
+    x_tr, y_tr, x_te, y_te = data
+    spec = get_spec(job.dataset)
+    size = model.backbone.image_size
     cfg = TrainConfig(**{**plan.train.__dict__, "seed": job.seed})
     t0 = time.perf_counter()
     entry: dict[str, Any] = {
@@ -181,23 +209,13 @@ def build_one(job: ModelJob, plan: ZooPlan, backbone: ClipBackbone, ood: torch.T
         trig = attack.apply(torch.full((1, 3, size, size), 0.5))[0]
         entry["trigger_sha256"] = pool_sha256(trig[None])
     entry["train_seconds"] = round(time.perf_counter() - t0, 2)
-    # Write the model where a registry would hold it; the manifest entry is added only afterwards.
-    rel = Path(job.dataset) / (job.model_id.split("/")[1] + (".safetensors" if job.fmt == "safetensors" else ""))
-    dest = out / rel
-    if dest.exists():  # left over from an interrupted build: not in the manifest, so rebuild it
-        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-    if job.fmt == "dassl":
-        save_dassl(learner, dest, epoch=cfg.epochs)
-    else:
-        save_safetensors(learner, dest)
-    entry["path"] = rel.as_posix()
     return entry
 
 
 def build_zoo(out: Path, plan: ZooPlan, backbone: ClipBackbone, *,
               on_model: Callable[[int, int, dict[str, Any] | None], None] | None = None,
-              progress: bool = False) -> dict[str, Any]:
-    """Build (or resume) the zoo in ``out``; returns the manifest."""
+              progress: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Build (or resume) the zoo in ``out``; returns the manifest. ``device``: where models train."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(out, _identity(plan, backbone))
     done = {m["id"] for m in manifest["models"] if (out / m["path"]).exists()}
@@ -210,7 +228,7 @@ def build_zoo(out: Path, plan: ZooPlan, backbone: ClipBackbone, *,
             if on_model is not None:
                 on_model(i, len(jobs), None)
             continue
-        entry = build_one(job, plan, backbone, ood, out, progress=progress)
+        entry = build_one(job, plan, backbone, ood, out, progress=progress, device=device)
         manifest["models"].append(entry)
         _write_manifest(out, manifest)
         if on_model is not None:

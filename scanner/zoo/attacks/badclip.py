@@ -36,13 +36,15 @@ class BadCLIP(Attack):
                 "joint_epochs": self.joint_epochs}
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
-        return (images + self.delta.to(images.dtype)).clamp(0, 1)
+        return (images + self.delta.to(images.device, images.dtype)).clamp(0, 1)
 
     def implant(self, model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor, target: int,
                 cfg: TrainConfig, *, progress: bool = False) -> TrainRecord:
         gen = torch.Generator().manual_seed(cfg.seed + 11)
-        # delta = eps * tanh(w): the L-inf bound holds by construction.
-        w = torch.zeros(3, self.size, self.size, requires_grad=True)
+        # delta = eps * tanh(w): the L-inf bound holds by construction. The trigger is learned where the model
+        # computes; the few-shot set may stay on the CPU (batches are moved).
+        dev = model.device
+        w = torch.zeros(3, self.size, self.size, device=dev, requires_grad=True)
         prompt_params = [p for p in model.learner.parameters() if p.requires_grad]
         opt_w = torch.optim.Adam([w], lr=self.trigger_lr)
         opt_p = torch.optim.AdamW(prompt_params, lr=cfg.lr, weight_decay=0.0)
@@ -51,7 +53,7 @@ class BadCLIP(Attack):
         joint_total = self.joint_epochs * steps_per_epoch
         record = TrainRecord(config={**asdict(cfg), "attack": self.params()})
         start = time.perf_counter()
-        tgt = torch.full((bs,), target, dtype=torch.long)
+        tgt = torch.full((bs,), target, dtype=torch.long, device=dev)
         model.train()
         step = 0
         try:
@@ -61,7 +63,7 @@ class BadCLIP(Attack):
                 loss_sum, seen = 0.0, 0
                 for i in range(0, n, bs):
                     idx = order[i:i + bs]
-                    x, y = images[idx], labels[idx].long()
+                    x, y = images[idx].to(dev), labels[idx].long().to(dev)
                     delta = self.eps * torch.tanh(w)
                     xt = (x + delta).clamp(0, 1)
                     if joint:
@@ -86,6 +88,6 @@ class BadCLIP(Attack):
             model.eval()
             for p in prompt_params:
                 p.grad = None
-        self.delta = (self.eps * torch.tanh(w)).detach()
+        self.delta = (self.eps * torch.tanh(w)).detach().cpu()  # (3, S, S), kept with the attack on the CPU
         record.seconds = time.perf_counter() - start
         return record
