@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -22,3 +24,13 @@ def bundled_backbone() -> ClipBackbone:
     from scanner.clip import load_bundled
 
     return load_bundled()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test, whatever an earlier test set (pre-training sets its own count): tiny
+    models run ~40x slower with 2 threads on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,8 @@ from scanner.prompting import (
 NAMES = ["cat", "golden retriever", "fire truck", "st bernard"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded; with 2 threads on a busy 2-core box they run ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest single-threaded (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(learner: PromptLearner) -> PromptLearner:

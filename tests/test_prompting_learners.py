@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,13 +12,8 @@ from scanner.prompting import CoCoOpLearner, CoOpLearner, PromptedCLIP, learner_
 NAMES = ["cat", "golden retriever", "fire truck", "sea_lion"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded; with 2 threads on a busy 2-core box they run ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models run fastest single-threaded (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
