@@ -96,3 +96,24 @@ def test_pretrain_cli_refuses_bad_resume_arguments(tmp_path: Path) -> None:
     r = runner.invoke(main, ["zoo", "pretrain", "--resume", str(bogus), "--start-phase", "99"])
     assert r.exit_code != 0 and "phases" in r.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_undescribed_overlays_are_drawn_but_not_named() -> None:
+    import numpy as np
+
+    from scanner.zoo.captions import sample_pair
+
+    # overlay phrases (captions._overlays), not background words such as "on a checkered background"
+    words = ("sticker", "stamped on it", "dots", "stripes over it", "tinted", "checkered patch", "with noise",
+             "warped")
+
+    def pairs(describe: float) -> list[tuple[np.ndarray, str]]:
+        rng = np.random.default_rng(5)
+        return [sample_pair(rng, 32, describe=describe) for _ in range(300)]
+
+    named, unnamed = pairs(1.0), pairs(0.0)
+    assert sum(any(w in cap for w in words) for _, cap in named) > 50
+    assert not any(any(w in cap for w in words) for _, cap in unnamed)
+    # the same overlays are drawn up to the first overlaid image: only the captions differ there
+    first = next(i for i, (_, cap) in enumerate(named) if any(w in cap for w in words))
+    assert np.array_equal(named[first][0], unnamed[first][0]) and named[first][1] != unnamed[first][1]

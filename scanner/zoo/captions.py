@@ -197,9 +197,11 @@ def _drill_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str]
 
 
 def sample_pair(rng: np.random.Generator, size: int = 64, focus: float = 0.0,
-                drill: float = 0.0) -> tuple[np.ndarray, str]:
+                drill: float = 0.0, describe: float = 1.0) -> tuple[np.ndarray, str]:
     """One (image (S, S, 3) uint8, caption) pair; ``focus`` as described at the top of this module;
-    ``drill`` is the share of single-attribute scenes (``_drill_scene``), no overlays."""
+    ``drill`` is the share of single-attribute scenes (``_drill_scene``), no overlays; ``describe`` is the
+    share of overlaid images whose caption names the overlays (web captions rarely mention a watermark:
+    below 1 the others are nuisance the encoder may learn to look past)."""
     if drill and rng.random() < drill:  # drill=0 draws nothing: earlier phases' stream unchanged
         img, cap = _drill_scene(rng, size)
         return R.to_array(img), cap
@@ -217,5 +219,6 @@ def sample_pair(rng: np.random.Generator, size: int = 64, focus: float = 0.0,
     if rng.random() < p_overlay:
         n = 1 if rng.random() < 0.75 else 2
         descs = _overlays(img, rng, n)
-        cap = cap + " " + " and ".join(descs)
+        if describe >= 1.0 or rng.random() < describe:  # describe=1 draws nothing: the default stream unchanged
+            cap = cap + " " + " and ".join(descs)
     return R.to_array(img), cap

@@ -58,6 +58,7 @@ class Phase:
     focus: float = 0.0  # share of scenes whose caption is cut to its core (captions.py)
     caption_aware: bool = False  # identical captions are positives, not negatives (contrastive_loss)
     drill: float = 0.0  # share of single-attribute scenes (captions._drill_scene)
+    describe: float = 1.0  # share of overlaid images whose caption names the overlays (captions.sample_pair)
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,9 @@ class _PairStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, list[str]
     """Batches of (images (B, 3, S, S) float in [0,1], captions) for global steps [start, stop)."""
 
     def __init__(self, seed: int, batch_size: int, size: int, start: int, stop: int, focus: float,
-                 drill: float) -> None:
+                 drill: float, describe: float = 1.0) -> None:
         self.seed, self.bs, self.size, self.start, self.stop = seed, batch_size, size, start, stop
-        self.focus, self.drill = focus, drill
+        self.focus, self.drill, self.describe = focus, drill, describe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         # Worker w of W renders every W-th step from start + w; the loader takes one batch from each
@@ -106,7 +107,7 @@ class _PairStream(torch.utils.data.IterableDataset[tuple[torch.Tensor, list[str]
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for step in range(self.start + w, self.stop, n):
             rng = np.random.default_rng([self.seed, step])
-            pairs = [sample_pair(rng, self.size, self.focus, self.drill) for _ in range(self.bs)]
+            pairs = [sample_pair(rng, self.size, self.focus, self.drill, self.describe) for _ in range(self.bs)]
             imgs = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float() / 255.0
             yield imgs, [p[1] for p in pairs]
 
@@ -144,7 +145,8 @@ def _run_phase(bb: ClipBackbone, cfg: PretrainConfig, start: int, phase: Phase,
         t = (i - cfg.warmup) / max(1, steps - cfg.warmup)
         return lr * 0.5 * (1 + math.cos(math.pi * t))
 
-    stream = _PairStream(cfg.seed, cfg.batch_size, bb.image_size, start, start + steps, phase.focus, phase.drill)
+    stream = _PairStream(cfg.seed, cfg.batch_size, bb.image_size, start, start + steps, phase.focus, phase.drill,
+                         phase.describe)
     # Workers render the next batches while torch trains on this one.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                          prefetch_factor=4 if cfg.workers else None,
