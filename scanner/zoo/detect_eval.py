@@ -158,7 +158,8 @@ def merge_rows(files: Sequence[Path]) -> dict[str, Any]:
         if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "detector"} <= r.keys() for r in rows):
             raise ConfigError(f"{path} is not a `scanner zoo eval --json` file (its rows lack model ids or detectors)")
         if merged is None:
-            merged = {k: v for k, v in data.items() if k not in ("rows", "shard")} | {"rows": []}
+            # shard and device describe one process; each row records its own device
+            merged = {k: v for k, v in data.items() if k not in ("rows", "shard", "device")} | {"rows": []}
         else:
             _check_same_zoo(data.get("zoo"), merged.get("zoo"), path)
         if data.get("ood_sha256") != merged.get("ood_sha256"):
