@@ -16,7 +16,7 @@ import click
 
 from scanner.errors import ConfigError
 from scanner.report import ExitCode
-from scanner.settings import Settings, load_settings, parse_backbone_pairs
+from scanner.settings import Settings, check_device, load_settings, parse_backbone_pairs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -24,6 +24,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 def fail(message: str, code: int) -> NoReturn:
     click.echo(f"scanner: error: {message}", err=True)
     sys.exit(code)
+
+
+def device_option(help: str) -> Callable[[F], F]:
+    """``--device`` (default cpu), checked while the command line is parsed: a malformed name, or a CUDA
+    device torch cannot see, is a usage error (exit 2) before any work starts."""
+
+    def checked(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        try:
+            return check_device(value)
+        except ConfigError as exc:
+            fail(str(exc), int(ExitCode.USAGE))
+
+    return click.option("--device", default="cpu", show_default=True, help=help, callback=checked)
 
 
 def model_source_options(f: F) -> F:

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from scanner.cli import main
-from scanner.cli._shared import fail
+from scanner.cli._shared import device_option, fail
 from scanner.errors import ScannerError
 
 
@@ -40,7 +40,7 @@ def zoo() -> None:
               help="weights (safetensors) saved after --start-phase phases of the same recipe: continue from them")
 @click.option("--start-phase", type=click.IntRange(min=0), default=0, show_default=True,
               help="how many phases the --resume weights have done")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the training steps: cpu, cuda")
+@device_option("torch device for the training steps: cpu, cuda")
 @click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True,
               help="processes rendering training pairs (on a GPU: about the number of free CPU cores)")
 def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None, start_phase: int, device: str,
@@ -52,13 +52,8 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
     from tqdm import tqdm
 
     from scanner.clip.backbone import bundled_weights_path, read_fp32_weights
-    from scanner.settings import check_device
     from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain, save_weights
 
-    try:
-        check_device(device)
-    except ScannerError as exc:
-        _fail(exc)
     cfg = PretrainConfig(seed=seed, device=device, workers=workers)
     if steps is not None:  # a short run for a smoke test: one phase at the first phase's rate
         cfg = replace(cfg, phases=(Phase(steps, cfg.phases[0].lr),))
@@ -135,18 +130,16 @@ def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str 
               help="clean models per dataset (default 2; 1 with --quick)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quick", is_flag=True, help="a small zoo for tests and demos: 2 datasets x {1 clean, 4 attacks}")
-@click.option("--device", default="cpu", show_default=True, help="torch device the models train on: cpu, cuda")
+@device_option("torch device the models train on: cpu, cuda")
 def build(out: Path, datasets: str | None, attacks: str | None, clean_per_dataset: int | None, seed: int,
           quick: bool, device: str) -> None:
     """Build (or resume) a zoo of clean and backdoored prompt-tuned models with a ground-truth manifest."""
     from tqdm import tqdm
 
     from scanner.clip import load_bundled
-    from scanner.settings import check_device
     from scanner.zoo.build import ZooPlan, build_zoo, plan_jobs, summarise
 
     try:
-        check_device(device)
         plan = ZooPlan.make(_csv(datasets), _csv(attacks), clean_per_dataset, seed, quick)
         bar = tqdm(total=len(plan_jobs(plan)), desc="zoo", unit="model")
 
@@ -181,7 +174,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the searches: cpu, cuda, cuda:1")
+@device_option("torch device for the searches: cpu, cuda, cuda:1")
 @click.option("--shard", default=None, metavar="K/N",
               help="evaluate only every N-th model from the K-th (parallel runs; join them with `scanner zoo report`)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
@@ -194,7 +187,6 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
 
     from scanner.clip import load_bundled
     from scanner.engine import DETECTORS, DetectorConfig
-    from scanner.settings import check_device
     from scanner.zoo.detect_eval import evaluate_zoo, load_manifest, parse_shard, shard_models
 
     dets = _csv(detectors) or []
@@ -202,7 +194,6 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
     if bad:
         raise click.BadParameter(f"unknown detector(s) {bad}; expected from {', '.join(DETECTORS)}")
     try:
-        check_device(device)
         part = parse_shard(shard) if shard is not None else None
         cfg = DetectorConfig(n_images=n_images)
         if threshold is not None:
