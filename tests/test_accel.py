@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from scanner.accel import STATS, ForwardEncoders, cached_image_features, reset_registry, top1_agreement
 from scanner.accel.cache import CacheKey, OnnxCache
 from scanner.accel.export import ExportError, example_inputs, export_encoder
+from scanner.accel.quantize import output_projection, quantize_int8
 from scanner.accel.sessions import CPU, CUDA, _cpuinfo_physical_cores, provider_options, select_providers
 from scanner.clip import ClipBackbone
 
@@ -285,6 +286,25 @@ def test_int8_gate_accepts_and_rejects(random_backbone: ClipBackbone, warm_cache
     )
     assert strict.image_backend == "onnx-fp32"  # the same measured agreement now fails the gate
     assert STATS.exports_performed == exports  # the gate result was read from the sidecar, not re-measured
+
+
+def test_int8_keeps_the_output_projection_in_fp32(random_backbone: ClipBackbone, warm_cache: Path,
+                                                  tmp_path: Path) -> None:
+    # the tower's last product (one token per image) carries most of int8's error for no speed
+    graph = OnnxCache(warm_cache).load(_image_key(ForwardEncoders.for_backbone(random_backbone, cache_dir=warm_cache)))
+    assert graph is not None
+    src = onnx.load(str(graph.path), load_external_data=False)
+    keep = output_projection(src)
+    products = [n.name for n in src.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert keep == [products[-1]] and "resblocks" not in keep[0]  # found by structure: the nearest to the output
+    dst = tmp_path / "int8.onnx"
+    quantize_int8(graph.path, dst)
+    out = onnx.load(str(dst), load_external_data=False)
+    ops = {n.name: n.op_type for n in out.graph.node}
+    assert ops[keep[0]] == "MatMul"  # untouched, fp32 weights
+    assert sum(op == "MatMulInteger" for op in ops.values()) >= 10  # the blocks' weight products are int8
+    no_output: onnx.ModelProto = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    assert output_projection(no_output) == []
 
 
 # --------------------------------------------------------------------- CLI

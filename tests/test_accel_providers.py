@@ -17,7 +17,11 @@ from scanner.accel.sessions import CPU, CUDA, OPENVINO, PROVIDER_ENV, select_pro
 from scanner.clip import ClipBackbone
 
 HAS_OPENVINO = importlib.util.find_spec("onnxruntime_ep_openvino") is not None
-needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="the openvino extra is not installed")
+# installed is not enough: on some CPUs (an AMD EPYC, Zen 4) the plugin loads but offers no CPU device
+needs_openvino = pytest.mark.skipif(
+    not HAS_OPENVINO or S.openvino_device() is None,
+    reason="the openvino extra is not installed, or its plugin offers no CPU device on this machine",
+)
 
 
 @pytest.fixture
@@ -60,6 +64,18 @@ def test_cpu_choice_keeps_onnxruntimes_own_provider(
     monkeypatch.setenv(PROVIDER_ENV, "cpu")
     enc = ForwardEncoders.for_backbone(random_backbone, cache_dir=tmp_path)
     assert enc.providers == [CPU]
+
+
+def test_openvino_without_a_cpu_device_leaves_the_cpu_provider(
+    monkeypatch: pytest.MonkeyPatch, fresh: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(S, "openvino_device", lambda: None)  # what the plugin gives on an AMD EPYC
+    monkeypatch.setattr(S, "gpu_present", lambda: False)
+    assert S.best_providers() == [CPU]
+    monkeypatch.setenv(PROVIDER_ENV, "openvino")
+    with caplog.at_level(logging.WARNING, logger="scanner"):
+        assert S.best_providers() == [CPU]
+    assert "SCANNER_ONNX_PROVIDER=openvino is not available here" in caplog.text
 
 
 @needs_openvino

@@ -38,6 +38,7 @@ from scanner.accel.export import (
 )
 from scanner.accel.quantize import (
     INT8_MIN_AGREEMENT,
+    INT8_RECIPE,
     default_gate_pool,
     default_gate_text_features,
     quantize_int8,
@@ -490,7 +491,7 @@ def _int8_image(
             "min_cosine": cos,
         }
 
-    graph = _produce_graph(cache, _key(backbone, "image", "int8", extra=gate_key), produce, hook)
+    graph = _produce_graph(cache, _key(backbone, "image", "int8", extra=f"{INT8_RECIPE}:{gate_key}"), produce, hook)
     return _open(graph, "image-int8", threads, hook, providers=int8_providers()), float(graph.meta["top1_agreement"])
 
 

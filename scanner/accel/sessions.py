@@ -87,6 +87,9 @@ def openvino_device() -> ort.OrtEpDevice | None:
         log.warning("the OpenVINO execution provider is installed but did not load (%s); using the CPU one", exc)
         return None
     cpu = [d for d in devices if d.ep_metadata.get("ov_device") == "CPU"]
+    if not cpu:
+        # e.g. an AMD EPYC (Zen 4): the plugin loads but offers no CPU device, so onnxruntime's own kernels serve
+        log.info("the OpenVINO execution provider offers no CPU device on this machine; using the CPU one")
     return cpu[0] if cpu else None
 
 
