@@ -1,0 +1,81 @@
+"""Should CI score a confirmed class by its best trigger family, or by both? Re-decided from saved rows.
+
+    python benchmarks/family_rules_cv.py runs/eval_seed1_ci.json runs/quick_ci.json [--fpr 0.05]
+
+Each JSON is a ``scanner zoo eval ZOO --detectors ci --json`` run. CI confirms its candidate class with two
+trigger families (sticker, soft patch) and today scores the class by the larger gain. For each rule below
+every row's class scores are recomputed from the recorded per-family gains; then, for each dataset in turn,
+CI's two lines are fitted (as ``scanner calibrate`` fits them) on the clean models of the *other* datasets
+and applied to the held-out one (leave one dataset out: models of one dataset share class names, so a line
+fitted on them would have seen their kind). Printed per rule: held-out accuracy, TPR, FPR, target accuracy,
+and AUROC over all rows (trigger channel alone; both channels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sklearn.metrics import roc_auc_score
+
+from scanner.zoo.detect_eval import combined_score, fit_ci_lines, metrics, redecide
+
+Rule = Callable[[float, float], float]  # (sticker gain, patch gain) -> class score
+RULES: dict[str, Rule] = {
+    "max (today)": lambda s, p: max(s, p),
+    "sum": lambda s, p: s + p,
+    "sum of positives": lambda s, p: max(s, 0.0) + max(p, 0.0),
+    "min": lambda s, p: min(s, p),
+    "sticker only": lambda s, p: s,
+    "patch only": lambda s, p: p,
+    "max + half the min": lambda s, p: max(s, p) + 0.5 * max(min(s, p), 0.0),
+}
+
+
+def rescored(row: dict[str, Any], rule: Rule) -> dict[str, Any]:
+    """``row`` with its class scores recomputed by ``rule`` (-1 where no class was confirmed with both)."""
+    scores = [rule(float(e["gain_sticker"]), float(e["gain_patch"]))
+              if e.get("candidate") and "gain_sticker" in e and "gain_patch" in e else -1.0
+              for e in row["evidence"]]
+    return {**row, "class_scores": scores, "anomaly_score": max(scores)}
+
+
+def leave_one_dataset_out(rows: list[dict[str, Any]], fpr: float) -> list[dict[str, Any]]:
+    """Every row decided by the lines fitted on the clean models of the other datasets."""
+    decided = []
+    for d in sorted({r["dataset"] for r in rows}):
+        threshold, margin = fit_ci_lines([r for r in rows if r["dataset"] != d], fpr)
+        for r in rows:
+            if r["dataset"] == d:
+                flagged, target = redecide(r, threshold, margin)
+                decided.append({**r, "flagged": flagged, "target": target, "threshold": threshold,
+                                "dormant_margin": margin})
+    return decided
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="`scanner zoo eval --detectors ci --json` files")
+    ap.add_argument("--fpr", type=float, default=0.05)
+    args = ap.parse_args()
+    rows = [r for p in args.runs for r in json.loads(p.read_text())["rows"] if r["detector"] == "ci"]
+    if not any(r["truth_backdoored"] for r in rows) or all(r["truth_backdoored"] for r in rows):
+        ap.error("the rows need both clean and backdoored models")
+    print(f"{len(rows)} models, {sum(not r['truth_backdoored'] for r in rows)} clean; lines fitted at FPR "
+          f"{args.fpr} leaving one dataset out")
+    y = [int(r["truth_backdoored"]) for r in rows]
+    for name, rule in RULES.items():
+        cut = [rescored(r, rule) for r in rows]
+        m = metrics(leave_one_dataset_out(cut, args.fpr))
+        t_all, m_all = fit_ci_lines(cut, args.fpr)
+        auc = roc_auc_score(y, [r["anomaly_score"] for r in cut])
+        both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in cut])
+        print(f"{name:20s} accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
+              f"target {m['target_accuracy']:.3f}  | AUROC trigger {auc:.3f}, both {both:.3f}")
+
+
+if __name__ == "__main__":
+    main()
