@@ -1,6 +1,7 @@
 """Should CI score a confirmed class by its best trigger family, or by both? Re-decided from saved rows.
 
-    python benchmarks/family_rules_cv.py runs/eval_seed1_ci.json runs/quick_ci.json [--fpr 0.05]
+    python benchmarks/family_rules_cv.py runs/eval_seed1_ci.json runs/quick_ci.json [--fpr 0.05] \
+        [--held-out runs/eval_seed2_ci.json]
 
 Each JSON is a ``scanner zoo eval ZOO --detectors ci --json`` run. CI confirms its candidate class with two
 trigger families (sticker, soft patch) and today scores the class by the larger gain. For each rule below
@@ -8,7 +9,9 @@ every row's class scores are recomputed from the recorded per-family gains; then
 CI's two lines are fitted (as ``scanner calibrate`` fits them) on the clean models of the *other* datasets
 and applied to the held-out one (leave one dataset out: models of one dataset share class names, so a line
 fitted on them would have seen their kind). Printed per rule: held-out accuracy, TPR, FPR, target accuracy,
-and AUROC over all rows (trigger channel alone; both channels).
+and AUROC over all rows (trigger channel alone; both channels). With ``--held-out`` the lines are fitted on
+the clean models of all the runs given and judged on that other zoo's rows alone (accuracy, TPR, FPR,
+target accuracy, AUROC of its rows).
 """
 
 from __future__ import annotations
@@ -60,12 +63,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="`scanner zoo eval --detectors ci --json` files")
     ap.add_argument("--fpr", type=float, default=0.05)
+    ap.add_argument("--held-out", type=Path, default=None, help="judge this zoo's rows with lines fitted on the runs")
     args = ap.parse_args()
     rows = [r for p in args.runs for r in json.loads(p.read_text())["rows"] if r["detector"] == "ci"]
     if not any(r["truth_backdoored"] for r in rows) or all(r["truth_backdoored"] for r in rows):
         ap.error("the rows need both clean and backdoored models")
+    how = f"judged on {args.held_out}" if args.held_out else "leaving one dataset out"
     print(f"{len(rows)} models, {sum(not r['truth_backdoored'] for r in rows)} clean; lines fitted at FPR "
-          f"{args.fpr} leaving one dataset out")
+          f"{args.fpr}, {how}")
+    held = ([r for r in json.loads(args.held_out.read_text())["rows"] if r["detector"] == "ci"]
+            if args.held_out else [])
+    if held:
+        print(f"held-out zoo: {len(held)} models, {sum(not r['truth_backdoored'] for r in held)} clean")
+        yh = [int(r["truth_backdoored"]) for r in held]
+        for name, rule in RULES.items():
+            t, margin = fit_ci_lines([rescored(r, rule) for r in rows], args.fpr)
+            cut = [rescored(r, rule) for r in held]
+            decided = []
+            for r in cut:
+                flagged, target = redecide(r, t, margin)
+                decided.append({**r, "flagged": flagged, "target": target, "threshold": t, "dormant_margin": margin})
+            m = metrics(decided)
+            auc = roc_auc_score(yh, [r["anomaly_score"] for r in cut])
+            both = roc_auc_score(yh, [combined_score(r, t, margin) for r in cut])
+            print(f"{name:20s} accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
+                  f"target {m['target_accuracy']:.3f}  | AUROC trigger {auc:.3f}, both {both:.3f}  | line {t:.2f}")
+        return
     y = [int(r["truth_backdoored"]) for r in rows]
     for name, rule in RULES.items():
         cut = [rescored(r, rule) for r in rows]
