@@ -22,9 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sklearn.metrics import roc_auc_score
-
-from scanner.zoo.detect_eval import combined_score, fit_ci_lines, metrics, redecide
+from scanner.zoo.detect_eval import fit_ci_lines, metrics, redecide
 
 Rule = Callable[[float, float], float]  # (sticker gain, patch gain) -> class score
 RULES: dict[str, Rule] = {
@@ -75,30 +73,18 @@ def main() -> None:
             if args.held_out else [])
     if held:
         print(f"held-out zoo: {len(held)} models, {sum(not r['truth_backdoored'] for r in held)} clean")
-        yh = [int(r["truth_backdoored"]) for r in held]
-        for name, rule in RULES.items():
-            t, margin = fit_ci_lines([rescored(r, rule) for r in rows], args.fpr)
-            cut = [rescored(r, rule) for r in held]
-            decided = []
-            for r in cut:
-                flagged, target = redecide(r, t, margin)
-                decided.append({**r, "flagged": flagged, "target": target, "threshold": t, "dormant_margin": margin})
-            m = metrics(decided)
-            auc = roc_auc_score(yh, [r["anomaly_score"] for r in cut])
-            both = roc_auc_score(yh, [combined_score(r, t, margin) for r in cut])
-            print(f"{name:20s} accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
-                  f"target {m['target_accuracy']:.3f}  | AUROC trigger {auc:.3f}, both {both:.3f}  | line {t:.2f}")
-        return
-    y = [int(r["truth_backdoored"]) for r in rows]
     for name, rule in RULES.items():
         cut = [rescored(r, rule) for r in rows]
-        m = metrics(leave_one_dataset_out(cut, args.fpr))
-        t_all, m_all = fit_ci_lines(cut, args.fpr)
-        auc = roc_auc_score(y, [r["anomaly_score"] for r in cut])
-        both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in cut])
+        t, margin = fit_ci_lines(cut, args.fpr)
+        if held:  # the lines fitted on every run given, judged on the other zoo alone
+            m = metrics([rescored(r, rule) for r in held], t, margin)
+            aurocs = m
+        else:  # verdicts from lines that never saw the dataset; AUROC over all rows at the lines fitted on all
+            m = metrics(leave_one_dataset_out(cut, args.fpr))
+            aurocs = metrics(cut, t, margin)
         print(f"{name:20s} accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
-              f"target {m['target_accuracy']:.3f}  | AUROC trigger {auc:.3f}, both {both:.3f}")
-
+              f"target {m['target_accuracy']:.3f}  | AUROC trigger {aurocs['auroc']:.3f}, "
+              f"both {aurocs['auroc_combined']:.3f}  | line on the runs' clean models {t:.2f}")
 
 if __name__ == "__main__":
     main()

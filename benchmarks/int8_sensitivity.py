@@ -22,26 +22,19 @@ Activation x activation products (attention scores) are never quantised (``MatMu
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import statistics
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 import onnx
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from scanner.accel.bench import _cached_image_graph, bench_backbone, task_agreement
+from scanner.accel.bench import _cached_image_graph, bench_backbone, interleaved_medians, task_agreement
 from scanner.accel.encoders import ForwardEncoders
 from scanner.accel.quantize import (
-    _root_info_muted,
     default_gate_pool,
     default_gate_text_features,
+    dynamic_int8,
     output_projection,
-    quantizer_names,
     top1_agreement,
 )
 from scanner.accel.sessions import CPU, OnnxEncoder
@@ -62,28 +55,11 @@ def product_group(node: str, output: list[str]) -> str:
     return "attn-out" if "Gemm" in node or "out_proj" in node else "scores"
 
 
-def quantized(src: Path, dst: Path, nodes: list[str]) -> None:
-    """``src`` with dynamic int8 (per-channel weights) on ``nodes`` alone, written to ``dst``."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _root_info_muted():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=quantizer_names(nodes))
-
-
 def speed_ratio(fp32: OnnxEncoder, q: OnnxEncoder, x: torch.Tensor, rounds: int = 5) -> float:
     """images/s of ``q`` over ``fp32`` on the batch ``x`` (interleaved rounds, medians)."""
     arr = x.numpy()
-    fp32.run([arr], len(arr))
-    q.run([arr], len(arr))
-    tf, tq = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fp32.run([arr], len(arr))
-        tf.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        q.run([arr], len(arr))
-        tq.append(time.perf_counter() - t0)
-    return statistics.median(tf) / statistics.median(tq)
+    t = interleaved_medians({"fp32": lambda: fp32.run([arr], len(arr)), "q": lambda: q.run([arr], len(arr))}, rounds)
+    return t["fp32"] / t["q"]
 
 
 def run(arch: str, n_images: int, threads: int) -> None:
@@ -119,7 +95,7 @@ def run(arch: str, n_images: int, threads: int) -> None:
             if not nodes:
                 continue
             dst = Path(tmp) / "q.onnx"
-            quantized(graph.path, dst, nodes)
+            dynamic_int8(graph.path, dst, include=nodes)
             q = OnnxEncoder(dst, providers=[CPU], threads=threads)
             feats = torch.from_numpy(q.run([pool.numpy()], 64))
             err = float((1 - torch.nn.functional.cosine_similarity(ref, feats)).mean())

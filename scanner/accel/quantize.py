@@ -133,9 +133,14 @@ def quantize_int8(src: Path, dst: Path) -> None:
     Per-channel weights keep the error of the wide projections small; the output projection stays fp32
     (``output_projection``); the graph is otherwise unchanged.
     """
+    dynamic_int8(src, dst, exclude=output_projection(onnx.load(str(src), load_external_data=False)))
+
+
+def dynamic_int8(src: Path, dst: Path, *, include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+    """onnxruntime's dynamic int8 (int8 per-channel weights) on the MatMul/Gemm nodes named in ``include``
+    (all when None) less those in ``exclude``, written to ``dst``; its console chatter muted."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    keep = output_projection(onnx.load(str(src), load_external_data=False))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _root_info_muted():
         warnings.simplefilter("ignore")
         quantize_dynamic(
@@ -144,7 +149,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
             weight_type=QuantType.QInt8,
             per_channel=True,
             op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_exclude=quantizer_names(keep),
+            nodes_to_quantize=quantizer_names(include) if include is not None else None,
+            nodes_to_exclude=quantizer_names(exclude or []),
         )
 
 
