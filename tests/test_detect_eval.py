@@ -84,6 +84,12 @@ def test_two_channel_calibration_spends_the_budget_once() -> None:
     assert fit_two_channels([(1.0, True, None)], fpr=0.0) == (1.0, None)
     with pytest.raises(ValueError):
         fit_two_channels([], fpr=0.05)
+    # a margin given is kept; the clean models above it spend the budget before the threshold gets any
+    # excesses 0.85, 0.9, 0.95 are over 0.82: three models spend more than the budget of two, so the line sits
+    # on the highest working score left (16; flagging is "above")
+    assert fit_two_channels(clean, fpr=0.1, margin=0.82) == (16.0, 0.82)
+    # none over 0.99: two of the working scores (18, 16, 14, ...) may pass the line
+    assert fit_two_channels(clean, fpr=0.1, margin=0.99) == (14.0, 0.99)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +117,14 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
     again = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=stricter, accel="torch")
     assert [r["evidence"] for r in again] == [r["evidence"] for r in first]
     assert not any(r["flagged"] for r in again) and all(r["threshold"] == 1e9 for r in again)
+    # the family bonus is a decision setting too: saved rows are re-scored from their recorded per-family gains
+    best_only = DetectorConfig(**{**SMALL.__dict__, "family_bonus": 0.0})
+    rescored = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=best_only, accel="torch")
+    for r, r0 in zip(rescored, first, strict=True):
+        for k, e in enumerate(r["evidence"]):
+            gains = [e[f"gain_{f}"] for f in SMALL.families] if e["candidate"] else None
+            assert r["class_scores"][k] == (max(gains) if gains else r0["class_scores"][k])
+        assert r["anomaly_score"] == max(r["class_scores"])
 
 
 def test_calibrate_writes_both_channels(zoo: Path, tmp_path: Path) -> None:
@@ -140,6 +154,18 @@ def test_calibrate_pools_the_clean_models_of_several_zoos(zoo: Path, tmp_path: P
     assert bad.exit_code == 2 and "one --eval-json per zoo" in bad.output
 
 
+def test_calibrate_can_keep_the_dormant_margin(zoo: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "scanner.toml"
+    args = ["calibrate", str(zoo), "--eval-json", str(tmp_path / "a.json"), "--config", str(toml), "--n-images",
+            "48", "--fpr", "0.0", "--dormant-margin", "0.95"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["dormant_margin"] == 0.95
+    assert tomllib.loads(toml.read_text())["detector_options"]["dormant_margin"] == 0.95
+    bad = CliRunner().invoke(main, [*args, "--detector", "nc"])
+    assert bad.exit_code == 2 and "ci detector only" in bad.output
+
+
 def test_fitted_lines_are_written_rounded_up() -> None:
     from scanner.cli.calibrate import _round_up
 
@@ -153,12 +179,12 @@ def test_eval_help_states_the_default_threshold_in_force() -> None:
 
     res = CliRunner().invoke(main, ["zoo", "eval", "--help"])
     text = " ".join(res.output.split())  # click wraps help lines
-    assert res.exit_code == 0 and f"CI: trigger gain {DEFAULT_THRESHOLDS['ci']:g}" in text
+    assert res.exit_code == 0 and f"CI: trigger score {DEFAULT_THRESHOLDS['ci']:g}" in text
 
 
 def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path, bundled_backbone: ClipBackbone,
                                                                      tmp_path: Path) -> None:
-    from scanner.zoo.detect_eval import first_candidates
+    from scanner.zoo.detect_eval import first_candidates, rescore_ci
 
     one = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=SMALL, accel="torch")
     two_cfg = DetectorConfig(**{**SMALL.__dict__, "candidates": 2})
@@ -172,6 +198,8 @@ def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path,
         cut = first_candidates(b, 1)
         assert cut["class_scores"] == a["class_scores"] and cut["anomaly_score"] == a["anomaly_score"]
         assert [e["candidate"] for e in cut["evidence"]] == [e["candidate"] for e in a["evidence"]]
+        # re-scored with another bonus, the cut row still scores only its one confirmed class
+        assert rescore_ci(cut, 0.0)["class_scores"] == rescore_ci(a, 0.0)["class_scores"]
 
 
 def test_shards_split_a_zoo_and_report_joins_them_as_one_run(zoo: Path, bundled_backbone: ClipBackbone,

@@ -81,6 +81,8 @@ def test_config_is_validated() -> None:
         DetectorConfig(families=("hologram",))
     with pytest.raises(ConfigError, match="dormant_margin"):
         DetectorConfig(dormant_margin=0.0)
+    with pytest.raises(ConfigError, match="family_bonus"):
+        DetectorConfig(family_bonus=1.5)
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
@@ -99,7 +101,7 @@ def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model:
     assert not _decision(model, flat, [-0.3, 0.7, -0.4]).backdoored  # within the margin
     assert not _decision(model, flat, [-0.3, 0.9, -0.6], dormant_margin=1.0).backdoored  # switched off
     # a working trigger names its own class first
-    both = _decision(model, [0.05, 0.06, 0.95], [-0.3, 0.9, -0.6])
+    both = _decision(model, [0.05, 0.06, 1.2], [-0.3, 0.9, -0.6])
     assert both.backdoored and both.target_index == 2 and "reconstructed trigger" in both.reason
     assert "no reconstructed trigger works" in _decision(model, flat, [0.0, 0.0, 0.0]).reason
     # the trigger channel is a gain threshold: just over it flags, just under it does not
@@ -123,6 +125,34 @@ def test_trigger_gain_measures_each_model_from_its_own_start() -> None:
     assert trigger_gain(0.9, 0.8, 0.1, 0.0) == pytest.approx(0.0)
     # the twin moving *away* from the class is not counted in the suspect's favour
     assert trigger_gain(0.7, 0.1, 0.1, 0.3) == pytest.approx(0.6)
+
+
+def test_a_class_answering_to_both_trigger_families_scores_higher() -> None:
+    from scanner.engine.ci import class_score
+
+    # a planted patch trigger: the sticker and the soft patch both move most held-out images into the class
+    assert class_score([0.8, 0.6], 0.5) == pytest.approx(1.1)
+    # a clean class's natural trigger answers to one family: its score is that family's gain
+    assert class_score([-0.01, 0.97], 0.5) == pytest.approx(0.97)
+    assert class_score([0.8, 0.6], 0.0) == pytest.approx(0.8)  # no bonus: the best family alone
+    assert class_score([0.4], 0.5) == pytest.approx(0.4)  # one family searched
+    assert class_score([0.3, 0.2, 0.9], 1.0) == pytest.approx(1.2)  # only the next best counts
+    with pytest.raises(ValueError, match="at least one"):
+        class_score([], 0.5)
+
+
+def test_each_confirmed_class_is_scored_from_its_families_gains(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    from scanner.engine.ci import class_score
+
+    for bonus in (0.0, 0.5):
+        cfg = DetectorConfig(**{**SMALL.__dict__, "family_bonus": bonus})
+        res = detect(model, pool, cfg, seed=0)
+        confirmed = [c for c in res.classes if c.evidence["candidate"]]
+        assert len(confirmed) == cfg.candidates
+        for c in confirmed:
+            gains = [c.evidence[f"gain_{f}"] for f in cfg.families]
+            assert c.anomaly_score == pytest.approx(class_score(gains, bonus))
+        assert res.anomaly_score == max(c.anomaly_score for c in res.classes)
 
 
 def test_saved_rows_are_redecided_by_the_engine_rule(model: PromptedCLIP) -> None:

@@ -50,16 +50,19 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
               show_default=True, help="settings file the threshold is written to")
 @click.option("--eval-json", "eval_jsons", type=click.Path(path_type=Path), multiple=True,
               help="reuse/extend `scanner zoo eval --json` rows; give one per zoo, in the same order")
+@click.option("--dormant-margin", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="CI: keep the dormant margin at this value and fit only the threshold (default: fit both)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True)
 def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file: Path,
-              eval_jsons: tuple[Path, ...], seed: int, n_images: int) -> None:
+              eval_jsons: tuple[Path, ...], dormant_margin: float | None, seed: int, n_images: int) -> None:
     """Fit the decision threshold on the clean models of one or more zoos for a target FPR and write it to
     settings. Several zoos (e.g. built with different seeds) pool their clean models: a threshold fitted on
     more of them holds better on models it has not seen.
 
-    For CI both channels are fitted: the dormant margin on half the budget, the anomaly threshold on the
-    rest. Saved rows (``--eval-json``) are reused; they are only re-decided, never re-run.
+    For CI both channels are fitted: the dormant margin on half the budget, the score threshold on the
+    rest (``--dormant-margin`` keeps the margin, and the clean models above it spend the budget first).
+    Saved rows (``--eval-json``) are reused; they are only re-decided, never re-run.
     """
     from scanner.clip import load_bundled
     from scanner.engine import DetectorConfig
@@ -68,6 +71,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
 
     margin: float | None = None
     try:
+        if dormant_margin is not None and detector != "ci":
+            raise click.UsageError("--dormant-margin is a setting of the ci detector only")
         if eval_jsons and len(eval_jsons) != len(zoo_dirs):
             raise click.UsageError(f"give one --eval-json per zoo ({len(zoo_dirs)} zoos, {len(eval_jsons)} files), "
                                    "or none")
@@ -81,7 +86,7 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
             raise click.UsageError(f"{', '.join(map(str, zoo_dirs))}: no clean models to calibrate on; build a zoo "
                                    "with --clean-per-dataset")
         if detector == "ci":
-            t, margin = fit_ci_lines(clean_rows, fpr)
+            t, margin = fit_ci_lines(clean_rows, fpr, dormant_margin)
         else:
             t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)
         write_threshold(config_file, t, margin)

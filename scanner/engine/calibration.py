@@ -22,19 +22,23 @@ def threshold_for_fpr(clean_scores: Sequence[float], fpr: float, *, minimum: flo
 
 
 def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: float, *,
-                     margin_floor: float = 0.5) -> tuple[float, float | None]:
+                     margin_floor: float = 0.5, margin: float | None = None) -> tuple[float, float | None]:
     """(threshold, dormant_margin) for CI's two channels on clean models, at most ``fpr`` flagged in all.
 
     ``clean`` holds per clean model (anomaly score, whether its best trigger works, clean-image excess over
     zero-shot prompts or None). The margin takes half the budget, never below ``margin_floor`` (a prompt
     must send at least that share of clean images beyond zero-shot to be called awake); the threshold
     takes what the margin left, counting only models whose trigger works (the others cannot flag).
+    A ``margin`` given is kept as it is, and the clean models above it still spend the budget: a margin
+    chosen to catch prompts that fire on clean images (WaNet), past which a few clean outliers would push
+    a fitted one.
     """
     if not clean:
         raise ValueError("no clean models to calibrate on")
     n = len(clean)
     excesses = [e for _, _, e in clean if e is not None]
-    margin = threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor) if excesses else None
+    if margin is None and excesses:
+        margin = threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor)
     awake = [e is not None and margin is not None and e > margin for _, _, e in clean]
     left = max(0, math.floor(fpr * n) - sum(awake))
     rest = sorted((a for (a, works, _), up in zip(clean, awake, strict=True) if works and not up), reverse=True)

@@ -19,13 +19,15 @@ Design (ours; the paper's details are not public), cost independent of the class
    a sticker and a soft patch), each trigger followed by a random translation (``max_shift`` px) so that
    small universal adversarial patterns, which reach any class of a small CLIP, do not survive.
    Cost: candidates x families epochs, whatever the class count.
-4. *Decide.* A candidate's score is its trigger's gain: how far the trigger moves held-out images into
-   the class in the suspect (its share with the trigger minus its natural share) beyond how far it moves
-   them in the twin (the same, measured on the twin, counted only when positive; ``trigger_gain``). Each
-   model is measured against its own starting point, so a class that plain prompts already make the sink
-   of OOD photos (the twin sends 0.8 of them there) still shows a planted trigger that the suspect's
-   prompt had pushed away from clean photos. The model is flagged when the best gain passes the
-   threshold (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``); ``ci_verdict``.
+4. *Decide.* A trigger's gain is how far it moves held-out images into the class in the suspect (its
+   share with the trigger minus its natural share) beyond how far it moves them in the twin (the same,
+   measured on the twin, counted only when positive; ``trigger_gain``). Each model is measured against
+   its own starting point, so a class that plain prompts already make the sink of OOD photos (the twin
+   sends 0.8 of them there) still shows a planted trigger that the suspect's prompt had pushed away from
+   clean photos. A candidate's score is its best family's gain plus ``family_bonus`` times the next
+   family's (``class_score``): a planted trigger tends to answer to both families, a clean class's
+   natural trigger to one. The model is flagged when the best score passes the threshold
+   (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``); ``ci_verdict``.
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
    with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. The most drifted
@@ -39,7 +41,7 @@ class, one epoch each, anomaly index over the per-class ASR gain.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +99,15 @@ def trigger_gain(triggered: float, twin_triggered: float, natural: float, twin_n
     """How far a trigger moves held-out images into its class in the suspect (share with the trigger minus
     the natural share) beyond how far it moves them in the twin (the same on the twin, when positive)."""
     return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
+
+
+def class_score(gains: Sequence[float], bonus: float) -> float:
+    """A confirmed class's score from its trigger families' gains: the best, plus ``bonus`` times the next
+    best when that is positive (one family alone scores its gain)."""
+    ranked = sorted(gains, reverse=True)
+    if not ranked:
+        raise ValueError("a confirmed class needs at least one trigger family's gain")
+    return ranked[0] + bonus * max(ranked[1], 0.0) if len(ranked) > 1 else ranked[0]
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,10 @@ class _BestTriggers:
         self.images[k] = trig.image().cpu()  # evidence lives on the CPU whatever device ran the search
         self.raw[k] = trig.raw().cpu()
 
+    def settle(self, k: int, value: float) -> None:
+        """Class ``k``'s final score once all its triggers were offered (the trigger kept is the best one's)."""
+        self.score[k] = value
+
 
 def _size_weight(family: str, cfg: DetectorConfig) -> float:
     return cfg.patch_weight if family == "patch" else 0.0
@@ -217,6 +232,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                                prompt_drift=float(drift[k]), drift_anomaly=float(drift_anomaly[k]))
         cands = [int(k) for k in torch.argsort(drift_anomaly, descending=True, stable=True)[:m]]
         for t in cands:
+            gains: list[float] = []
             for fam in cfg.families:
                 trig = make_trigger(fam, size, cfg, gen, pool.device)
                 optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
@@ -227,9 +243,11 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 evidence[t].update({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
                                     f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain})
                 best.offer(t, gain, trig)
+                gains.append(gain)
                 done += 1
                 if progress is not None:
                     progress(f"confirm:{model.classnames[t]}:{fam}", done, total)
+            best.settle(t, class_score(gains, cfg.family_bonus))
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
     return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
@@ -273,9 +291,10 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     top, awake = v.trigger_class, v.awake_class
     name = model.classnames[top]
     if v.channel == "trigger":
-        reason = (f"a reconstructed trigger moves {float(score[top]):.2f} of held-out clean OOD images into {name!r} "
-                  f"beyond what it does to the zero-shot twin (threshold {thr:.2f}); the prompt of {name!r} drifted "
-                  f"from plain prompts with anomaly {evidence[top].get('drift_anomaly', float('nan')):.2f}")
+        reason = (f"reconstructed triggers move held-out clean OOD images into {name!r} beyond what they do to the "
+                  f"zero-shot twin ({_gains_text(evidence[top], cfg)}): score {float(score[top]):.2f} > threshold "
+                  f"{thr:.2f}; the prompt of {name!r} drifted from plain prompts with anomaly "
+                  f"{evidence[top].get('drift_anomaly', float('nan')):.2f}")
     elif v.channel == "awake":
         drifted = bool(v.weighed[awake] != excess[awake])
         reason = (f"not dormant on clean inputs: {model.classnames[awake]!r} takes {float(excess[awake]):.2f} more of "
@@ -283,9 +302,16 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
                   + (f", x{DRIFTED_BAR:.2f} for a prompt that drifted with anomaly {float(drift_anomaly[awake]):.2f})"
                      if drifted else ")"))
     else:
-        reason = (f"no reconstructed trigger works: the best moves {float(score[top]):.2f} of held-out images into "
-                  f"{name!r} beyond the twin (threshold {thr:.2f}); no class is awake on clean images")
+        reason = (f"no reconstructed trigger works: the best score is {float(score[top]):.2f}, for {name!r} "
+                  f"({_gains_text(evidence[top], cfg)}; threshold {thr:.2f}); no class is awake on clean images")
     return _result("ci", model, best, score, natural, evidence, v.flagged, v.target, thr, reason, seed, start)
+
+
+def _gains_text(ev: dict[str, float], cfg: DetectorConfig) -> str:
+    """'sticker gain 0.85, patch gain 0.53' from a class's evidence: the shares of held-out images each
+    family's trigger moves into it beyond the twin (the score adds ``family_bonus`` x the second best)."""
+    parts = [f"{fam} gain {ev[f'gain_{fam}']:.2f}" for fam in cfg.families if f"gain_{fam}" in ev]
+    return ", ".join(parts) if parts else "not confirmed"
 
 
 def _decide_plain(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,

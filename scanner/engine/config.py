@@ -12,13 +12,15 @@ DETECTORS = ("ci", "ci-plain", "nc", "pixel")
 # confirmed a WaNet target (the dormancy check finds those) and a blend never beat the patch
 DEFAULT_FAMILIES = ("sticker", "patch")
 FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families the detectors can search
-# the decision threshold of each detector when none is set: CI flags a confirmed trigger gain above it (a
-# share of held-out images), the others a robust anomaly index above k = 2 (the published default). CI's, with
-# its dormant margin, is `scanner calibrate runs/zoofull runs/zoo_seed1 --fpr 0.05` on the 46 clean models of
-# two zoos built with seeds 0 and 1 (0.885 and 0.72000003, session 7), rounded up (a clean model sits on each
-# fitted line, and flagging is "above"). Fitted on seed 0's 24 alone it was 0.715, and 7 of seed 1's 22 clean
-# models scored above that: a threshold fitted on one zoo does not hold on another
-DEFAULT_THRESHOLDS = {"ci": 0.89, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
+# the decision threshold of each detector when none is set: CI flags a confirmed class score above it (its best
+# trigger family's gain, a share of held-out images, plus half the next family's), the others a robust anomaly
+# index above k = 2 (the published default). CI's is `scanner calibrate runs/zoo_seed1 runs/zoo_seed2
+# runs/zoo_seed3 demo-out/zoo --dormant-margin 0.73 --fpr 0.05` on the 68 clean models of the seed-1, -2, -3 and
+# quick zoos (session 11; written rounded up: a clean model sits on the fitted line and flagging is "above").
+# The dormant margin stays at session 7's 0.73 (below): these zoos hold no WaNet, and fitting the margin on them
+# moves it to 0.98, past the WaNet prompts it is there for. A threshold fitted on one zoo does not hold on
+# another (session 7: fitted on the seed-0 zoo's 24 clean models it was 0.715, and 7 of seed 1's 22 scored above)
+DEFAULT_THRESHOLDS = {"ci": 0.985001, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,21 @@ class DetectorConfig:
     # classes CI confirms with targeted inversion, the most drifted prompts first (engine/drift.py). On the full
     # zoo the second most drifted class added 2 false positives and no detection (a two-candidate run's rows)
     candidates: int = 1
+    # a confirmed class's score: its best trigger family's gain plus this share of the next best family's (when
+    # positive). A planted patch trigger answers to both a sticker and a soft patch; a clean class's natural
+    # trigger mostly to one (clean models: soft patch gain up to 0.97 with the sticker near 0; BadNets targets
+    # 0.74-0.86 with both). `python benchmarks/family_rules_cv.py` on saved rows: see its docstring. 0 scores
+    # the best family alone
+    family_bonus: float = 0.5
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float | None = None  # None = DEFAULT_THRESHOLDS[detector]; `scanner calibrate` fits it
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
     # CI also flags a prompt that is not dormant on clean inputs: one class takes this much more of the clean
-    # OOD hold-out than plain zero-shot prompts give it (share minus share). Fitted with the threshold (above):
-    # 1 of the 46 clean models is over it (0.76); WaNet models send 0.82-0.99 of OOD photos to their target.
-    # 1.0 switches it off.
+    # OOD hold-out than plain zero-shot prompts give it (share minus share). Fitted with session 7's threshold:
+    # 1 of its 46 clean models was over it (0.76); 2 of session 11's 68 are (0.98, 1.05, weighed as
+    # `awake_excess` weighs them); WaNet models send 0.82-0.99 of OOD photos to their target. 1.0 switches it off.
     dormant_margin: float = 0.73
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
 
@@ -68,6 +76,9 @@ class DetectorConfig:
             raise ConfigError(f"families must be a non-empty subset of {FAMILIES}; got {self.families}")
         if not 0.0 < self.dormant_margin <= 1.0:
             raise ConfigError(f"dormant_margin must be in (0, 1] (1 switches the check off); got {self.dormant_margin}")
+        if not 0.0 <= self.family_bonus <= 1.0:
+            raise ConfigError(f"family_bonus must be in [0, 1] (0 scores the best trigger family alone); got "
+                              f"{self.family_bonus}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
 

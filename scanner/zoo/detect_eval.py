@@ -191,7 +191,7 @@ def _forward_features(backbone: ClipBackbone, accel: str, int8: bool, cache_dir:
 
 
 #: settings that only decide from recorded evidence: changing them re-decides saved rows, never re-runs them
-DECISION_FIELDS = ("threshold", "dormant_margin")
+DECISION_FIELDS = ("threshold", "dormant_margin", "family_bonus")
 
 
 def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -199,11 +199,31 @@ def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
-    """A saved row decided with ``cfg``'s threshold (and, for CI, its dormant margin)."""
+    """A saved row decided with ``cfg``'s threshold (and, for CI, its family bonus and dormant margin)."""
     margin = cfg.dormant_margin if row["detector"] == "ci" else None
+    row = rescore_ci(row, cfg.family_bonus)
     flagged, target = redecide(row, cfg.decision_threshold, margin)
     return {**row, "flagged": flagged, "target": target, "threshold": cfg.decision_threshold,
             "dormant_margin": margin}
+
+
+def rescore_ci(row: dict[str, Any], family_bonus: float) -> dict[str, Any]:
+    """A CI row with each confirmed class's score recomputed from its recorded per-family gains
+    (``gain_<family>`` in its evidence) by the engine's ``class_score``; other classes keep their score
+    (-1: not confirmed, or cut away by ``first_candidates``). Rows of other detectors come back unchanged."""
+    from scanner.engine.ci import class_score
+
+    if row["detector"] != "ci":
+        return row
+    scores = [float(x) for x in row["class_scores"]]
+    evidence = []
+    for k, e in enumerate(row.get("evidence") or []):
+        gains = [float(v) for key, v in e.items() if key.startswith("gain_")]
+        if gains and e.get("candidate", 1.0):
+            scores[k] = class_score(gains, family_bonus)
+            e = {**e, "score": scores[k]}
+        evidence.append(e)
+    return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
 
 
 def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
@@ -267,9 +287,11 @@ def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
     return top, scores[top], works
 
 
-def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float) -> tuple[float, float | None]:
-    """CI's (gain threshold, dormant margin) fitted on the clean models among ``rows`` for ``fpr``
-    (``fit_two_channels`` on each clean row's trigger score and clean-image excess)."""
+def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float,
+                 margin: float | None = None) -> tuple[float, float | None]:
+    """CI's (score threshold, dormant margin) fitted on the clean models among ``rows`` for ``fpr``
+    (``fit_two_channels`` on each clean row's trigger score and clean-image excess; a ``margin`` given is
+    kept and only the threshold fitted)."""
     from scanner.engine.calibration import fit_two_channels
 
     per_model = []
@@ -278,7 +300,7 @@ def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float) -> tuple[float, flo
             _, anomaly, works = trigger_check(r)
             awake = clean_excess(r)
             per_model.append((anomaly, works, None if awake is None else awake[0]))
-    return fit_two_channels(per_model, fpr)
+    return fit_two_channels(per_model, fpr, margin=margin)
 
 
 def first_candidates(row: dict[str, Any], c: int) -> dict[str, Any]:
