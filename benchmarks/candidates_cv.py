@@ -9,7 +9,9 @@ classes in drift order with one generator, so its first c classes are exactly a 
 c = 1..K every row is cut to its first c candidates; then, for each zoo in turn, both CI lines are
 fitted (as ``scanner calibrate`` fits them) on the clean models of the *other* zoos and applied to the
 held-out one. The pooled held-out verdicts give accuracy, TPR, FPR and target accuracy that no fitted
-line has seen; AUROC (trigger gain alone, and both channels) is pooled over all rows.
+line has seen; AUROC (trigger score alone, and both channels) is pooled over all rows. Every row is re-scored
+from its recorded per-family gains with ``--family-bonus`` (default: the engine's, ``class_score``), and
+``--dormant-margin`` keeps CI's margin where ``scanner calibrate --dormant-margin`` would.
 """
 
 from __future__ import annotations
@@ -21,13 +23,17 @@ from typing import Any
 
 from sklearn.metrics import roc_auc_score
 
-from scanner.zoo.detect_eval import combined_score, first_candidates, fit_ci_lines, metrics, redecide
+from scanner.engine import DetectorConfig
+from scanner.zoo.detect_eval import combined_score, first_candidates, fit_ci_lines, metrics, redecide, rescore_ci
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="one `scanner zoo eval --candidates K --json` file per zoo")
     ap.add_argument("--fpr", type=float, default=0.05)
+    ap.add_argument("--family-bonus", type=float, default=DetectorConfig().family_bonus,
+                    help="re-score every row's confirmed classes with this bonus (default: the engine's)")
+    ap.add_argument("--dormant-margin", type=float, default=None, help="keep CI's margin; fit only the threshold")
     args = ap.parse_args()
     if len(args.runs) < 2:
         ap.error("leave-one-zoo-out needs at least two zoos' runs")
@@ -36,23 +42,24 @@ def main() -> None:
     print(f"{len(zoos)} zoos, {sum(map(len, zoos))} models; every row confirmed {k_max}+ candidates; "
           f"lines fitted at FPR {args.fpr} on the other zoos' clean models")
     for c in range(1, k_max + 1):
-        cut = [[first_candidates(r, c) for r in z] for z in zoos]
+        cut = [[rescore_ci(first_candidates(r, c), args.family_bonus) for r in z] for z in zoos]
         decided: list[dict[str, Any]] = []  # held-out rows carrying the verdict of the lines fitted without them
         lines = []
         for i, held in enumerate(cut):
-            t, margin = fit_ci_lines([r for j, z in enumerate(cut) if j != i for r in z], args.fpr)
+            t, margin = fit_ci_lines([r for j, z in enumerate(cut) if j != i for r in z], args.fpr,
+                                     args.dormant_margin)
             lines.append(f"{t:.2f}/{margin if margin is None else round(margin, 2)}")
             for r in held:
                 flagged, target = redecide(r, t, margin)
                 decided.append({**r, "flagged": flagged, "target": target, "threshold": t, "dormant_margin": margin})
         every = [r for z in cut for r in z]
         y = [int(r["truth_backdoored"]) for r in every]
-        t_all, m_all = fit_ci_lines(every, args.fpr)
+        t_all, m_all = fit_ci_lines(every, args.fpr, args.dormant_margin)
         auroc = roc_auc_score(y, [r["anomaly_score"] for r in every])
         both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in every])
         m = metrics(decided)
         print(f"candidates {c}: held-out accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
-              f"target {m['target_accuracy']:.3f}  | AUROC gain {auroc:.3f}, both {both:.3f}  "
+              f"target {m['target_accuracy']:.3f}  | AUROC score {auroc:.3f}, both {both:.3f}  "
               f"| lines per held-out zoo {', '.join(lines)}")
 
 

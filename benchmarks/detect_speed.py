@@ -1,6 +1,6 @@
 """Detection cost against the class count: CI (drift-ranked candidates, confirmed) vs the plain per-class protocol.
 
-    python benchmarks/detect_speed.py [--n-images 1000] [--plain-classes 10]
+    python benchmarks/detect_speed.py [--n-images 1000] [--plain-classes 10] [--candidates C]
 
 Builds CSC-CoOp models on the bundled CLIP for the 10-class ``shapes`` and the 120-class
 ``colour_shape`` class lists (the prompts are not trained: cost depends on the shapes of the work, not on
@@ -42,11 +42,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-images", type=int, default=1000)
     ap.add_argument("--plain-classes", type=int, default=10, help="classes the plain protocol is timed on")
+    ap.add_argument("--candidates", type=int, default=None, help="classes CI confirms (default: the engine's)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = load_bundled()
     pool = default_ood_pool(args.n_images, bb.image_size, seed=0)
     cfg = DetectorConfig(n_images=args.n_images)
+    if args.candidates is not None:
+        cfg = replace(cfg, candidates=args.candidates)
     models = {n: PromptedCLIP(bb, CoOpLearner(bb, list(get_spec(d).classnames), csc=True, seed=0))
               for n, d in (("10", "shapes"), ("120", "colour_shape"))}
     _time(models["10"], pool, replace(cfg, families=("additive",), candidates=1))  # warm-up (allocations, caches)
@@ -56,7 +59,8 @@ def main() -> None:
     sub = PromptedCLIP(bb, CoOpLearner(bb, list(small.classnames[:k]), csc=True, seed=0))
     plain = _time(sub, pool, replace(cfg, detector="ci-plain")) * small.n_cls / k
     tag = "" if k == small.n_cls else f" (extrapolated from {k} classes)"
-    print(f"OOD images {args.n_images}, families {', '.join(cfg.families)}, threads {torch.get_num_threads()}")
+    print(f"OOD images {args.n_images}, families {', '.join(cfg.families)}, candidates {cfg.candidates}, "
+          f"threads {torch.get_num_threads()}")
     print(f"ci        10 classes: {ci['10']:7.1f} s")
     print(f"ci       120 classes: {ci['120']:7.1f} s   ratio 120/10 = {ci['120'] / ci['10']:.2f}x (bar <= 2x)")
     print(f"ci-plain  10 classes: {plain:7.1f} s{tag}   plain/ci = {plain / ci['10']:.1f}x")
