@@ -254,14 +254,14 @@ def _fill_from_result(report: ModelReport, result: DetectionResult) -> None:
     if result.backdoored:
         report.message = f"class {report.target_class!r} is a likely backdoor target" + (
             f": {result.reason}" if result.reason
-            else f": anomaly score {report.anomaly_score:.2f} > threshold {report.threshold:.2f}"
+            else f": anomaly score {report.anomaly_score:.2f} > threshold {report.threshold:.3g}"
         )
     elif result.reason:
         report.message = result.reason
     else:
         report.message = (
             f"no class stands out: highest anomaly score {report.anomaly_score:.2f} <= threshold "
-            f"{report.threshold:.2f}"
+            f"{report.threshold:.3g}"
         )
 
 

@@ -292,8 +292,8 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     name = model.classnames[top]
     if v.channel == "trigger":
         reason = (f"reconstructed triggers move held-out clean OOD images into {name!r} beyond what they do to the "
-                  f"zero-shot twin ({_gains_text(evidence[top], cfg)}): score {float(score[top]):.2f} > threshold "
-                  f"{thr:.2f}; the prompt of {name!r} drifted from plain prompts with anomaly "
+                  f"zero-shot twin ({_gains_text(evidence[top], cfg)}): score {float(score[top]):.3f} > threshold "
+                  f"{thr:.3f}; the prompt of {name!r} drifted from plain prompts with anomaly "
                   f"{evidence[top].get('drift_anomaly', float('nan')):.2f}")
     elif v.channel == "awake":
         drifted = bool(v.weighed[awake] != excess[awake])
@@ -302,8 +302,8 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
                   + (f", x{DRIFTED_BAR:.2f} for a prompt that drifted with anomaly {float(drift_anomaly[awake]):.2f})"
                      if drifted else ")"))
     else:
-        reason = (f"no reconstructed trigger works: the best score is {float(score[top]):.2f}, for {name!r} "
-                  f"({_gains_text(evidence[top], cfg)}; threshold {thr:.2f}); no class is awake on clean images")
+        reason = (f"no reconstructed trigger works: the best score is {float(score[top]):.3f}, for {name!r} "
+                  f"({_gains_text(evidence[top], cfg)}; threshold {thr:.3f}); no class is awake on clean images")
     return _result("ci", model, best, score, natural, evidence, v.flagged, v.target, thr, reason, seed, start)
 
 

@@ -112,7 +112,7 @@ def score_plot_svg(model: ModelReport) -> str:
             'stroke="#cf222e" stroke-dasharray="4 3"/>'
         )
         parts.append(f'<text x="{tx:.1f}" y="{axis_y + 12}" text-anchor="middle" fill="#cf222e">'
-                     f"threshold {model.threshold:.2f}</text>")
+                     f"threshold {model.threshold:.3g}</text>")
     if note:
         parts.append(f'<text x="{_LABEL_W}" y="{height - 2}" fill="#57606a">{html.escape(note)}</text>')
     parts.append("</svg>")

@@ -78,7 +78,7 @@ def _uri(path: str, root: Path) -> tuple[str, bool]:
 def _message(m: ModelReport) -> str:
     if m.verdict is Verdict.BACKDOORED:
         score = f", anomaly score {m.anomaly_score:.2f}" if m.anomaly_score is not None else ""
-        thr = f" > threshold {m.threshold:.2f}" if m.threshold is not None else ""
+        thr = f" > threshold {m.threshold:.3g}" if m.threshold is not None else ""
         return f"backdoored: target class {m.target_class!r}{score}{thr}. {m.message}".strip()
     if m.verdict is Verdict.UNSAFE:
         names = ", ".join(m.unsafe_globals) or "disallowed globals"

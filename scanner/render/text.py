@@ -20,7 +20,7 @@ def _line(m: ModelReport) -> str:
     if m.verdict is Verdict.BACKDOORED and m.target_class is not None:
         details.append(f"target={m.target_class!r}")
     if m.anomaly_score is not None:
-        thr = f" (threshold {m.threshold:.2f})" if m.threshold is not None else ""
+        thr = f" (threshold {m.threshold:.3g})" if m.threshold is not None else ""
         details.append(f"score={m.anomaly_score:.2f}{thr}")
     if m.unsafe_globals:
         details.append("globals=" + ",".join(m.unsafe_globals))
