@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from sklearn.metrics import roc_auc_score
 
 from scanner.engine import DetectorConfig
-from scanner.zoo.detect_eval import combined_score, first_candidates, fit_ci_lines, metrics, redecide, rescore_ci
+from scanner.zoo.detect_eval import combined_score, first_candidates, fit_ci_lines, leave_one_out, metrics, rescore_ci
 
 
 def main() -> None:
@@ -43,15 +42,9 @@ def main() -> None:
           f"lines fitted at FPR {args.fpr} on the other zoos' clean models")
     for c in range(1, k_max + 1):
         cut = [[rescore_ci(first_candidates(r, c), args.family_bonus) for r in z] for z in zoos]
-        decided: list[dict[str, Any]] = []  # held-out rows carrying the verdict of the lines fitted without them
-        lines = []
-        for i, held in enumerate(cut):
-            t, margin = fit_ci_lines([r for j, z in enumerate(cut) if j != i for r in z], args.fpr,
-                                     args.dormant_margin)
-            lines.append(f"{t:.2f}/{margin if margin is None else round(margin, 2)}")
-            for r in held:
-                flagged, target = redecide(r, t, margin)
-                decided.append({**r, "flagged": flagged, "target": target, "threshold": t, "dormant_margin": margin})
+        # held-out rows carrying the verdict of the lines fitted without them
+        decided, fitted = leave_one_out(cut, args.fpr, args.dormant_margin)
+        lines = [f"{t:.2f}/{margin if margin is None else round(margin, 2)}" for t, margin in fitted]
         every = [r for z in cut for r in z]
         y = [int(r["truth_backdoored"]) for r in every]
         t_all, m_all = fit_ci_lines(every, args.fpr, args.dormant_margin)

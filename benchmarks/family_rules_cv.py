@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.engine.ci import class_score
-from scanner.zoo.detect_eval import first_candidates, fit_ci_lines, metrics, redecide
+from scanner.zoo.detect_eval import first_candidates, fit_ci_lines, leave_one_out, metrics
 
 Rule = Callable[[float, float], float]  # (sticker gain, patch gain) -> class score
 RULES: dict[str, Rule] = {
@@ -50,15 +50,8 @@ def rescored(row: dict[str, Any], rule: Rule) -> dict[str, Any]:
 
 def leave_one_dataset_out(rows: list[dict[str, Any]], fpr: float) -> list[dict[str, Any]]:
     """Every row decided by the lines fitted on the clean models of the other datasets."""
-    decided = []
-    for d in sorted({r["dataset"] for r in rows}):
-        threshold, margin = fit_ci_lines([r for r in rows if r["dataset"] != d], fpr)
-        for r in rows:
-            if r["dataset"] == d:
-                flagged, target = redecide(r, threshold, margin)
-                decided.append({**r, "flagged": flagged, "target": target, "threshold": threshold,
-                                "dormant_margin": margin})
-    return decided
+    datasets = sorted({r["dataset"] for r in rows})
+    return leave_one_out([[r for r in rows if r["dataset"] == d] for d in datasets], fpr)[0]
 
 
 def main() -> None:

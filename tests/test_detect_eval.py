@@ -58,6 +58,19 @@ def test_redecide_follows_the_engine_rule() -> None:
     assert redecide({**plain, "evidence": [{**e, "score": 0.9} for e in plain["evidence"]]}, 2.0, None) == (True, 0)
 
 
+def test_leave_one_out_decides_each_group_by_the_others_lines() -> None:
+    from scanner.zoo.detect_eval import leave_one_out
+
+    flat = [0.3, 0.3]
+    a_clean = _row([0.3, -1.0], [0.3, -1.0], flat, flat, truth=None)
+    b_clean = _row([0.8, -1.0], [0.8, -1.0], flat, flat, truth=None)
+    b_bad = _row([-1.0, 0.6], [-1.0, 0.6], flat, flat, truth=1)
+    decided, lines = leave_one_out([[a_clean], [b_clean, b_bad]], fpr=0.0, margin=0.9)
+    assert lines == [(0.8, 0.9), (0.3, 0.9)]  # group A judged by B's clean model, B by A's
+    assert [(r["flagged"], r["target"], r["threshold"]) for r in decided] == \
+        [(False, None, 0.8), (True, 0, 0.3), (True, 1, 0.3)]
+
+
 def test_backdoors_that_fail_on_ood_images_are_reported_apart() -> None:
     from scanner.zoo.detect_eval import WORKS_ON_OOD, report
 

@@ -201,10 +201,27 @@ def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
 def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
     """A saved row decided with ``cfg``'s threshold (and, for CI, its family bonus and dormant margin)."""
     margin = cfg.dormant_margin if row["detector"] == "ci" else None
-    row = rescore_ci(row, cfg.family_bonus)
-    flagged, target = redecide(row, cfg.decision_threshold, margin)
-    return {**row, "flagged": flagged, "target": target, "threshold": cfg.decision_threshold,
-            "dormant_margin": margin}
+    return decided_at(rescore_ci(row, cfg.family_bonus), cfg.decision_threshold, margin)
+
+
+def decided_at(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> dict[str, Any]:
+    """``row`` carrying the verdict ``redecide`` takes at these lines, and the lines themselves."""
+    flagged, target = redecide(row, threshold, dormant_margin)
+    return {**row, "flagged": flagged, "target": target, "threshold": threshold, "dormant_margin": dormant_margin}
+
+
+def leave_one_out(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, margin: float | None = None
+                  ) -> tuple[list[dict[str, Any]], list[tuple[float, float | None]]]:
+    """Every group's rows decided by CI's lines fitted (``fit_ci_lines``; ``margin`` kept when given) on the
+    clean models of the *other* groups (zoos, datasets): verdicts no fitted line has seen. Returns the
+    decided rows, group after group, and each group's (threshold, margin)."""
+    decided: list[dict[str, Any]] = []
+    lines: list[tuple[float, float | None]] = []
+    for i, held in enumerate(groups):
+        t, m = fit_ci_lines([r for j, g in enumerate(groups) if j != i for r in g], fpr, margin)
+        lines.append((t, m))
+        decided += [decided_at(r, t, m) for r in held]
+    return decided, lines
 
 
 def rescore_ci(row: dict[str, Any], family_bonus: float) -> dict[str, Any]:
