@@ -298,3 +298,48 @@ def test_a_results_file_of_another_zoo_is_refused_not_resumed(zoo: Path, bundled
     out.write_text(json.dumps({**saved, "rows": [{"id": "x"}]}))
     res = CliRunner().invoke(main, ["zoo", "report", str(out)])
     assert res.exit_code == 2 and "lack model ids" in res.output
+
+
+def test_a_run_of_a_new_family_joins_a_saved_run_as_one_run_of_all(zoo: Path, bundled_backbone: ClipBackbone,
+                                                                     tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from scanner.engine.ci import class_score
+    from scanner.errors import ConfigError
+    from scanner.zoo.added_family import add_family_run
+
+    def run(name: str, cfg: DetectorConfig) -> dict[str, Any]:
+        evaluate_zoo(zoo, bundled_backbone, ["ci"], out=tmp_path / name, config=cfg, accel="torch")
+        return dict(json.loads((tmp_path / name).read_text()))
+
+    saved = run("saved.json", replace(SMALL, candidates=2))
+    probe = run("probe.json", replace(SMALL, families=("blend",)))
+    whole = run("whole.json", replace(SMALL, families=("additive", "patch", "blend")))
+    joined = add_family_run(saved, probe)
+    assert joined["config"]["families"] == ["additive", "patch", "blend"] and joined["config"]["candidates"] == 1
+    assert len(joined["rows"]) == len(whole["rows"]) == 2
+    for j, w in zip(joined["rows"], whole["rows"], strict=True):
+        for k, (ej, ew) in enumerate(zip(j["evidence"], w["evidence"], strict=True)):
+            assert ej["candidate"] == ew["candidate"]
+            if not ej["candidate"]:
+                assert j["class_scores"][k] == -1.0
+                continue
+            # the saved families' evidence is what one run of all the families records; the new one is added
+            assert {key: ej[key] for key in ej if key.endswith(("_additive", "_patch"))} == \
+                {key: ew[key] for key in ew if key.endswith(("_additive", "_patch"))}
+            assert {"gain_blend", "asr_blend", "size_blend"} <= ej.keys()
+            gains = [ej[f"gain_{f}"] for f in ("additive", "patch", "blend")]
+            assert j["class_scores"][k] == pytest.approx(class_score(gains, SMALL.family_bonus))
+    with pytest.raises(ConfigError, match="no family"):
+        add_family_run(saved, saved)
+    with pytest.raises(ConfigError, match="confirmed 2 classes"):
+        add_family_run(probe, saved)
+    with pytest.raises(ConfigError, match="other settings"):
+        add_family_run(saved, {**probe, "config": {**probe["config"], "lr": 0.5}})
+    with pytest.raises(ConfigError, match="another zoo"):
+        add_family_run(saved, {**probe, "ood_sha256": "0" * 64})
+
+
+def test_eval_refuses_an_unknown_trigger_family(zoo: Path) -> None:
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--families", "sticker,hologram"])
+    assert res.exit_code != 0 and "families must be" in res.output

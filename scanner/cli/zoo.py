@@ -174,12 +174,15 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
+@click.option("--families", default=None, metavar="F1,F2",
+              help="trigger families CI confirms with (default: the detector's); a run of a new family alone "
+                   "joins a saved run with benchmarks/family_added_cv.py")
 @device_option("torch device for the searches: cpu, cuda, cuda:1")
 @click.option("--shard", default=None, metavar="K/N",
               help="evaluate only every N-th model from the K-th (parallel runs; join them with `scanner zoo report`)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
-          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, device: str,
-          shard: str | None) -> None:
+          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, families: str | None,
+          device: str, shard: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -200,6 +203,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, threshold=threshold)
         if candidates is not None:
             cfg = replace(cfg, candidates=candidates)
+        if families is not None:
+            cfg = replace(cfg, families=tuple(_csv(families) or ()))
         manifest = load_manifest(zoo_dir)
         n = len(shard_models(manifest["models"], part)) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")
