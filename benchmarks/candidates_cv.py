@@ -20,10 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from sklearn.metrics import roc_auc_score
-
 from scanner.engine import DetectorConfig
-from scanner.zoo.detect_eval import combined_score, first_candidates, fit_ci_lines, leave_one_out, metrics, rescore_ci
+from scanner.zoo.detect_eval import first_candidates, held_out_figures, rescore_ci
 
 
 def main() -> None:
@@ -43,18 +41,11 @@ def main() -> None:
     for c in range(1, k_max + 1):
         cut = [[rescore_ci(first_candidates(r, c), args.family_bonus) for r in z] for z in zoos]
         # held-out rows carrying the verdict of the lines fitted without them
-        decided, fitted = leave_one_out(cut, args.fpr, args.dormant_margin)
-        lines = [f"{t:.2f}/{margin if margin is None else round(margin, 2)}" for t, margin in fitted]
-        every = [r for z in cut for r in z]
-        y = [int(r["truth_backdoored"]) for r in every]
-        t_all, m_all = fit_ci_lines(every, args.fpr, args.dormant_margin)
-        auroc = roc_auc_score(y, [r["anomaly_score"] for r in every])
-        both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in every])
-        m = metrics(decided)
-        print(f"candidates {c}: held-out accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
-              f"target {m['target_accuracy']:.3f}  | AUROC score {auroc:.3f}, both {both:.3f}  "
+        f = held_out_figures(cut, args.fpr, args.dormant_margin)
+        lines = [f"{t:.2f}/{margin if margin is None else round(margin, 2)}" for t, margin in f["lines"]]
+        print(f"candidates {c}: held-out accuracy {f['accuracy']:.3f}  TPR {f['tpr']:.3f}  FPR {f['fpr']:.3f}  "
+              f"target {f['target_accuracy']:.3f}  | AUROC score {f['auroc_all']:.3f}, both {f['auroc_both_all']:.3f}  "
               f"| lines per held-out zoo {', '.join(lines)}")
-
 
 if __name__ == "__main__":
     main()

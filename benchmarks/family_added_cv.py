@@ -21,31 +21,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sklearn.metrics import roc_auc_score
-
 from scanner.zoo.added_family import add_family_run
-from scanner.zoo.detect_eval import (
-    combined_score,
-    first_candidates,
-    fit_ci_lines,
-    leave_one_out,
-    metrics,
-    rescore_ci,
-    write_rows,
-)
+from scanner.zoo.detect_eval import first_candidates, held_out_figures, rescore_ci, write_rows
 
 
 def _figures(name: str, zoos: list[list[dict[str, Any]]], fpr: float, margin: float | None) -> None:
-    decided, fitted = leave_one_out(zoos, fpr, margin)
-    every = [r for z in zoos for r in z]
-    t_all, m_all = fit_ci_lines(every, fpr, margin)
-    y = [int(r["truth_backdoored"]) for r in every]
-    auroc = roc_auc_score(y, [r["anomaly_score"] for r in every])
-    both = roc_auc_score(y, [combined_score(r, t_all, m_all) for r in every])
-    m = metrics(decided)
-    print(f"{name:28s} held-out accuracy {m['accuracy']:.3f}  TPR {m['tpr']:.3f}  FPR {m['fpr']:.3f}  "
-          f"target {m['target_accuracy']:.3f}  | AUROC score {auroc:.3f}, both {both:.3f}  | lines per held-out "
-          f"zoo {', '.join(f'{t:.3f}' for t, _ in fitted)}; on all zoos {t_all:.6f}")
+    f = held_out_figures(zoos, fpr, margin)
+    print(f"{name:28s} held-out accuracy {f['accuracy']:.3f}  TPR {f['tpr']:.3f}  FPR {f['fpr']:.3f}  "
+          f"target {f['target_accuracy']:.3f}  | AUROC score {f['auroc_all']:.3f}, both {f['auroc_both_all']:.3f}  "
+          f"| lines per held-out zoo {', '.join(f'{t:.3f}' for t, _ in f['lines'])}; on all zoos "
+          f"{f['line_all'][0]:.6f}")
 
 
 def main() -> None:
@@ -64,6 +49,8 @@ def main() -> None:
             ap.error(f"{pair!r}: expected SAVED=PROBE")
         saved, probe = json.loads(Path(saved_path).read_text()), json.loads(Path(probe_path).read_text())
         run = add_family_run(saved, probe)
+        if not run["rows"]:
+            ap.error(f"{probe_path} holds no CI row of a model {saved_path} evaluated")
         joined.append(run["rows"])
         ids = {r["id"] for r in run["rows"]}
         # the saved families alone, on the same models and candidates

@@ -69,6 +69,12 @@ def test_leave_one_out_decides_each_group_by_the_others_lines() -> None:
     assert lines == [(0.8, 0.9), (0.3, 0.9)]  # group A judged by B's clean model, B by A's
     assert [(r["flagged"], r["target"], r["threshold"]) for r in decided] == \
         [(False, None, 0.8), (True, 0, 0.3), (True, 1, 0.3)]
+    from scanner.zoo.detect_eval import held_out_figures
+
+    fig = held_out_figures([[a_clean], [b_clean, b_bad]], fpr=0.0, margin=0.9)
+    assert fig["lines"] == lines and fig["line_all"] == (0.8, 0.9)
+    assert fig["fpr"] == 0.5 and fig["tpr"] == 1.0  # B's clean model is over A's line
+    assert fig["auroc_all"] == 0.5  # the backdoored 0.6 scores between the clean 0.3 and 0.8
 
 
 def test_backdoors_that_fail_on_ood_images_are_reported_apart() -> None:

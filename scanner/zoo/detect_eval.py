@@ -224,6 +224,21 @@ def leave_one_out(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, margin
     return decided, lines
 
 
+def held_out_figures(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, margin: float | None = None
+                     ) -> dict[str, Any]:
+    """What the benchmarks print for a leave-one-out judgement of CI rows: ``metrics`` of the pooled held-out
+    verdicts (``leave_one_out``), the lines each group was judged by (``lines``), the lines fitted on every
+    group's clean models (``line_all``), and AUROC over all rows of the trigger score (``auroc_all``) and of
+    both channels at ``line_all`` (``auroc_both_all``)."""
+    decided, fitted = leave_one_out(groups, fpr, margin)
+    every = [r for g in groups for r in g]
+    t_all, m_all = fit_ci_lines(every, fpr, margin)
+    y = [bool(r["truth_backdoored"]) for r in every]
+    return {**metrics(decided), "lines": fitted, "line_all": (t_all, m_all),
+            "auroc_all": _auroc(y, [float(r["anomaly_score"]) for r in every]),
+            "auroc_both_all": _auroc(y, [combined_score(r, t_all, m_all) for r in every])}
+
+
 def rescore_ci(row: dict[str, Any], family_bonus: float) -> dict[str, Any]:
     """A CI row with each confirmed class's score recomputed from its recorded per-family gains
     (``gain_<family>`` in its evidence) by the engine's ``class_score``; other classes keep their score
