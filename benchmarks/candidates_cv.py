@@ -40,12 +40,13 @@ def main() -> None:
           f"lines fitted at FPR {args.fpr} on the other zoos' clean models")
     for c in range(1, k_max + 1):
         cut = [[rescore_ci(first_candidates(r, c), args.family_bonus) for r in z] for z in zoos]
-        # held-out rows carrying the verdict of the lines fitted without them
+        # each zoo's rows decided by the lines fitted on the other zoos
         f = held_out_figures(cut, args.fpr, args.dormant_margin)
         lines = [f"{t:.2f}/{margin if margin is None else round(margin, 2)}" for t, margin in f["lines"]]
         print(f"candidates {c}: held-out accuracy {f['accuracy']:.3f}  TPR {f['tpr']:.3f}  FPR {f['fpr']:.3f}  "
               f"target {f['target_accuracy']:.3f}  | AUROC score {f['auroc_all']:.3f}, both {f['auroc_both_all']:.3f}  "
               f"| lines per held-out zoo {', '.join(lines)}")
+
 
 if __name__ == "__main__":
     main()

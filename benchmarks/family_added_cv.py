@@ -54,7 +54,7 @@ def main() -> None:
         joined.append(run["rows"])
         ids = {r["id"] for r in run["rows"]}
         # the saved families alone, on the same models and candidates
-        c, bonus = int(run["config"]["candidates"]), float(run["config"]["family_bonus"])
+        c, bonus = int(run["config"]["candidates"]), float(run["config"].get("family_bonus", 0.0))
         saved_cut.append([rescore_ci(first_candidates(r, c), bonus) for r in saved["rows"]
                           if r["detector"] == "ci" and r["id"] in ids])
         print(f"{saved_path}: {len(ids)} models joined with {probe_path} "

@@ -45,9 +45,10 @@ class DetectorConfig:
     kappa: float = 1.0  # margin (logit units) the targeted objective asks for
     # classes CI confirms with targeted inversion, the most drifted prompts first (engine/drift.py). On the full
     # zoo the second most drifted class added 2 false positives and no detection (a two-candidate run's rows).
-    # With both families scored together (family_bonus) three pay off on two held-out zoos (accuracy 0.773 ->
-    # 0.852, AUROC 0.757 -> 0.870; `benchmarks/candidates_cv.py`, README) but cost 2.4x (45 s for a 10-class
-    # model on 2 cores, past the 30 s bar): 1 stays the default, `candidates = 3` buys the rest
+    # With both families scored together (family_bonus), three zoos each judged by the others' clean models
+    # (`benchmarks/candidates_cv.py`, README session 12): 3 candidates rank models better (AUROC 0.762 -> 0.864)
+    # at the same accuracy (0.765) and FPR 0.045 -> 0.061, and cost 2.4x (45 s for a 10-class model on 2 cores,
+    # past the 30 s bar): 1 stays the default, `candidates = 3` buys the ranking
     candidates: int = 1
     # a confirmed class's score: its best trigger family's gain plus this share of the next best family's (when
     # positive). A planted patch trigger answers to both a sticker and a soft patch; a clean class's natural
