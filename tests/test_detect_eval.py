@@ -349,3 +349,15 @@ def test_a_run_of_a_new_family_joins_a_saved_run_as_one_run_of_all(zoo: Path, bu
 def test_eval_refuses_an_unknown_trigger_family(zoo: Path) -> None:
     res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--families", "sticker,hologram"])
     assert res.exit_code != 0 and "families must be" in res.output
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--conditioned-families", "hologram"])
+    assert res.exit_code != 0 and "conditioned_families must be" in res.output
+
+
+def test_eval_picks_models_by_learner(zoo: Path) -> None:
+    from scanner.zoo.detect_eval import shard_models
+
+    models = [{"id": f"m{i}", "learner": lr} for i, lr in enumerate(["coop-csc", "cocoop", "coop", "cocoop"])]
+    assert [m["id"] for m in shard_models(models, None, {"cocoop"})] == ["m1", "m3"]
+    assert [m["id"] for m in shard_models(models, (2, 2), {"cocoop", "coop"})] == ["m2"]  # m1, m2, m3 -> 2nd of 2
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--learners", "maple"])
+    assert res.exit_code == 2 and "no model of this zoo was tuned by ['maple']" in res.output, res.output

@@ -177,12 +177,19 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--families", default=None, metavar="F1,F2",
               help="trigger families CI confirms with (default: the detector's); a run of a new family alone "
                    "joins a saved run with benchmarks/family_added_cv.py")
+@click.option("--conditioned-ranking", type=click.Choice(["reach", "drift"]), default=None,
+              help="how CI ranks the classes of image-conditioned (CoCoOp) models (default: the detector's, reach)")
+@click.option("--conditioned-families", default=None, metavar="F1,F2|none",
+              help="families CI adds for image-conditioned models (default: the detector's, additive)")
 @device_option("torch device for the searches: cpu, cuda, cuda:1")
 @click.option("--shard", default=None, metavar="K/N",
               help="evaluate only every N-th model from the K-th (parallel runs; join them with `scanner zoo report`)")
+@click.option("--learners", default=None, metavar="L1,L2",
+              help="evaluate only the models tuned by these learners (coop, coop-csc, cocoop)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, families: str | None,
-          device: str, shard: str | None) -> None:
+          conditioned_ranking: str | None, conditioned_families: str | None, device: str,
+          shard: str | None, learners: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -205,8 +212,18 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, candidates=candidates)
         if families is not None:
             cfg = replace(cfg, families=tuple(_csv(families) or ()))
+        if conditioned_ranking is not None:
+            cfg = replace(cfg, conditioned_reach=conditioned_ranking == "reach")
+        if conditioned_families is not None:
+            extra = () if conditioned_families == "none" else tuple(_csv(conditioned_families) or ())
+            cfg = replace(cfg, conditioned_families=extra)
         manifest = load_manifest(zoo_dir)
-        n = len(shard_models(manifest["models"], part)) * len(dets)
+        chosen = set(_csv(learners) or ()) if learners is not None else None
+        known = {m["learner"] for m in manifest["models"]}
+        if chosen is not None and not chosen & known:
+            raise click.BadParameter(f"no model of this zoo was tuned by {sorted(chosen)}; its learners: "
+                                     f"{', '.join(sorted(known))}")
+        n = len(shard_models(manifest["models"], part, chosen)) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")
 
         def on_result(r: dict[str, Any]) -> None:
@@ -216,7 +233,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
                       f"score={r['anomaly_score']:.2f} ({r['seconds']:.1f}s)")
 
         rows = evaluate_zoo(zoo_dir, load_bundled(), dets, out=json_out, config=cfg, seed=seed, on_result=on_result,
-                            accel=accel, accel_int8=accel_int8, device=device, shard=part)
+                            accel=accel, accel_int8=accel_int8, device=device, shard=part,
+                            learners=chosen)
         bar.close()
     except ScannerError as exc:
         _fail(exc)

@@ -13,7 +13,9 @@ Design (ours; the paper's details are not public), cost independent of the class
    untargeted search it replaced (one collapse per trigger family) rarely did: every clean prompt-tuned
    model of the small bundled CLIP has natural triggers (``benchmarks/natural_triggers.py``: a random
    overlay sends >= 80 % of OOD photos to one class in 13 of 13 clean CoOp models) that a collapse
-   slides into first.
+   slides into first. Image-conditioned prompts (CoCoOp) have no class-specific context to drift: they
+   are ranked by the universal reach of a tiny shared perturbation over the twin's (``engine/reach.py``)
+   and confirmed with ``conditioned_families`` (an additive trigger, BadCLIP's kind) besides the others.
 3. *Confirm each candidate* with a targeted differential margin objective (target logit above every
    other for the suspect, target probability kept low for the twin) in each trigger family (default:
    a sticker and a soft patch), each trigger followed by a random translation (``max_shift`` px) so that
@@ -61,6 +63,7 @@ from scanner.engine.invert import (
     pair_shares,
     panel_shares,
 )
+from scanner.engine.reach import REACH_IMAGES, reach_ratio
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.engine.triggers import (
@@ -214,7 +217,9 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     C = model.n_cls
     sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     m = min(cfg.candidates, C)
-    total = m * len(cfg.families)
+    conditioned = model.learner.image_conditioned
+    families = cfg.families_for(conditioned)
+    total = m * len(families)
     done = 0
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
     best = _BestTriggers(torch.full((C,), -1.0))  # per class: best confirmed gain; -1 = not confirmed
@@ -230,10 +235,17 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         for k in range(C):
             evidence[k].update(zero_shot_share=float(zero_shot[k]), twin_share=float(twin_natural[k]),
                                prompt_drift=float(drift[k]), drift_anomaly=float(drift_anomaly[k]))
-        cands = [int(k) for k in torch.argsort(drift_anomaly, descending=True, stable=True)[:m]]
+        rank = drift_anomaly  # (C,) what orders the candidates
+        if conditioned and cfg.conditioned_reach:
+            # an image-conditioned prompt has no class-specific context to drift: rank by universal reach
+            reach = reach_ratio(model, plain, opt_x[:REACH_IMAGES], cfg.bf16)  # (C,)
+            rank = anomaly_index(reach, floor=DRIFT_FLOOR)
+            for k in range(C):
+                evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
+        cands = [int(k) for k in torch.argsort(rank, descending=True, stable=True)[:m]]
         for t in cands:
             gains: list[float] = []
-            for fam in cfg.families:
+            for fam in families:
                 trig = make_trigger(fam, size, cfg, gen, pool.device)
                 optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
                               sched, gen, _size_weight(fam, cfg))
@@ -292,7 +304,7 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     name = model.classnames[top]
     if v.channel == "trigger":
         reason = (f"reconstructed triggers move held-out clean OOD images into {name!r} beyond what they do to the "
-                  f"zero-shot twin ({_gains_text(evidence[top], cfg)}): score {float(score[top]):.3f} > threshold "
+                  f"zero-shot twin ({_gains_text(evidence[top])}): score {float(score[top]):.3f} > threshold "
                   f"{thr:.3f}; the prompt of {name!r} drifted from plain prompts with anomaly "
                   f"{evidence[top].get('drift_anomaly', float('nan')):.2f}")
     elif v.channel == "awake":
@@ -303,14 +315,14 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
                      if drifted else ")"))
     else:
         reason = (f"no reconstructed trigger works: the best score is {float(score[top]):.3f}, for {name!r} "
-                  f"({_gains_text(evidence[top], cfg)}; threshold {thr:.3f}); no class is awake on clean images")
+                  f"({_gains_text(evidence[top])}; threshold {thr:.3f}); no class is awake on clean images")
     return _result("ci", model, best, score, natural, evidence, v.flagged, v.target, thr, reason, seed, start)
 
 
-def _gains_text(ev: dict[str, float], cfg: DetectorConfig) -> str:
+def _gains_text(ev: dict[str, float]) -> str:
     """'sticker gain 0.85, patch gain 0.53' from a class's evidence: the shares of held-out images each
     family's trigger moves into it beyond the twin (the score adds ``family_bonus`` x the second best)."""
-    parts = [f"{fam} gain {ev[f'gain_{fam}']:.2f}" for fam in cfg.families if f"gain_{fam}" in ev]
+    parts = [f"{key[5:]} gain {v:.2f}" for key, v in ev.items() if key.startswith("gain_")]  # in search order
     return ", ".join(parts) if parts else "not confirmed"
 
 

@@ -50,6 +50,11 @@ class DetectorConfig:
     # at the same accuracy (0.765) and FPR 0.045 -> 0.061, and cost 2.4x (45 s for a 10-class model on 2 cores,
     # past the 30 s bar): 1 stays the default, `candidates = 3` buys the ranking
     candidates: int = 1
+    # image-conditioned learners (CoCoOp): rank candidates by universal reach over the twin's
+    # (engine/reach.py) instead of prompt drift, and confirm with these families besides ``families``. Drift named
+    # the BadCLIP target first in 0 of 13 models, reach in 4; BadCLIP's trigger is a full-image additive one
+    conditioned_reach: bool = True
+    conditioned_families: tuple[str, ...] = ("additive",)
     # a confirmed class's score: its best trigger family's gain plus this share of the next best family's (when
     # positive). A planted patch trigger answers to both a sticker and a soft patch; a clean class's natural
     # trigger mostly to one (clean models: soft patch gain up to 0.97 with the sticker near 0; BadNets targets
@@ -83,8 +88,16 @@ class DetectorConfig:
         if not 0.0 <= self.family_bonus <= 1.0:
             raise ConfigError(f"family_bonus must be in [0, 1] (0 scores the best trigger family alone); got "
                               f"{self.family_bonus}")
+        bad = [f for f in self.conditioned_families if f not in FAMILIES]
+        if bad:
+            raise ConfigError(f"conditioned_families must be a subset of {FAMILIES}; got {self.conditioned_families}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
+
+    def families_for(self, image_conditioned: bool) -> tuple[str, ...]:
+        """The trigger families CI confirms with for a learner of that kind (``families`` first)."""
+        extra = self.conditioned_families if image_conditioned else ()
+        return (*self.families, *(f for f in extra if f not in self.families))
 
     @property
     def decision_threshold(self) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +49,13 @@ def parse_shard(spec: str) -> tuple[int, int]:
     return k, n
 
 
-def shard_models(models: Sequence[dict[str, Any]], shard: tuple[int, int] | None) -> list[dict[str, Any]]:
+def shard_models(models: Sequence[dict[str, Any]], shard: tuple[int, int] | None,
+                 learners: Collection[str] | None = None) -> list[dict[str, Any]]:
     """The manifest models of ``shard`` (K, N): every N-th model from the K-th, so that each slice mixes
-    datasets, attacks and learners as the whole zoo does (and a slice cut short still says something)."""
+    datasets, attacks and learners as the whole zoo does (and a slice cut short still says something);
+    with ``learners``, only the models tuned by one of them (e.g. ``{"cocoop"}``)."""
+    if learners is not None:
+        models = [m for m in models if m["learner"] in learners]
     if shard is None:
         return list(models)
     k, n = shard
@@ -62,7 +66,8 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
                  config: DetectorConfig | None = None, seed: int = 0, ood: torch.Tensor | None = None,
                  on_result: Callable[[dict[str, Any]], None] | None = None, accel: str = "auto",
                  accel_int8: bool = False, cache_dir: Path | None = None, device: str = "cpu",
-                 shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+                 shard: tuple[int, int] | None = None,
+                 learners: Collection[str] | None = None) -> list[dict[str, Any]]:
     """Per (model, detector) rows: verdict, suspected target, anomaly score, seconds, ground truth.
 
     ``accel`` ("auto" | "onnx" | "torch") picks what does the forward-only encoder work, as in a scan
@@ -70,7 +75,8 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
     ``cache_dir`` is the ONNX cache folder (default ``scanner.accel.default_cache_dir()``).
     ``device`` runs the searches there (the backbone is moved there for the run and back to the CPU
     after); ``shard`` (K, N) evaluates only that slice of the models (``shard_models``), so that several
-    processes or machines can share a zoo and ``merge_rows`` can join their files.
+    processes or machines can share a zoo and ``merge_rows`` can join their files; ``learners`` keeps only
+    the models tuned by those learners.
     """
     manifest = load_manifest(zoo)
     base = config or DetectorConfig()
@@ -91,7 +97,7 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
               "device": device, "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
     pool = pool.to(device)
     try:
-        for m in shard_models(manifest["models"], shard):
+        for m in shard_models(manifest["models"], shard, learners):
             ckpt = None
             for det in detectors:
                 if (m["id"], det) in done:
@@ -259,9 +265,8 @@ def rescore_ci(row: dict[str, Any], family_bonus: float) -> dict[str, Any]:
 
 
 def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
-    d = dict(cfg.__dict__)
-    d["families"] = list(d["families"])
-    return d
+    """The settings as JSON reads them back (tuples as lists), so a saved run's config compares equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}
 
 
 def write_rows(path: Path, data: dict[str, Any]) -> None:
