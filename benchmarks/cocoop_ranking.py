@@ -12,7 +12,8 @@ clean OOD images with respect to one additive delta shared by all images (what a
 first order: eps x that norm), divided by the same for CI's zero-shot twin (a class any plain prompt finds
 easy to reach is natural). Printed per CoCoOp model of the zoo: the planted target's rank (0 = first) under
 drift, under the suspect's reach alone and under the reach over the twin's; then how often each puts the
-target first and in its first three. Ground truth is read from the manifest only for the ranks.
+target first and in its first three. Ground truth is read from the manifest only for the ranks. CI now ranks
+image-conditioned prompts by the last of these (``engine/reach.py``, under bf16 autocast there; fp32 here).
 """
 
 from __future__ import annotations
@@ -28,20 +29,11 @@ from scanner.engine.ci import split_pool
 from scanner.engine.config import DetectorConfig
 from scanner.engine.drift import prompt_drift
 from scanner.engine.invert import ReferenceModel
+from scanner.engine.reach import class_reach
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.zoo.detect_eval import EVAL_SEED_OFFSET
 from scanner.zoo.ood import default_ood_pool
-
-
-def universal_reach(log_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """(C,) L1 norm of d mean_n log_probs[n, k] / d delta for each class k (``log_probs`` (N, C) computed
-    from images carrying the shared ``delta`` (1, 3, S, S))."""
-    out = []
-    for k in range(log_probs.shape[1]):
-        (g,) = torch.autograd.grad(log_probs[:, k].mean(), delta, retain_graph=True)
-        out.append(g.abs().sum())
-    return torch.stack(out)
 
 
 def rank_of(scores: torch.Tensor, k: int) -> int:
@@ -69,8 +61,8 @@ def main() -> None:
         delta = torch.zeros(1, *x.shape[1:], requires_grad=True)
         triggered = (x + delta).clamp(0, 1)
         feats = model.encode_images(triggered)  # (N, E), shared by the suspect and the twin
-        reach = universal_reach(model.logits_from_features(feats).float().log_softmax(dim=1), delta)
-        twin_reach = universal_reach(twin.logits(feats), delta)
+        reach = class_reach(model.logits_from_features(feats).float().log_softmax(dim=1), delta)
+        twin_reach = class_reach(twin.logits(feats), delta)
         with torch.no_grad():
             drift = prompt_drift(model, twin.text, model.image_features(x))
         t = int(m["target_index"])

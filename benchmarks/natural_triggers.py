@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from scanner.clip.backbone import load_bundled
-from scanner.engine.ci import _twin, split_pool
+from scanner.engine.ci import split_pool, trusted_twin
 from scanner.engine.config import DetectorConfig
 from scanner.engine.invert import autocast, frozen_learner
 from scanner.engine.triggers import identity_grid
@@ -135,7 +135,7 @@ def main() -> None:
             if feats is None:  # (J, N, E): the backbone's features of every overlaid image, once
                 with autocast(True, "cpu"):
                     feats = torch.stack([model.image_features(f(hold_x)).float() for _, _, f in bank])
-            ref, _ = _twin(model, opt_x, cfg)
+            ref, _ = trusted_twin(model, opt_x, cfg)
             C = model.n_cls
             sus = torch.stack([shares(model.logits_from_features(feats[j]).float(), C) for j in range(len(bank))])
             twin = torch.stack([shares(ref.logits(feats[j]), C) for j in range(len(bank))])

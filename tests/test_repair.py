@@ -3,7 +3,7 @@ accuracy, never touches the input model, and rejects unusable inputs with clear 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -136,3 +136,26 @@ def test_augmentations_keep_pixels_in_range_and_count() -> None:
     stamped = stamp_triggers(x, [raw], 3, 6, gen)
     assert stamped.shape == (15, 3, 64, 64) and float((stamped - x.repeat(3, 1, 1, 1)).abs().max()) > 0.1
     assert stamp_triggers(x, [], 3, 6, gen).shape == (0, 3, 64, 64)
+
+
+def test_a_second_pass_unlearns_what_still_works_after_the_first(backdoored: Backdoored) -> None:
+    """No reconstructed trigger at all: CI's inversion against the half-repaired prompt finds the planted
+    patch's effect on OOD photos, and the second pass unlearns it (clean fine-tuning alone does not)."""
+    from scanner.zoo.ood import default_ood_pool
+
+    b = backdoored
+    ood = default_ood_pool(600, 64, seed=11)
+    base = RepairConfig(epochs=8, trigger_copies=1, generic_copies=0, ood_images=0)
+    plain = repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(base, reinvert_families=()), target=TARGET, ood=ood)
+    second = repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(base, reinvert_families=("patch",)), target=TARGET,
+                           ood=ood)
+    assert plain.residual_forms == [] and second.residual_forms == ["patch"]
+    assert second.steps > plain.steps and second.to_dict()["residual_forms"] == ["patch"]
+    asr_plain = E.asr_in_distribution(plain.model, b.attack, b.x_te, b.y_te, TARGET)
+    asr_second = E.asr_in_distribution(second.model, b.attack, b.x_te, b.y_te, TARGET)
+    assert asr_second < asr_plain - 0.2, (asr_plain, asr_second)
+    assert E.clean_accuracy(second.model, b.x_te, b.y_te) >= E.clean_accuracy(b.model, b.x_te, b.y_te) - 0.05
+    # without a suspected target or OOD images there is nothing to invert against
+    assert repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(base, epochs=1), ood=ood).residual_forms == []
+    with pytest.raises(ConfigError, match="reinvert_families"):
+        RepairConfig(reinvert_families=("hologram",))

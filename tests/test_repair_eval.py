@@ -60,3 +60,11 @@ def test_real_attack_is_rebuilt_from_the_manifest(tiny_zoo: Path, random_backbon
     entry = {**entry, "attack_params": {**entry["attack_params"], "patch": 3}}  # not the trigger that was planted
     attack, why = real_attack(entry, 0, random_backbone)
     assert attack is None and "could not be reproduced" in why
+
+
+def test_repair_eval_takes_chosen_models_only(tiny_zoo: Path, random_backbone: ClipBackbone) -> None:
+    from scanner.errors import ConfigError
+
+    assert evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, models=set()) == []
+    with pytest.raises(ConfigError, match="no backdoored model sizes/clean-0"):
+        evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, models={"sizes/clean-0"})

@@ -114,17 +114,28 @@ def _row_line(r: dict[str, Any]) -> str:
 @click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True, help="OOD images for detection / re-scan")
-def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int) -> None:
+@click.option("--reinvert", default=None, metavar="F1,F2|none",
+              help="families inverted against the repaired prompt for a second pass (default: the repair's)")
+@click.option("--models", default=None, metavar="ID1,ID2", help="repair only these models of the zoo")
+def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
+                models: str | None) -> None:
     """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
     with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
+    from dataclasses import replace
+
     from scanner.clip import load_bundled
     from scanner.engine import DetectorConfig
     from scanner.repair import RepairConfig
     from scanner.zoo.repair_eval import evaluate_repairs, summarise
 
     try:
+        rep = RepairConfig(mode=mode)
+        if reinvert is not None:
+            families = () if reinvert == "none" else tuple(v.strip() for v in reinvert.split(",") if v.strip())
+            rep = replace(rep, reinvert_families=families)
+        chosen = {v.strip() for v in models.split(",") if v.strip()} if models is not None else None
         rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=DetectorConfig(n_images=n_images),
-                                repair=RepairConfig(mode=mode), seed=seed,
+                                repair=rep, seed=seed, models=chosen,
                                 on_result=lambda r: click.echo(_row_line(r), err=True))
     except ScannerError as exc:
         fail(str(exc), int(ExitCode.USAGE))

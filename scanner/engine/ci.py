@@ -190,6 +190,16 @@ def _size_weight(family: str, cfg: DetectorConfig) -> float:
     return cfg.patch_weight if family == "patch" else 0.0
 
 
+def invert_for(model: PromptedCLIP, twin: ReferenceModel, target: int, family: str, x: torch.Tensor,
+               cfg: DetectorConfig, gen: torch.Generator) -> Trigger:
+    """A ``family`` trigger optimised on clean images ``x`` (N, 3, S, S) to send them into ``target`` in
+    ``model`` while keeping ``twin`` unmoved (CI's differential margin, one schedule of ``cfg``)."""
+    trig = make_trigger(family, x.shape[-1], cfg, gen, x.device)
+    optimise_pair(model, twin, trig, x, differential_margin(target, cfg.kappa, cfg.reference_weight),
+                  InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16), gen, _size_weight(family, cfg))
+    return trig
+
+
 def split_pool(pool: torch.Tensor, cfg: DetectorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(optimisation split, held-out split) of the first ``n_images`` images, in pool order."""
     x = pool[: cfg.n_images]
@@ -197,7 +207,7 @@ def split_pool(pool: torch.Tensor, cfg: DetectorConfig) -> tuple[torch.Tensor, t
     return x[:-n_hold], x[-n_hold:]
 
 
-def _twin(model: PromptedCLIP, x: torch.Tensor, cfg: DetectorConfig) -> tuple[ReferenceModel, torch.Tensor]:
+def trusted_twin(model: PromptedCLIP, x: torch.Tensor, cfg: DetectorConfig) -> tuple[ReferenceModel, torch.Tensor]:
     """The trusted twin (templates + a member distilled on clean ``x``) and the image features of ``x`` (N, E)."""
     ref = ReferenceModel(model)
     with torch.no_grad(), autocast(cfg.bf16, x.device):
@@ -213,9 +223,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     opt_x, hold_x = split_pool(pool, cfg)
-    size = pool.shape[-1]
     C = model.n_cls
-    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     m = min(cfg.candidates, C)
     conditioned = model.learner.image_conditioned
     families = cfg.families_for(conditioned)
@@ -224,7 +232,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
     best = _BestTriggers(torch.full((C,), -1.0))  # per class: best confirmed gain; -1 = not confirmed
     with frozen_learner(model):
-        ref, feats = _twin(model, opt_x, cfg)
+        ref, feats = trusted_twin(model, opt_x, cfg)
         plain = ref.zero_shot()
         # one pass over the clean hold-out: the suspect's shares, plain prompts' (a prompt that sends far more OOD
         # photos to a class than zero-shot does is not dormant, ``ci_verdict``) and the twin's (where each
@@ -246,9 +254,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         for t in cands:
             gains: list[float] = []
             for fam in families:
-                trig = make_trigger(fam, size, cfg, gen, pool.device)
-                optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
-                              sched, gen, _size_weight(fam, cfg))
+                trig = invert_for(model, ref, t, fam, opt_x, cfg, gen)
                 s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
                 # what the trigger does to the suspect beyond what it does to its clean twin
                 gain = trigger_gain(float(s_sus[t]), float(s_ref[t]), float(natural[t]), float(twin_natural[t]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from scanner.engine.config import FAMILIES
 from scanner.errors import ConfigError
 
 MODES = ("finetune", "reinit")
@@ -29,21 +30,31 @@ class RepairConfig:
     ood_labels: str = "zero-shot"  # who labels them: "zero-shot" (the trusted twin) or "model" (the delivered one)
     max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
+    # a second pass: CI's inversion run against the repaired prompt for the suspected target (needs the OOD
+    # images), its triggers stamped like the reconstructed ones (repair/reinvert.py); () skips it. Off until
+    # measured on the quick zoo (`scanner zoo repair-eval ZOO --reinvert patch,blend`)
+    reinvert_families: tuple[str, ...] = ()
+    reinvert_images: int = 1000  # OOD images that inversion uses (its optimisation split: 80 %)
+    reinvert_epochs: int = 3  # passes of the second round (capped at half the first's step cap)
     bf16: bool = False  # bfloat16 autocast for the one image-encoder pass and the prompt steps
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"unknown repair mode {self.mode!r}; expected one of {', '.join(MODES)}")
         for name in ("epochs", "reinit_epochs", "batch_size", "max_steps", "max_steps_conditioned", "max_triggers",
-                     "min_per_class"):
+                     "min_per_class", "reinvert_images", "reinvert_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"repair {name} must be >= 1; got {getattr(self, name)}")
         if self.ood_labels not in OOD_LABELS:
             raise ConfigError(f"ood_labels must be one of {', '.join(OOD_LABELS)}; got {self.ood_labels!r}")
         if min(self.trigger_copies, self.generic_copies, self.max_shift, self.ood_images) < 0:
             raise ConfigError("trigger_copies, generic_copies, max_shift and ood_images must be >= 0")
+        bad = [f for f in self.reinvert_families if f not in FAMILIES]
+        if bad:
+            raise ConfigError(f"reinvert_families must be a subset of {', '.join(FAMILIES)}; got {bad}")
         if not self.lr > 0:
             raise ConfigError(f"repair lr must be > 0; got {self.lr}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able settings (tuples as lists, as JSON reads them back)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from scanner.prompting.train import TrainConfig, train_prompt
 from scanner.repair.augment import generic_overlays, stamp_triggers
 from scanner.repair.config import RepairConfig
 from scanner.repair.pseudo import model_labels, zero_shot_labels
+from scanner.repair.reinvert import residual_triggers
 
 MEASURE_SEED_OFFSET = 7717  # the fixed draw of triggered images for before/after measures
 
@@ -67,6 +68,7 @@ class RepairResult:
     seed: int
     config: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    residual_forms: list[str] = field(default_factory=list)  # raw form of each trigger re-inverted after pass one
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (everything but the model)."""
@@ -75,6 +77,7 @@ class RepairResult:
             "n_images": self.n_images, "n_trained": self.n_trained, "trigger_forms": list(self.trigger_forms),
             "target_index": self.target_index, "steps": self.steps, "epochs": self.epochs,
             "seconds": round(self.seconds, 3), "seed": self.seed, "config": dict(self.config),
+            "residual_forms": list(self.residual_forms),
             "losses": [round(v, 5) for v in self.losses],
         }
 
@@ -156,7 +159,10 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     the suspected target's first); target: the suspected target class (for the target-share measure);
     ood: unlabelled images (M, 3, S, S) — with ``cfg.ood_images`` > 0 the first of them join the repair
     set under pseudo-labels (``cfg.ood_labels``: the zero-shot twin's, by default), with the same
-    triggered / overlaid copies: a triggered photo must not land in the target either.
+    triggered / overlaid copies: a triggered photo must not land in the target either. With a ``target``
+    and ``ood`` images, a second pass follows (``cfg.reinvert_families``): CI's inversion is run against the
+    repaired prompt and what still sends photos into the target is stamped and unlearned too
+    (``repair/reinvert.py``).
     Returns a :class:`RepairResult` holding a *new* model; ``model`` is not modified. Same seed and
     inputs give the same repair.
     """
@@ -199,9 +205,23 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         epochs = max(1, min(epochs, cap // steps_per_epoch))
         train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, bf16=cfg.bf16)
         record = train_prompt(repaired, x, y, train_cfg)
+        steps, losses = record.steps, list(record.losses)
+        residual: list[torch.Tensor] = []
+        if cfg.reinvert_families and target is not None and ood is not None:
+            # what still sends photos into the target after the first pass joins the set (repair/reinvert.py)
+            residual = residual_triggers(repaired, target, ood.to(images), cfg.reinvert_families,
+                                         cfg.reinvert_images, gen)
+            copies = cfg.trigger_copies or 1
+            x = torch.cat([x, stamp_triggers(base_x, residual, copies, cfg.max_shift, gen)])
+            y = torch.cat([y, base_y.repeat(copies)])
+            per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+            second = max(1, min(cfg.reinvert_epochs, (cap // 2) // per_epoch))  # its own cap: half the first's
+            record = train_prompt(repaired, x, y, replace(train_cfg, epochs=second))
+            steps, losses, epochs = steps + record.steps, losses + list(record.losses), epochs + second
         after = measure(repaired, images, labels, probe, target)
     return RepairResult(
         model=repaired, mode=cfg.mode, before=before, after=after, n_images=images.shape[0], n_trained=x.shape[0],
-        trigger_forms=[raw_form(t) for t in trigs], target_index=target, steps=record.steps, epochs=epochs,
-        seconds=time.perf_counter() - start, seed=seed, config=cfg.to_dict(), losses=list(record.losses),
+        trigger_forms=[raw_form(t) for t in trigs], target_index=target, steps=steps, epochs=epochs,
+        seconds=time.perf_counter() - start, seed=seed, config=cfg.to_dict(), losses=losses,
+        residual_forms=[raw_form(t) for t in residual],
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,16 @@ def suspects(res: DetectionResult) -> tuple[int | None, list[torch.Tensor]]:
 
 def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = None,
                      config: DetectorConfig | None = None, repair: RepairConfig | None = None, seed: int = 0,
-                     on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """One row per backdoored model of the zoo (see module docstring); resumable through ``out``."""
+                     on_result: Callable[[dict[str, Any]], None] | None = None,
+                     models: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """One row per backdoored model of the zoo (see module docstring), or of ``models`` (ids) only;
+    resumable through ``out``."""
     manifest = load_manifest(zoo)
+    if models is not None:
+        unknown = sorted(set(models) - {m["id"] for m in manifest["models"] if m["attack"] != "none"})
+        if unknown:
+            raise ConfigError(f"no backdoored model {', '.join(unknown)} in {zoo}; ids are the manifest's, "
+                              "e.g. shapes/badnets")
     det_cfg = config or DetectorConfig()
     rep_cfg = repair or RepairConfig()
     zoo_seed = int(manifest["zoo"].get("seed", 0))
@@ -115,7 +122,7 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
             rows = list(prev["rows"])
     done = {r["id"] for r in rows}
     for m in manifest["models"]:
-        if m["attack"] == "none" or m["id"] in done:
+        if m["attack"] == "none" or m["id"] in done or (models is not None and m["id"] not in models):
             continue
         clean = next((c for c in manifest["models"] if c["dataset"] == m["dataset"] and c["attack"] == "none"), None)
         row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed, clean)
