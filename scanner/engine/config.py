@@ -52,7 +52,9 @@ class DetectorConfig:
     candidates: int = 1
     # image-conditioned learners (CoCoOp): rank candidates by universal reach over the twin's
     # (engine/reach.py) instead of prompt drift, and confirm with these families besides ``families``. Drift named
-    # the BadCLIP target first in 0 of 13 models, reach in 4; BadCLIP's trigger is a full-image additive one
+    # the BadCLIP target first in 0 of 13 models, reach in 4; BadCLIP's trigger is a full-image additive one.
+    # Pre-registered test (session 13, README): a new BadCLIP zoo 1 of 11 flagged with the true target against 0,
+    # the 22 clean CoCoOp models of seeds 1-2 0 flagged as before (highest scores 0.94 / 0.89, were 0.83 / 0.62)
     conditioned_reach: bool = True
     conditioned_families: tuple[str, ...] = ("additive",)
     # a confirmed class's score: its best trigger family's gain plus this share of the next best family's (when
