@@ -31,8 +31,9 @@ class RepairConfig:
     max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
     # a second pass: CI's inversion run against the repaired prompt for the suspected target (needs the OOD
-    # images), its triggers stamped like the reconstructed ones (repair/reinvert.py); () skips it. Off until
-    # measured on the quick zoo (`scanner zoo repair-eval ZOO --reinvert patch,blend`)
+    # images), its triggers stamped like the reconstructed ones (repair/reinvert.py); () skips it. Off: on the
+    # quick zoo's three misses (README, session 13) patch + blend took shapes/badnets ASR-ID 0.17 -> 0.10 and
+    # colours/blended ASR-OOD 0.39 -> 0.26 and left colours/wanet at 0.21, for an inversion per family more
     reinvert_families: tuple[str, ...] = ()
     reinvert_images: int = 1000  # OOD images that inversion uses (its optimisation split: 80 %)
     reinvert_epochs: int = 3  # passes of the second round (capped at half the first's step cap)

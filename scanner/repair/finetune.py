@@ -159,10 +159,10 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     the suspected target's first); target: the suspected target class (for the target-share measure);
     ood: unlabelled images (M, 3, S, S) — with ``cfg.ood_images`` > 0 the first of them join the repair
     set under pseudo-labels (``cfg.ood_labels``: the zero-shot twin's, by default), with the same
-    triggered / overlaid copies: a triggered photo must not land in the target either. With a ``target``
-    and ``ood`` images, a second pass follows (``cfg.reinvert_families``): CI's inversion is run against the
-    repaired prompt and what still sends photos into the target is stamped and unlearned too
-    (``repair/reinvert.py``).
+    triggered / overlaid copies: a triggered photo must not land in the target either. When
+    ``cfg.reinvert_families`` is not empty and a ``target`` and ``ood`` images are given, a second pass
+    follows: CI's inversion is run against the repaired prompt and what still sends photos into the target
+    is stamped and unlearned too (``repair/reinvert.py``).
     Returns a :class:`RepairResult` holding a *new* model; ``model`` is not modified. Same seed and
     inputs give the same repair.
     """
