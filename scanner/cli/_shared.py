@@ -21,6 +21,16 @@ from scanner.settings import Settings, check_device, load_settings, parse_backbo
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def csv_list(value: str | None) -> list[str] | None:
+    """The items of a comma-separated option (blanks dropped); None when the option was not given."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def families_or_none(value: str) -> tuple[str, ...]:
+    """Trigger families from an ``F1,F2|none`` option: ``none`` is the empty tuple (the step is skipped)."""
+    return () if value == "none" else tuple(csv_list(value) or ())
+
+
 def fail(message: str, code: int) -> NoReturn:
     click.echo(f"scanner: error: {message}", err=True)
     sys.exit(code)

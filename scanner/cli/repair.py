@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from scanner.cli import main
-from scanner.cli._shared import fail, model_source_options, settings_or_exit
+from scanner.cli._shared import csv_list, fail, families_or_none, model_source_options, settings_or_exit
 from scanner.cli.zoo import zoo
 from scanner.errors import ConfigError, DatasetError, ScannerError
 from scanner.report import ExitCode
@@ -131,9 +131,8 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
     try:
         rep = RepairConfig(mode=mode)
         if reinvert is not None:
-            families = () if reinvert == "none" else tuple(v.strip() for v in reinvert.split(",") if v.strip())
-            rep = replace(rep, reinvert_families=families)
-        chosen = {v.strip() for v in models.split(",") if v.strip()} if models is not None else None
+            rep = replace(rep, reinvert_families=families_or_none(reinvert))
+        chosen = set(csv_list(models) or ()) if models is not None else None
         rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=DetectorConfig(n_images=n_images),
                                 repair=rep, seed=seed, models=chosen,
                                 on_result=lambda r: click.echo(_row_line(r), err=True))

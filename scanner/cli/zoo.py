@@ -14,16 +14,12 @@ from typing import Any, NoReturn
 import click
 
 from scanner.cli import main
-from scanner.cli._shared import device_option, fail
+from scanner.cli._shared import csv_list, device_option, fail, families_or_none
 from scanner.errors import ScannerError
 
 
 def _fail(exc: ScannerError) -> NoReturn:
     fail(str(exc), 2)
-
-
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 @main.group()
@@ -98,7 +94,8 @@ def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str 
     from scanner.zoo.quality import dataset_table
 
     try:
-        rows = dataset_table(load_bundled(), seed=seed, coop=not no_coop, probe=not no_probe, datasets=_csv(datasets),
+        rows = dataset_table(load_bundled(), seed=seed, coop=not no_coop, probe=not no_probe,
+                             datasets=csv_list(datasets),
                              progress=None if as_json else lambda n: click.echo(f"  measuring {n}…", err=True))
     except ScannerError as exc:
         _fail(exc)
@@ -140,7 +137,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
     from scanner.zoo.build import ZooPlan, build_zoo, plan_jobs, summarise
 
     try:
-        plan = ZooPlan.make(_csv(datasets), _csv(attacks), clean_per_dataset, seed, quick)
+        plan = ZooPlan.make(csv_list(datasets), csv_list(attacks), clean_per_dataset, seed, quick)
         bar = tqdm(total=len(plan_jobs(plan)), desc="zoo", unit="model")
 
         def on_model(i: int, n: int, entry: dict[str, Any] | None) -> None:
@@ -199,7 +196,7 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
     from scanner.engine import DETECTORS, DetectorConfig
     from scanner.zoo.detect_eval import evaluate_zoo, load_manifest, parse_shard, shard_models
 
-    dets = _csv(detectors) or []
+    dets = csv_list(detectors) or []
     bad = [d for d in dets if d not in DETECTORS]
     if bad:
         raise click.BadParameter(f"unknown detector(s) {bad}; expected from {', '.join(DETECTORS)}")
@@ -211,14 +208,13 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         if candidates is not None:
             cfg = replace(cfg, candidates=candidates)
         if families is not None:
-            cfg = replace(cfg, families=tuple(_csv(families) or ()))
+            cfg = replace(cfg, families=tuple(csv_list(families) or ()))
         if conditioned_ranking is not None:
             cfg = replace(cfg, conditioned_reach=conditioned_ranking == "reach")
         if conditioned_families is not None:
-            extra = () if conditioned_families == "none" else tuple(_csv(conditioned_families) or ())
-            cfg = replace(cfg, conditioned_families=extra)
+            cfg = replace(cfg, conditioned_families=families_or_none(conditioned_families))
         manifest = load_manifest(zoo_dir)
-        chosen = set(_csv(learners) or ()) if learners is not None else None
+        chosen = set(csv_list(learners) or ()) if learners is not None else None
         known = {m["learner"] for m in manifest["models"]}
         if chosen is not None and not chosen & known:
             raise click.BadParameter(f"no model of this zoo was tuned by {sorted(chosen)}; its learners: "
