@@ -13,7 +13,7 @@ first order: eps x that norm), divided by the same for CI's zero-shot twin (a cl
 easy to reach is natural). Printed per CoCoOp model of the zoo: the planted target's rank (0 = first) under
 drift, under the suspect's reach alone and under the reach over the twin's; then how often each puts the
 target first and in its first three. Ground truth is read from the manifest only for the ranks. CI now ranks
-image-conditioned prompts by the last of these (``engine/reach.py``, under bf16 autocast there; fp32 here).
+image-conditioned prompts by the last of these (``engine/reach.py``: bf16 autocast there, fp32 here).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from scanner.engine.ci import split_pool
 from scanner.engine.config import DetectorConfig
 from scanner.engine.drift import prompt_drift
 from scanner.engine.invert import ReferenceModel
-from scanner.engine.reach import class_reach
+from scanner.engine.reach import reaches
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.zoo.detect_eval import EVAL_SEED_OFFSET
@@ -58,11 +58,7 @@ def main() -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         twin = ReferenceModel(model).zero_shot()
-        delta = torch.zeros(1, *x.shape[1:], requires_grad=True)
-        triggered = (x + delta).clamp(0, 1)
-        feats = model.encode_images(triggered)  # (N, E), shared by the suspect and the twin
-        reach = class_reach(model.logits_from_features(feats).float().log_softmax(dim=1), delta)
-        twin_reach = class_reach(twin.logits(feats), delta)
+        reach, twin_reach = reaches(model, twin, x, bf16=False)  # (C,), (C,)
         with torch.no_grad():
             drift = prompt_drift(model, twin.text, model.image_features(x))
         t = int(m["target_index"])

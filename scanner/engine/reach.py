@@ -35,14 +35,20 @@ def class_reach(log_probs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def reach_ratio(model: PromptedCLIP, twin: ReferenceModel, clean: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """(C,) the suspect's universal reach of each class over the twin's (``twin``: plain zero-shot prompts,
+def reaches(model: PromptedCLIP, twin: ReferenceModel, clean: torch.Tensor,
+            bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """((C,), (C,)): the universal reach of each class in the suspect and in ``twin`` (plain zero-shot prompts,
     which read the suspect's image features), on ``clean`` OOD images (N, 3, S, S) in [0, 1]."""
     with torch.enable_grad():
         delta = torch.zeros(1, *clean.shape[1:], device=clean.device, requires_grad=True)  # (1, 3, S, S)
         with autocast(bf16, clean.device):
-            feats = model.encode_images((clean + delta).clamp(0, 1))  # (N, E)
+            feats = model.encode_images((clean + delta).clamp(0, 1))  # (N, E), shared by the suspect and the twin
             suspect = model.logits_from_features(feats).float().log_softmax(dim=1)  # (N, C)
             plain = twin.logits(feats)  # (N, C) log-probabilities
-        ratio = class_reach(suspect, delta) / class_reach(plain, delta).clamp_min(1e-12)
-    return ratio.detach().cpu()
+        return class_reach(suspect, delta).detach().cpu(), class_reach(plain, delta).detach().cpu()
+
+
+def reach_ratio(model: PromptedCLIP, twin: ReferenceModel, clean: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """(C,) the suspect's universal reach of each class over the twin's (``reaches``)."""
+    suspect, plain = reaches(model, twin, clean, bf16)
+    return suspect / plain.clamp_min(1e-12)
