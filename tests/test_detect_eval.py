@@ -354,10 +354,13 @@ def test_eval_refuses_an_unknown_trigger_family(zoo: Path) -> None:
 
 
 def test_eval_picks_models_by_learner(zoo: Path) -> None:
+    from scanner.errors import ConfigError
     from scanner.zoo.detect_eval import shard_models
 
     models = [{"id": f"m{i}", "learner": lr} for i, lr in enumerate(["coop-csc", "cocoop", "coop", "cocoop"])]
     assert [m["id"] for m in shard_models(models, None, {"cocoop"})] == ["m1", "m3"]
     assert [m["id"] for m in shard_models(models, (2, 2), {"cocoop", "coop"})] == ["m2"]  # m1, m2, m3 -> 2nd of 2
+    with pytest.raises(ConfigError, match="no model of this zoo was tuned by"):
+        shard_models(models, None, {"maple"})
     res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--learners", "maple"])
     assert res.exit_code == 2 and "no model of this zoo was tuned by ['maple']" in res.output, res.output

@@ -53,8 +53,13 @@ def shard_models(models: Sequence[dict[str, Any]], shard: tuple[int, int] | None
                  learners: Collection[str] | None = None) -> list[dict[str, Any]]:
     """The manifest models of ``shard`` (K, N): every N-th model from the K-th, so that each slice mixes
     datasets, attacks and learners as the whole zoo does (and a slice cut short still says something);
-    with ``learners``, only the models tuned by one of them (e.g. ``{"cocoop"}``)."""
+    with ``learners``, only the models tuned by one of them (e.g. ``{"cocoop"}``; ConfigError when no model
+    of ``models`` was)."""
     if learners is not None:
+        known = {m["learner"] for m in models}
+        if not set(learners) & known:
+            raise ConfigError(f"no model of this zoo was tuned by {sorted(learners)}; its learners: "
+                              f"{', '.join(sorted(known))}")
         models = [m for m in models if m["learner"] in learners]
     if shard is None:
         return list(models)
