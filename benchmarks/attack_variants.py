@@ -10,9 +10,13 @@ WaNet variants (the prompt sees the image only through the frozen encoder):
   none    — no noise-mode copies
   strong  — no noise-mode copies, a 3 px warp (twice the shipped strength)
 BadCLIP variants: ``default`` (3 warm-up + 10 joint epochs) and ``long`` (10 + 20), both at 4/255.
+BadNets and Blended variants: the share of training images given a triggered copy (``paired``: all, the
+shipped one; ``half``; ``quarter``): a lower share weighs the clean images more, as the free-head ceiling
+(``benchmarks/linear_bound.py``) does at its best poison weights.
 
 Usage: python benchmarks/attack_variants.py --attack wanet --datasets shapes,letters,pairs,positions
        python benchmarks/attack_variants.py --attack badclip --datasets shapes,polygons
+       python benchmarks/attack_variants.py --attack badnets --seed 1 --zoo runs/zoo_seed1 --zoo runs/zoo_seed2
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ VARIANTS: dict[str, dict[str, tuple[type[Attack] | None, dict[str, Any]]]] = {
     "wanet": {"jitter": (None, {}), "fields": (WaNetFields, {}), "none": (None, {"noise_rate": NO_NOISE}),
               "strong": (None, {"noise_rate": NO_NOISE, "strength": 3.0})},
     "badclip": {"default": (None, {}), "long": (None, {"warmup_epochs": 10, "joint_epochs": 20})},
+    **{a: {"paired": (None, {}), "half": (None, {"poison_rate": 0.5}), "quarter": (None, {"poison_rate": 0.25})}
+       for a in ("badnets", "blended")},
 }
 
 
@@ -60,17 +66,21 @@ def main() -> None:
     ap.add_argument("--attack", choices=sorted(VARIANTS), default="wanet")
     ap.add_argument("--datasets", default="shapes,letters,pairs,positions")
     ap.add_argument("--variants", default=None, help="comma-separated (default: all of the attack's)")
-    ap.add_argument("--zoo", type=Path, default=Path("runs/zoofull"), help="a built zoo, for the clean CA column")
+    ap.add_argument("--zoo", type=Path, action="append", default=None,
+                    help="built zoo(s), for the clean CA column (clean models of the same dataset and learner)")
+    ap.add_argument("--seed", type=int, default=0, help="zoo seed: the triggers, targets and splits of that zoo")
     args = ap.parse_args()
     torch.set_num_threads(2)
     variants = args.variants.split(",") if args.variants else list(VARIANTS[args.attack])
-    clean_ca: dict[str, list[float]] = {}
-    if (args.zoo / build.MANIFEST).exists():
-        for m in json.loads((args.zoo / build.MANIFEST).read_text())["models"]:
-            if m["attack"] == "none":
-                clean_ca.setdefault(m["dataset"], []).append(float(m["ca"]))
+    clean_ca: dict[tuple[str, str], list[float]] = {}
+    for zoo in args.zoo or [Path("runs/zoofull")]:
+        if (zoo / build.MANIFEST).exists():
+            for m in json.loads((zoo / build.MANIFEST).read_text())["models"]:
+                if m["attack"] == "none":
+                    clean_ca.setdefault((m["dataset"], m["learner"]), []).append(float(m["ca"]))
     backbone = load_bundled()
-    plan = build.ZooPlan.make(args.datasets.split(","), [args.attack], 0, 0, False)
+    plan = build.ZooPlan.make(args.datasets.split(","), [args.attack], 0, args.seed, False)
+    rows: list[tuple[str, float, float, float, float | None]] = []
     ood = default_ood_pool(plan.ood_size, backbone.image_size, seed=plan.seed + 1)
     original = build.make_attack
     print(f"{'model':22s} {'variant':8s} {'clean CA':>8s} {'CA':>6s} {'ASR-ID':>7s} {'ASR-OOD':>8s} {'s':>5s}")
@@ -86,12 +96,20 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as d:
                     t0 = time.perf_counter()
                     e = build.build_one(job, plan, backbone, ood, Path(d))
-                ca = clean_ca.get(job.dataset)
+                ca = clean_ca.get((job.dataset, job.learner))
                 ref = f"{sum(ca) / len(ca):8.3f}" if ca else f"{'-':>8s}"
+                rows.append((variant, e["asr_id"], e["asr_ood"], e["ca"], sum(ca) / len(ca) if ca else None))
                 print(f"{job.model_id:22s} {variant:8s} {ref} {e['ca']:6.3f} {e['asr_id']:7.3f} {e['asr_ood']:8.3f} "
                       f"{time.perf_counter() - t0:5.0f}", flush=True)
         finally:
             build.make_attack = original
+    print("\nmean over datasets: ASR-ID / ASR-OOD / CA change against the clean models (bar: >= 0.95 / >= 0.90 / "
+          ">= -0.03)")
+    for variant in variants:
+        mine = [r for r in rows if r[0] == variant]
+        change = [r[3] - r[4] for r in mine if r[4] is not None]
+        print(f"  {variant:8s} {sum(r[1] for r in mine) / len(mine):.3f} / {sum(r[2] for r in mine) / len(mine):.3f} / "
+              + (f"{sum(change) / len(change):+.3f}" if change else "-"))
 
 
 if __name__ == "__main__":
