@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def main() -> None:
                     help="built zoo(s), for the clean CA column (clean models of the same dataset and learner)")
     ap.add_argument("--seed", type=int, default=0, help="zoo seed: the triggers, targets and splits of that zoo")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("SCANNER_BENCH_THREADS", "2")))
     variants = args.variants.split(",") if args.variants else list(VARIANTS[args.attack])
     clean_ca: dict[tuple[str, str], list[float]] = {}
     for zoo in args.zoo or [Path("runs/zoofull")]:

@@ -160,16 +160,24 @@ def main() -> None:
                                                 "rows": rows}, indent=1) + "\n")
 
 
+def _score(pick: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, float]:
+    best, clean = pick
+    return best["asr_id"] + best["asr_ood"], best["clean_accuracy"] - clean["clean_accuracy"]
+
+
 def summary(attack: str, rows: list[dict[str, Any]]) -> None:
-    """Means over datasets (the bar is on the mean) of each dataset's best head within 3 points."""
-    for name in ("few-shot", "rich"):
-        picks = [(r[name]["best"], r[name]["clean"]) for r in rows]
+    """Means over datasets (the bar is on the mean) of each dataset's best head within 3 points: few-shot,
+    rich, and the better of the two per dataset (both estimate one ceiling; the sweep is coarse, and a
+    richer clean head can sit higher, which makes its 3 points stricter)."""
+    for name in ("few-shot", "rich", "either"):
+        picks = [max(((r[k]["best"], r[k]["clean"]) for k in ("few-shot", "rich")), key=_score) if name == "either"
+                 else (r[name]["best"], r[name]["clean"]) for r in rows]
         mid = statistics.mean(float(b["asr_id"]) for b, _ in picks)
         mood = statistics.mean(float(b["asr_ood"]) for b, _ in picks)
         dca = statistics.mean(float(b["clean_accuracy"]) - c["clean_accuracy"] for b, c in picks)
         meets = sum(1 for b, _ in picks if b["asr_id"] >= 0.95 and b["asr_ood"] >= 0.90)
-        print(f"  {attack} {name} head, mean over {len(rows)} datasets: ASR-ID {mid:.3f}, ASR-OOD {mood:.3f}, "
-              f"CA change {dca:+.3f}; {meets} dataset(s) meet both ASR bars")
+        print(f"  {attack} {name} head{'s' if name == 'either' else ''}, mean over {len(rows)} datasets: "
+              f"ASR-ID {mid:.3f}, ASR-OOD {mood:.3f}, CA change {dca:+.3f}; {meets} dataset(s) meet both ASR bars")
 
 
 if __name__ == "__main__":
