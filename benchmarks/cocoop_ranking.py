@@ -1,7 +1,7 @@
 """Which class of an image-conditioned (CoCoOp) model would a tiny universal perturbation move? A ranking
 to replace prompt drift where drift fails.
 
-    python benchmarks/cocoop_ranking.py runs/zoo_seed4 [--images 64]
+    python benchmarks/cocoop_ranking.py runs/zoo_seed4 [--images 64] [--learners cocoop,coop-csc,coop]
 
 CI confirms the most drifted class (``engine/drift.py``). For CoCoOp the text features depend on the image,
 so drift is measured at the mean over clean images, and on BadCLIP models (a learned full-image additive
@@ -45,14 +45,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("zoo", type=Path)
     ap.add_argument("--images", type=int, default=64, help="clean OOD images the gradients are averaged over")
+    ap.add_argument("--learners", default="cocoop",
+                    help="comma-separated learners whose backdoored models are ranked (CI uses reach for cocoop)")
     args = ap.parse_args()
+    learners = set(args.learners.split(","))
     bb = load_bundled()
     cfg = DetectorConfig()
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # zoo eval's pool
     x = split_pool(pool, cfg)[0][: args.images]  # (N, 3, S, S)
     tally: dict[str, list[int]] = {"drift": [], "reach": [], "reach / twin": []}
     for m in json.loads((args.zoo / "manifest.json").read_text())["models"]:
-        if m["learner"] != "cocoop" or m["target_index"] is None:
+        if m["learner"] not in learners or m["target_index"] is None:
             continue
         model = PromptedCLIP(bb, load_checkpoint(args.zoo / m["path"], bb).learner).eval()
         for p in model.parameters():

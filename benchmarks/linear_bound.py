@@ -30,12 +30,13 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from scanner.clip.backbone import load_bundled
+from scanner.clip.backbone import ClipBackbone, load_bundled
 from scanner.zoo.attacks import make_attack
 from scanner.zoo.build import ZooPlan, plan_jobs
 from scanner.zoo.datasets import get_spec, list_datasets, load_split
@@ -72,7 +73,7 @@ def halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(first), torch.cat(second)
 
 
-def bound_one(dataset: str, attack_name: str, seed: int, bb: Any, ood_eval: torch.Tensor,
+def bound_one(dataset: str, attack_name: str, seed: int, bb: ClipBackbone, ood_eval: torch.Tensor,
               ood_train: torch.Tensor) -> dict[str, Any]:
     plan = ZooPlan.make([dataset], [attack_name], 0, seed, quick=False)
     job = plan_jobs(plan)[0]
@@ -101,8 +102,8 @@ def bound_one(dataset: str, attack_name: str, seed: int, bb: Any, ood_eval: torc
     out: dict[str, Any] = {"dataset": dataset, "attack": attack_name, "target": job.target_index}
     for name, data in setups.items():
         b = bound(data)
-        out[name] = {"clean": b.clean.__dict__, "fits": [f.__dict__ for f in b.fits],
-                     "best": b.best.__dict__, "meets": b.meets()}
+        out[name] = {"clean": asdict(b.clean), "fits": [asdict(f) for f in b.fits], "best": asdict(b.best),
+                     "meets": b.meets()}
     return out
 
 
@@ -156,8 +157,8 @@ def main() -> None:
         summary(attack, [r for r in rows if r["attack"] == attack])
     print(f"\n{len(rows)} bounds in {time.perf_counter() - t0:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"seed": args.seed, "weights": POISON_WEIGHTS, "anchors": ANCHORS,
-                                                "rows": rows}, indent=1) + "\n")
+        out = {"seed": args.seed, "weights": POISON_WEIGHTS, "anchors": ANCHORS, "rows": rows}
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
 
 
 def _score(pick: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, float]:

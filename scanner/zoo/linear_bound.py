@@ -107,6 +107,10 @@ class Bound:
         return self.best.asr_id >= asr_id and self.best.asr_ood >= asr_ood
 
 
+def _rank(f: HeadFit) -> tuple[float, float]:
+    return f.asr_id + f.asr_ood, f.clean_accuracy
+
+
 def bound(data: BoundData, *, anchors: tuple[float, ...] = ANCHORS, weights: tuple[float, ...] = POISON_WEIGHTS,
           ca_drop: float = 0.03) -> Bound:
     """Sweep anchors x poison weights; the best head (highest ASR-ID + ASR-OOD, then clean accuracy) whose
@@ -114,16 +118,13 @@ def bound(data: BoundData, *, anchors: tuple[float, ...] = ANCHORS, weights: tup
     of the clean models", a clean model being tuned the same way). Clean heads compete too, so a trigger no
     poisoned head can learn within the drop reports what the clean head does with it."""
     fits: list[HeadFit] = []
-    best: tuple[HeadFit, HeadFit] | None = None
+    best: tuple[HeadFit, HeadFit] | None = None  # (best head, its clean head)
     for anchor in anchors:
         clean = fit_head(data, 0.0, anchor)
-        fits.append(clean)
-        for f in [clean, *(fit_head(data, w, anchor) for w in weights)]:
-            if f is not clean:
-                fits.append(f)
-            key = (f.asr_id + f.asr_ood, f.clean_accuracy)
-            if f.clean_accuracy >= clean.clean_accuracy - ca_drop and (
-                    best is None or key > (best[0].asr_id + best[0].asr_ood, best[0].clean_accuracy)):
+        runs = [clean, *(fit_head(data, w, anchor) for w in weights)]
+        fits += runs
+        for f in runs:
+            if f.clean_accuracy >= clean.clean_accuracy - ca_drop and (best is None or _rank(f) > _rank(best[0])):
                 best = (f, clean)
     assert best is not None  # every clean head is within the drop of itself
     return Bound(best[0], best[1], fits)
