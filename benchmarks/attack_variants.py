@@ -11,12 +11,14 @@ WaNet variants (the prompt sees the image only through the frozen encoder):
   strong  — no noise-mode copies, a 3 px warp (twice the shipped strength)
 BadCLIP variants: ``default`` (3 warm-up + 10 joint epochs) and ``long`` (10 + 20), both at 4/255.
 BadNets and Blended variants: the share of training images given a triggered copy (``paired``: all, the
-shipped one; ``half``; ``quarter``): a lower share weighs the clean images more, as the free-head ceiling
-(``benchmarks/linear_bound.py``) does at its best poison weights.
+shipped one; ``half``; ``quarter``): a lower share weighs the clean images more (the free-head ceiling,
+``benchmarks/linear_bound.py``, finds its best fits at poison weights from 0.1 to 10, by dataset).
 
 Usage: python benchmarks/attack_variants.py --attack wanet --datasets shapes,letters,pairs,positions
        python benchmarks/attack_variants.py --attack badclip --datasets shapes,polygons
-       python benchmarks/attack_variants.py --attack badnets --seed 1 --zoo runs/zoo_seed1 --zoo runs/zoo_seed2
+       python benchmarks/attack_variants.py --attack badnets --seed 1 --variants half,quarter \
+           --datasets shapes,colours,textures,letters,counts,positions,sizes,pairs,polygons,arrows,digits \
+           --zoo runs/zoo_seed1 --zoo runs/zoo_seed2 --zoo runs/zoo_seed3
 """
 
 from __future__ import annotations
