@@ -16,9 +16,9 @@ shipped one; ``half``; ``quarter``): a lower share weighs the clean images more 
 
 Usage: python benchmarks/attack_variants.py --attack wanet --datasets shapes,letters,pairs,positions
        python benchmarks/attack_variants.py --attack badclip --datasets shapes,polygons
-       python benchmarks/attack_variants.py --attack badnets --seed 1 --variants half,quarter \
-           --datasets shapes,colours,textures,letters,counts,positions,sizes,pairs,polygons,arrows,digits \
-           --zoo runs/zoo_seed1 --zoo runs/zoo_seed2 --zoo runs/zoo_seed3
+       python benchmarks/attack_variants.py --attack badnets --seed 1 --variants half,quarter
+           --datasets shapes,colours,textures,letters,counts,positions,sizes,pairs,polygons,arrows,digits
+           --zoo runs/zoo_seed1 --zoo runs/zoo_seed2 --zoo runs/zoo_seed3   (one command)
 """
 
 from __future__ import annotations
