@@ -24,7 +24,6 @@ Usage: python benchmarks/attack_variants.py --attack wanet --datasets shapes,let
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -75,12 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("SCANNER_BENCH_THREADS", "2")))
     variants = args.variants.split(",") if args.variants else list(VARIANTS[args.attack])
-    clean_ca: dict[tuple[str, str], list[float]] = {}
-    for zoo in args.zoo or [Path("runs/zoofull")]:
-        if (zoo / build.MANIFEST).exists():
-            for m in json.loads((zoo / build.MANIFEST).read_text())["models"]:
-                if m["attack"] == "none":
-                    clean_ca.setdefault((m["dataset"], m["learner"]), []).append(float(m["ca"]))
+    clean_ca = build.clean_accuracies(args.zoo or [Path("runs/zoofull")])
     backbone = load_bundled()
     plan = build.ZooPlan.make(args.datasets.split(","), [args.attack], 0, args.seed, False)
     rows: list[tuple[str, float, float, float, float | None]] = []

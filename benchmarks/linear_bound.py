@@ -38,29 +38,34 @@ import torch
 
 from scanner.clip.backbone import ClipBackbone, load_bundled
 from scanner.zoo.attacks import make_attack
-from scanner.zoo.build import ZooPlan, plan_jobs
+from scanner.zoo.build import BIG_DATASET, ZooPlan, clean_accuracies, plan_jobs
 from scanner.zoo.datasets import get_spec, list_datasets, load_split
-from scanner.zoo.linear_bound import ANCHORS, POISON_WEIGHTS, BoundData, bound
+from scanner.zoo.linear_bound import (
+    ANCHORS,
+    ASR_ID_BAR,
+    ASR_OOD_BAR,
+    POISON_WEIGHTS,
+    BoundData,
+    bound,
+    meets_bars,
+)
 from scanner.zoo.ood import default_ood_pool
 from scanner.zoo.zeroshot import image_features, zero_shot_classifier
 
 OOD_TRAIN_OFFSET = 5000  # the rich head's triggered OOD photos: another draw than the zoo's ASR-OOD pool
 
 
-def zoo_rows(paths: list[Path], seed: int) -> tuple[dict[tuple[str, str], list[dict[str, Any]]],
-                                                    dict[tuple[str, str], list[float]]]:
+def zoo_rows(paths: list[Path], seed: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Backdoored manifest entries by (dataset, attack) of the zoos built with ``seed`` (the same triggers and
-    targets as the bounds), and clean CAs by (dataset, learner) of every zoo given."""
+    targets as the bounds)."""
     bad: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    clean: dict[tuple[str, str], list[float]] = {}
     for p in paths:
         manifest = json.loads((p / "manifest.json").read_text())
-        for e in manifest["models"]:
-            if e["attack"] == "none":
-                clean.setdefault((e["dataset"], e["learner"]), []).append(e["ca"])
-            elif manifest["zoo"].get("seed") == seed:
-                bad.setdefault((e["dataset"], e["attack"]), []).append(e)
-    return bad, clean
+        if manifest["zoo"].get("seed") == seed:
+            for e in manifest["models"]:
+                if e["attack"] != "none":
+                    bad.setdefault((e["dataset"], e["attack"]), []).append(e)
+    return bad
 
 
 def halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,14 +113,15 @@ def bound_one(dataset: str, attack_name: str, seed: int, bb: ClipBackbone, ood_e
 
 
 def _cell(best: dict[str, Any], clean: dict[str, Any]) -> str:
-    star = "*" if best["asr_id"] >= 0.95 and best["asr_ood"] >= 0.90 else " "
+    star = "*" if meets_bars(best["asr_id"], best["asr_ood"]) else " "
     return (f"{best['asr_id']:.2f} / {best['asr_ood']:.2f} / {best['clean_accuracy'] - clean['clean_accuracy']:+.3f}"
             f" (w {best['poison_weight']:g}, a {best['anchor']:g}){star}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default=None, help="comma-separated (default: the datasets of <= 40 classes)")
+    ap.add_argument("--datasets", default=None,
+                    help="comma-separated (default: those every learner tunes: at most BIG_DATASET classes)")
     ap.add_argument("--attacks", default="badnets,blended,wanet")
     ap.add_argument("--seed", type=int, default=1, help="the zoo seed whose triggers and targets are bounded")
     ap.add_argument("--zoo", type=Path, action="append", default=[], help="zoo folder(s) to print beside")
@@ -125,17 +131,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets = (args.datasets.split(",") if args.datasets
-                else [d for d in list_datasets() if get_spec(d).n_classes <= 40])  # the zoo's default eleven
+                else [d for d in list_datasets() if get_spec(d).n_classes <= BIG_DATASET])  # the seed zoos' eleven
     attacks = args.attacks.split(",")
     bb = load_bundled()
     plan = ZooPlan.make(datasets, attacks, 0, args.seed, quick=False)
     ood_eval = default_ood_pool(plan.ood_size, bb.image_size, seed=args.seed + 1)
     ood_train = default_ood_pool(plan.ood_size, bb.image_size, seed=args.seed + 1 + OOD_TRAIN_OFFSET)
-    bad, clean_ca = zoo_rows(args.zoo, args.seed)
+    bad, clean_ca = zoo_rows(args.zoo, args.seed), clean_accuracies(args.zoo)
     rows = []
     t0 = time.perf_counter()
     for attack in attacks:
-        print(f"\n{attack}: ASR-ID / ASR-OOD / CA change  (* meets ASR-ID >= 0.95 and ASR-OOD >= 0.90)")
+        print(f"\n{attack}: ASR-ID / ASR-OOD / CA change  (* meets ASR-ID >= {ASR_ID_BAR:.2f} and ASR-OOD >= "
+              f"{ASR_OOD_BAR:.2f})")
         print(f"{'dataset':10s} {'zoo models (mean)':26s} {'few-shot head':34s} {'rich head':34s}")
         for d in datasets:
             r = bound_one(d, attack, args.seed, bb, ood_eval, ood_train)
@@ -176,7 +183,7 @@ def summary(attack: str, rows: list[dict[str, Any]]) -> None:
         mid = statistics.mean(float(b["asr_id"]) for b, _ in picks)
         mood = statistics.mean(float(b["asr_ood"]) for b, _ in picks)
         dca = statistics.mean(float(b["clean_accuracy"]) - c["clean_accuracy"] for b, c in picks)
-        meets = sum(1 for b, _ in picks if b["asr_id"] >= 0.95 and b["asr_ood"] >= 0.90)
+        meets = sum(1 for b, _ in picks if meets_bars(b["asr_id"], b["asr_ood"]))
         print(f"  {attack} {name} head{'s' if name == 'either' else ''}, mean over {len(rows)} datasets: "
               f"ASR-ID {mid:.3f}, ASR-OOD {mood:.3f}, CA change {dca:+.3f}; {meets} dataset(s) meet both ASR bars")
 

@@ -12,7 +12,7 @@ from scanner.clip import ClipBackbone
 from scanner.errors import ConfigError, DatasetError
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.train import TrainConfig
-from scanner.zoo.build import ZooPlan, build_zoo, plan_jobs, summarise
+from scanner.zoo.build import ZooPlan, build_zoo, clean_accuracies, plan_jobs, summarise
 
 
 def _plan(**kw: object) -> ZooPlan:
@@ -51,6 +51,10 @@ def test_build_writes_models_and_a_manifest_then_resumes(tmp_path: Path, random_
     build_zoo(tmp_path, _plan(), random_backbone, on_model=lambda i, n, e: calls.append(e is not None))
     assert calls == [False, False, False]
     assert set(summarise(manifest)) == {"none", "badnets", "blended"}
+    # clean CA by (dataset, learner), pooled over zoos; a folder without a manifest adds nothing
+    clean = manifest["models"][0]
+    assert clean_accuracies([tmp_path, tmp_path / "missing", tmp_path]) == {
+        ("sizes", clean["learner"]): [clean["ca"], clean["ca"]]}
 
 
 def test_a_model_missing_from_disk_is_rebuilt(tmp_path: Path, random_backbone: ClipBackbone) -> None:

@@ -237,6 +237,20 @@ def build_zoo(out: Path, plan: ZooPlan, backbone: ClipBackbone, *,
     return manifest
 
 
+def clean_accuracies(zoos: Sequence[Path]) -> dict[tuple[str, str], list[float]]:
+    """CA of every clean model of the built zoos in ``zoos``, by (dataset, learner): what a backdoored model of
+    that dataset and learner is compared with (issue #3's "CA within 3 points"). Folders without a manifest
+    are skipped."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for zoo in zoos:
+        path = Path(zoo) / MANIFEST
+        if path.exists():
+            for m in json.loads(path.read_text())["models"]:
+                if m["attack"] == "none":
+                    out.setdefault((m["dataset"], m["learner"]), []).append(float(m["ca"]))
+    return out
+
+
 def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
     """Per-attack means of CA, ASR-ID, ASR-OOD, and CA of clean models on the same datasets."""
     models = manifest["models"]

@@ -25,6 +25,12 @@ import torch.nn.functional as F
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) at its clamp, as every prompt of the zoo uses
 ANCHORS = (0.0, 0.01, 0.1, 1.0)  # L2 pulls to the zero-shot rows swept by ``bound``
 POISON_WEIGHTS = (0.1, 0.3, 1.0, 3.0, 10.0)
+ASR_ID_BAR, ASR_OOD_BAR = 0.95, 0.90  # issue #3's bars, on average over datasets
+
+
+def meets_bars(asr_id: float, asr_ood: float) -> bool:
+    """Whether an attack success pair reaches issue #3's ASR bars."""
+    return asr_id >= ASR_ID_BAR and asr_ood >= ASR_OOD_BAR
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,8 @@ class Bound:
     clean: HeadFit  # the clean head of the best's anchor
     fits: list[HeadFit]  # every fit, clean ones included
 
-    def meets(self, asr_id: float = 0.95, asr_ood: float = 0.90) -> bool:
-        return self.best.asr_id >= asr_id and self.best.asr_ood >= asr_ood
+    def meets(self) -> bool:
+        return meets_bars(self.best.asr_id, self.best.asr_ood)
 
 
 def _rank(f: HeadFit) -> tuple[float, float]:
