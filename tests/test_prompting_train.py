@@ -90,6 +90,28 @@ def test_cocoop_training_reduces_loss(random_backbone: ClipBackbone) -> None:
     assert _state_bytes(random_backbone) == before
 
 
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_anchor_pulls_the_learned_text_features_to_it(random_backbone: ClipBackbone, conditioned: bool) -> None:
+    images, labels = _few_shot(random_backbone.image_size)
+    # the anchor a repair uses: plain class-name prompts (the zero-shot twin's text features), (C, E)
+    with torch.no_grad():
+        anchor = torch.nn.functional.normalize(random_backbone.encode_tokens(
+            random_backbone.tokenize([f"a photo of a {n}." for n in NAMES])).float(), dim=-1)
+
+    def distance(weight: float) -> float:
+        learner = (CoCoOpLearner(random_backbone, NAMES, n_ctx=2, seed=0) if conditioned
+                   else CoOpLearner(random_backbone, NAMES, n_ctx=4, csc=True, seed=0))
+        model = PromptedCLIP(random_backbone, learner)
+        train_prompt(model, images, labels, TrainConfig(epochs=20, batch_size=8, lr=1e-2, anchor_weight=weight),
+                     text_anchor=anchor)
+        with torch.no_grad():
+            txt = model.text_features(model.image_features(images))  # (C, E) or (N, C, E)
+        return float((txt - anchor).square().sum(-1).mean())
+
+    free, pulled = distance(0.0), distance(16.0)
+    assert pulled < 0.5 * free, (free, pulled)
+
+
 def test_bad_inputs_are_config_errors(random_backbone: ClipBackbone) -> None:
     images, labels = _few_shot(random_backbone.image_size, shots=1)
     model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4))
@@ -99,6 +121,11 @@ def test_bad_inputs_are_config_errors(random_backbone: ClipBackbone) -> None:
         train_prompt(model, images, labels[:2], CFG)
     with pytest.raises(ConfigError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="anchor_weight"):
+        TrainConfig(anchor_weight=-1.0)
+    with pytest.raises(ConfigError, match="text_anchor must be"):
+        train_prompt(model, images, labels, TrainConfig(epochs=1, anchor_weight=1.0),
+                     text_anchor=torch.zeros(3, random_backbone.embed_dim))
     model.learner.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable"):
         train_prompt(model, images, labels, CFG)

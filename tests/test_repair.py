@@ -125,6 +125,25 @@ def test_bad_inputs_are_clear_errors(backdoored: Backdoored) -> None:
         RepairConfig(epochs=0)
 
 
+def test_twin_anchor_keeps_the_repaired_text_features_near_the_zero_shot_twin(backdoored: Backdoored) -> None:
+    from scanner.repair.pseudo import twin_text_features
+
+    b = backdoored
+    twin = twin_text_features(b.model)  # (C, E)
+
+    def distance(weight: float) -> float:
+        res = repair_prompt(b.model, b.x_tr, b.y_tr, [_patch_raw(b.attack)], replace(FAST, twin_anchor=weight),
+                            seed=0, target=TARGET)
+        assert res.config["twin_anchor"] == weight
+        with torch.no_grad():
+            return float((res.model.text_features() - twin).square().sum(-1).mean())
+
+    free, pulled = distance(0.0), distance(8.0)
+    assert pulled < 0.5 * free, (free, pulled)
+    with pytest.raises(ConfigError, match="twin_anchor must be >= 0"):
+        RepairConfig(twin_anchor=-1.0)
+
+
 def test_augmentations_keep_pixels_in_range_and_count() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 64, 64, generator=gen)

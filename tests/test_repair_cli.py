@@ -138,6 +138,8 @@ def test_bad_data_folders_are_refused(world: World, tmp_path: Path) -> None:
         _write_images(tmp_path / "few" / name, x[y == k][:1])
     code, _, err = run(str(world.safetensors), "--data", str(tmp_path / "few"), "--report", str(world.detection))
     assert code == 2 and "too few readable images" in err and "at least 2" in err
+    code, _, err = run(str(world.safetensors), "--data", str(tmp_path / "few"), "--twin-anchor", "-1")
+    assert code == 2 and "twin_anchor must be >= 0" in err
     assert not list(world.safetensors.parent.glob("*.repaired.*"))
 
 

@@ -3,6 +3,7 @@ the real trigger, resumable, and a per-attack summary that states the bars."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,28 @@ def test_repair_eval_rows_resume_and_summary(tiny_zoo: Path, random_backbone: Cl
     assert set(summary) == {"badnets", "all"} and summary["badnets"]["models"] == 1
     lines = bar_lines(summary)
     assert any(line.strip().startswith("badnets") and "rescan" in line for line in lines)
+
+
+def test_detections_are_saved_reused_and_recomputed_when_damaged(tiny_zoo: Path, random_backbone: ClipBackbone,
+                                                                 tmp_path: Path) -> None:
+    cache = tmp_path / "detections"
+    first = evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)
+    saved = sorted(cache.rglob("*.detection.safetensors"))
+    assert [p.name for p in saved] == ["sizes--badnets.detection.safetensors"]
+    assert not first[0]["detection_reused"] and first[0]["detect_seconds"] > 0
+    again = evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)
+    assert again[0]["detection_reused"] and again[0]["detect_seconds"] is None
+    for key in ("flagged", "suspect", "n_triggers", "asr_id_after", "ca_after"):
+        assert again[0][key] == first[0][key], key
+    # other detector settings: another folder, detected anew
+    other = evaluate_repairs(tiny_zoo, random_backbone, config=replace(DET, candidates=2), repair=REP,
+                             detections=cache)
+    assert not other[0]["detection_reused"] and len(list(cache.iterdir())) == 2
+    # a damaged file is never trusted: detected again and rewritten
+    saved[0].write_bytes(b"not a detection")
+    fixed = evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)
+    assert not fixed[0]["detection_reused"] and fixed[0]["suspect"] == first[0]["suspect"]
+    assert evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)[0]["detection_reused"]
 
 
 def test_real_attack_is_rebuilt_from_the_manifest(tiny_zoo: Path, random_backbone: ClipBackbone) -> None:

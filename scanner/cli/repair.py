@@ -40,12 +40,15 @@ def _pct(v: float | None) -> str:
               help="Also write the detection used (detection.safetensors) here, for later --report.")
 @click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True,
               help="finetune: re-align the delivered prompt; reinit: fresh context re-tuned on the same set.")
+@click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
+              help="Pull the repaired text features towards the zero-shot twin's with weight W (KgCoOp's "
+                   "regulariser; 0 = off). Raises clean accuracy; see the README for what it does to ASR.")
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the repair record as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None, report: Path | None,
-               save_detection: Path | None, mode: str, ood_dir: Path | None, seed: int | None, config: Path | None,
-               backbones: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+               save_detection: Path | None, mode: str, twin_anchor: float, ood_dir: Path | None, seed: int | None,
+               config: Path | None, backbones: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Repair a backdoored prompt: fine-tune it on labelled clean images plus the same images carrying the
     reconstructed trigger under their true labels; write the result next to MODEL (never over it).
 
@@ -58,7 +61,7 @@ def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None,
     from scanner.repair.run import NothingToRepair, repair_path
 
     try:
-        cfg = RepairConfig(mode=mode)
+        cfg = RepairConfig(mode=mode, twin_anchor=twin_anchor)
     except ConfigError as exc:
         fail(str(exc), int(ExitCode.USAGE))
 
@@ -117,8 +120,12 @@ def _row_line(r: dict[str, Any]) -> str:
 @click.option("--reinvert", default=None, metavar="F1,F2|none",
               help="families inverted against the repaired prompt for a second pass (default: the repair's)")
 @click.option("--models", default=None, metavar="ID1,ID2", help="repair only these models of the zoo")
+@click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
+              help="KgCoOp pull of the repaired text features to the zero-shot twin's (0 = off)")
+@click.option("--detections", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="save each model's detection here and reuse it in later runs with the same detector settings")
 def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
-                models: str | None) -> None:
+                models: str | None, twin_anchor: float, detections: Path | None) -> None:
     """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
     with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
     from dataclasses import replace
@@ -129,12 +136,12 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
     from scanner.zoo.repair_eval import evaluate_repairs, summarise
 
     try:
-        rep = RepairConfig(mode=mode)
+        rep = RepairConfig(mode=mode, twin_anchor=twin_anchor)
         if reinvert is not None:
             rep = replace(rep, reinvert_families=families_or_none(reinvert))
         chosen = set(csv_list(models) or ()) if models is not None else None
         rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=DetectorConfig(n_images=n_images),
-                                repair=rep, seed=seed, models=chosen,
+                                repair=rep, seed=seed, models=chosen, detections=detections,
                                 on_result=lambda r: click.echo(_row_line(r), err=True))
     except ScannerError as exc:
         fail(str(exc), int(ExitCode.USAGE))

@@ -94,8 +94,17 @@ class PromptedCLIP(nn.Module):
 
     def logits_from_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_cls) from image features (B, E) (raw or normalised) — skips the image encoder."""
+        # normalise before the text side: the order of the autograd graph fixes the order in which
+        # gradients into the features are summed, and a learned trigger (BadCLIP) must train bit-identically
         img = F.normalize(image_features, dim=-1)
-        txt = self.text_features(image_features)
+        return self._scaled_cosines(img, self.text_features(image_features))
+
+    def logits_from_text(self, image_features: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_cls) from image features (B, E) and this model's ``text_features`` of them
+        ((n_cls, E), or (B, n_cls, E) when image-conditioned): for callers that also need the text side."""
+        return self._scaled_cosines(F.normalize(image_features, dim=-1), txt)
+
+    def _scaled_cosines(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         scale = self.backbone.logit_scale
         if txt.ndim == 3:  # image-conditioned: one set of class features per image
             return scale * torch.einsum("be,bke->bk", img, txt.to(img.dtype))

@@ -39,6 +39,9 @@ class TrainConfig:
     seed: int = 0  # shuffling order and the generator handed to batch_transform
     bf16: bool = False  # CPU bf16 autocast: faster on AMX/AVX512-BF16 CPUs; the prompt stays fp32
     feature_batch_size: int = 256  # images per image-encoder call when precomputing features
+    # weight of KgCoOp's pull (Yao et al., CVPR 2023): squared distance of the learned text features from a
+    # given anchor (train_prompt's text_anchor, e.g. the zero-shot twin's), summed over E, mean over classes
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.feature_batch_size < 1:
@@ -48,6 +51,8 @@ class TrainConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
+        if not self.anchor_weight >= 0:
+            raise ConfigError(f"anchor_weight must be >= 0; got {self.anchor_weight}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd'; got {self.optimizer!r}")
 
@@ -85,11 +90,14 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
-                 progress: bool = False, batch_transform: BatchTransform | None = None) -> TrainRecord:
+                 progress: bool = False, batch_transform: BatchTransform | None = None,
+                 text_anchor: torch.Tensor | None = None) -> TrainRecord:
     """Tune ``model.learner`` on a few-shot set, in place; the backbone is never modified.
 
     images: (N, 3, S, S) float in [0, 1]; labels: (N,) class indices into ``model.classnames``. They may
     stay on the CPU with the model on a GPU: batches are moved to the model's device.
+    text_anchor: normalised text features (n_cls, E) that ``cfg.anchor_weight`` pulls the learned ones to
+    (for image-conditioned learners, each image's set of class features is pulled).
     Returns the run's :class:`TrainRecord`; the model is left in eval mode.
     """
     if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
@@ -102,6 +110,12 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
         raise ConfigError(
             f"labels must lie in [0, {model.n_cls}); found {int(labels.min())}..{int(labels.max())}"
         )
+    anchor: torch.Tensor | None = None
+    if text_anchor is not None and cfg.anchor_weight > 0:
+        if tuple(text_anchor.shape) != (model.n_cls, model.backbone.embed_dim):
+            raise ConfigError(f"text_anchor must be (n_cls, E) = ({model.n_cls}, {model.backbone.embed_dim}); "
+                              f"got {tuple(text_anchor.shape)}")
+        anchor = F.normalize(text_anchor.detach().float(), dim=-1).to(model.device)
     params = [p for p in model.learner.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the prompt learner has no trainable parameters (all have requires_grad=False)")
@@ -146,8 +160,14 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                     y = y.long()
                 y = y.to(dev)
                 with _autocast(cfg.bf16, dev):
-                    logits = model.logits_from_features(feats)
+                    if anchor is None:
+                        logits = model.logits_from_features(feats)
+                    else:
+                        txt = model.text_features(feats)  # (C, E), or (b, C, E) when image-conditioned
+                        logits = model.logits_from_text(feats, txt)
                 loss = F.cross_entropy(logits.float(), y)
+                if anchor is not None:
+                    loss = loss + cfg.anchor_weight * (txt.float() - anchor).square().sum(-1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -38,6 +38,9 @@ class RepairConfig:
     reinvert_images: int = 1000  # OOD images that inversion uses (its optimisation split: 80 %)
     reinvert_epochs: int = 3  # passes of the second round (capped at half the first's step cap)
     bf16: bool = False  # bfloat16 autocast for the one image-encoder pass and the prompt steps
+    # KgCoOp-style pull of the repaired text features to the zero-shot twin's (train.TrainConfig.anchor_weight):
+    # the twin cannot carry a prompt backdoor, so staying near it keeps what the triggers did not teach away
+    twin_anchor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -53,6 +56,8 @@ class RepairConfig:
         bad = [f for f in self.reinvert_families if f not in FAMILIES]
         if bad:
             raise ConfigError(f"reinvert_families must be a subset of {', '.join(FAMILIES)}; got {bad}")
+        if not self.twin_anchor >= 0:
+            raise ConfigError(f"repair twin_anchor must be >= 0; got {self.twin_anchor}")
         if not self.lr > 0:
             raise ConfigError(f"repair lr must be > 0; got {self.lr}")
 

@@ -31,7 +31,7 @@ from scanner.prompting.learners import learner_from_config
 from scanner.prompting.train import TrainConfig, train_prompt
 from scanner.repair.augment import generic_overlays, stamp_triggers
 from scanner.repair.config import RepairConfig
-from scanner.repair.pseudo import model_labels, zero_shot_labels
+from scanner.repair.pseudo import model_labels, twin_text_features, zero_shot_labels
 from scanner.repair.reinvert import residual_triggers
 
 MEASURE_SEED_OFFSET = 7717  # the fixed draw of triggered images for before/after measures
@@ -203,8 +203,10 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
         cap = cfg.max_steps_conditioned if model.learner.image_conditioned else cfg.max_steps
         epochs = max(1, min(epochs, cap // steps_per_epoch))
-        train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, bf16=cfg.bf16)
-        record = train_prompt(repaired, x, y, train_cfg)
+        train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, bf16=cfg.bf16,
+                                anchor_weight=cfg.twin_anchor)
+        anchor = twin_text_features(model) if cfg.twin_anchor > 0 else None
+        record = train_prompt(repaired, x, y, train_cfg, text_anchor=anchor)
         steps, losses = record.steps, list(record.losses)
         residual: list[torch.Tensor] = []
         if cfg.reinvert_families and target is not None and ood is not None:
@@ -216,7 +218,7 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
             y = torch.cat([y, base_y.repeat(copies)])
             per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
             second = max(1, min(cfg.reinvert_epochs, (cap // 2) // per_epoch))  # its own cap: half the first's
-            record = train_prompt(repaired, x, y, replace(train_cfg, epochs=second))
+            record = train_prompt(repaired, x, y, replace(train_cfg, epochs=second), text_anchor=anchor)
             steps, losses, epochs = steps + record.steps, losses + list(record.losses), epochs + second
         after = measure(repaired, images, labels, probe, target)
     return RepairResult(

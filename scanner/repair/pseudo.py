@@ -19,15 +19,21 @@ ZERO_SHOT_TEMPLATES = ("a {}.", "a photo of a {}.", "an image of a {}.")
 
 
 @torch.no_grad()
-def zero_shot_labels(model: PromptedCLIP, images: torch.Tensor,
-                     templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES) -> torch.Tensor:
-    """(M,) class indices the zero-shot twin of ``model`` predicts for ``images`` (M, 3, S, S), templates
-    averaged (CLIP's prompt ensembling)."""
+def twin_text_features(model: PromptedCLIP, templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES) -> torch.Tensor:
+    """Normalised (C, E) text features of ``model``'s zero-shot twin: its class names in ``templates``,
+    averaged over templates (CLIP's prompt ensembling)."""
     bb = model.backbone
     text = torch.stack([zero_shot_classifier(bb, [t.format(c) for c in model.classnames])
                         for t in templates]).mean(dim=0)  # (C, E)
+    return F.normalize(text, dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_labels(model: PromptedCLIP, images: torch.Tensor,
+                     templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES) -> torch.Tensor:
+    """(M,) class indices the zero-shot twin of ``model`` predicts for ``images`` (M, 3, S, S)."""
     feats = F.normalize(model.image_features(images).float(), dim=-1)  # (M, E)
-    return (feats @ F.normalize(text, dim=-1).to(feats.device).T).argmax(dim=1)
+    return (feats @ twin_text_features(model, templates).to(feats.device).T).argmax(dim=1)
 
 
 @torch.no_grad()

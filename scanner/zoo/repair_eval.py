@@ -12,6 +12,7 @@ the zoo's (deterministic) implant and accepted only when it hashes to the manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Collection
@@ -21,14 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from scanner.clip.backbone import ClipBackbone
+from scanner.clip.backbone import ClipBackbone, state_dict_sha256
 from scanner.engine import DetectionResult, DetectorConfig, detect
-from scanner.errors import ConfigError
+from scanner.errors import CheckpointError, ConfigError
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.prompting.learners import learner_from_config
 from scanner.prompting.train import TrainConfig
 from scanner.repair import RepairConfig, repair_prompt
+from scanner.repair.saved_detection import SavedDetection, load_detection, save_detection
 from scanner.zoo import attack_eval as E
 from scanner.zoo.attacks import Attack, make_attack
 from scanner.zoo.datasets import get_spec, load_split
@@ -83,24 +85,53 @@ def _asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.T
     return E.asr_in_distribution(model, attack, x, y, target), E.asr_ood(model, attack, ood, target)
 
 
-def suspects(res: DetectionResult) -> tuple[int | None, list[torch.Tensor]]:
+def suspects(res: DetectionResult | SavedDetection) -> tuple[int | None, list[torch.Tensor]]:
     """The class to treat as the target and the raw triggers to repair with (that class's first, then
     the other candidates' by anomaly score). Unflagged models: the most anomalous class with a trigger."""
-    ranked = sorted((c for c in res.classes if c.index in res.raw_triggers), key=lambda c: -c.anomaly_score)
-    order = [c.index for c in ranked]
+    if isinstance(res, DetectionResult):
+        res = SavedDetection.from_result(res, "")
+    order = res.suspects()
     target = res.target_index if res.target_index is not None else (order[0] if order else None)
-    if target is not None and target in order:
-        order.remove(target)
-        order.insert(0, target)
     return target, [res.raw_triggers[k] for k in order]
+
+
+def config_key(config: DetectorConfig, seed: int, pool: torch.Tensor) -> str:
+    """12 hex digits naming a detection's inputs besides the model: detector settings, seed and OOD pool."""
+    blob = json.dumps({"config": _jsonable(config.__dict__), "seed": seed, "ood": pool_sha256(pool)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cached_detection(model: PromptedCLIP, model_id: str, pool: torch.Tensor, config: DetectorConfig, seed: int,
+                     cache: Path | None) -> tuple[SavedDetection, float | None]:
+    """CI's detection of ``model`` and its seconds; with ``cache``, one saved detection per model under
+    ``cache/<config_key>/`` is reused (seconds None) when it was made on these exact prompt weights, and
+    written otherwise. A damaged or foreign file is recomputed, never trusted."""
+    model_sha = state_dict_sha256(model.learner.state_dict())
+    path = None
+    if cache is not None:
+        path = cache / config_key(config, seed, pool) / (model_id.replace("/", "--") + ".detection.safetensors")
+        if path.exists():
+            try:
+                det = load_detection(path)
+                if det.model_sha256 == model_sha:
+                    return det, None
+            except CheckpointError:
+                pass
+    t0 = time.perf_counter()
+    det = SavedDetection.from_result(detect(model, pool, config, seed=seed), model_sha)
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        save_detection(det, path)
+    return det, seconds
 
 
 def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = None,
                      config: DetectorConfig | None = None, repair: RepairConfig | None = None, seed: int = 0,
                      on_result: Callable[[dict[str, Any]], None] | None = None,
-                     models: Collection[str] | None = None) -> list[dict[str, Any]]:
+                     models: Collection[str] | None = None, detections: Path | None = None) -> list[dict[str, Any]]:
     """One row per backdoored model of the zoo (see module docstring), or of ``models`` (ids) only;
-    resumable through ``out``."""
+    resumable through ``out``. ``detections``: a folder where each model's detection is saved and reused
+    by later runs with the same detector settings (comparing repair settings need not detect again)."""
     manifest = load_manifest(zoo)
     if models is not None:
         unknown = sorted(set(models) - {m["id"] for m in manifest["models"] if m["attack"] != "none"})
@@ -125,7 +156,8 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
         if m["attack"] == "none" or m["id"] in done or (models is not None and m["id"] not in models):
             continue
         clean = next((c for c in manifest["models"] if c["dataset"] == m["dataset"] and c["attack"] == "none"), None)
-        row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed, clean)
+        row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed, clean,
+                         detections=detections)
         rows.append(row)
         if out is not None:
             write_rows(out, {"settings": settings, "rows": rows})
@@ -136,7 +168,7 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
 
 def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch.Tensor, asr_pool: torch.Tensor,
                det_cfg: DetectorConfig, rep_cfg: RepairConfig, zoo_seed: int, seed: int,
-               clean: dict[str, Any] | None = None) -> dict[str, Any]:
+               clean: dict[str, Any] | None = None, *, detections: Path | None = None) -> dict[str, Any]:
     """Detect, repair, re-scan and measure one backdoored zoo model. ``clean``: the manifest entry of a
     clean model of the same dataset, whose real-trigger ASR is the floor a repair can reach (a trigger
     can send images to the target on a model that never saw it, e.g. when the target is a natural sink)."""
@@ -146,9 +178,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
     x_te, y_te = load_split(m["dataset"], "test", seed=zoo_seed, size=size)
     target = int(m["target_index"])
     attack, why = real_attack(m, zoo_seed, backbone)
-    t0 = time.perf_counter()
-    res = detect(model, pool, det_cfg, seed=seed)
-    detect_s = time.perf_counter() - t0
+    res, detect_s = cached_detection(model, m["id"], pool, det_cfg, seed, detections)
     suspect, triggers = suspects(res)
     rep = repair_prompt(model, x_tr, y_tr, triggers, rep_cfg, seed=seed, target=suspect, ood=pool)
     t0 = time.perf_counter()
@@ -170,7 +200,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
         "asr_id_clean_model": asr_id_ref, "asr_ood_clean_model": asr_ood_ref,
         "rescan_flagged": rescan.backdoored, "rescan_target": rescan.target_index,
         "rescan_score": rescan.anomaly_score, "repair_seconds": rep.seconds, "detect_seconds": detect_s,
-        "rescan_seconds": rescan_s, "repair": rep.to_dict(),
+        "rescan_seconds": rescan_s, "detection_reused": detect_s is None, "repair": rep.to_dict(),
     }
 
 
