@@ -38,7 +38,7 @@ def test_repair_eval_rows_resume_and_summary(tiny_zoo: Path, random_backbone: Cl
     r = rows[0]
     assert r["real_trigger"] and r["truth_target"] is not None
     for key in ("asr_id_before", "asr_id_after", "asr_ood_before", "asr_ood_after", "asr_id_clean_model",
-                "ca_before", "ca_after"):
+                "asr_id_twin", "asr_ood_twin", "ca_before", "ca_after"):
         assert 0.0 <= r[key] <= 1.0, key
     assert isinstance(r["rescan_flagged"], bool) and r["repair_seconds"] > 0 and r["repair"]["steps"] >= 1
     # resumed: nothing is recomputed
@@ -48,6 +48,7 @@ def test_repair_eval_rows_resume_and_summary(tiny_zoo: Path, random_backbone: Cl
     assert seen == [] and again == rows
     summary = summarise(rows)
     assert set(summary) == {"badnets", "all"} and summary["badnets"]["models"] == 1
+    assert summary["badnets"]["asr_ood_twin"] == r["asr_ood_twin"]
     lines = bar_lines(summary)
     assert any(line.strip().startswith("badnets") and "rescan" in line for line in lines)
 

@@ -157,6 +157,11 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
                    f"({f(s['asr_id_clean_model'])}){'':13s} {f(s['asr_ood_before'])} -> {f(s['asr_ood_after'])} "
                    f"({f(s['asr_ood_clean_model'])}){'':14s} {f(s['ca_before'])} -> {f(s['ca_after'])}  "
                    f"{s['flagged_before']:7.2f} {s['rescan_clean']:12.2f} {s['repair_seconds']:8.1f}")
+    twins = [(name, s["asr_id_twin"], s["asr_ood_twin"]) for name, s in summary.items()
+             if s.get("asr_id_twin") is not None]
+    if twins:
+        click.echo("\nthe real trigger on the zero-shot twin (no tuned prompt), ASR-ID / ASR-OOD: "
+                   + "; ".join(f"{n} {f(i)} / {f(o)}" for n, i, o in twins))
     for line in bar_lines(summary):
         click.echo(line)
     if json_out is not None:

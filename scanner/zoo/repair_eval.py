@@ -30,6 +30,7 @@ from scanner.prompting.classifier import PromptedCLIP
 from scanner.prompting.learners import learner_from_config
 from scanner.prompting.train import TrainConfig
 from scanner.repair import RepairConfig, repair_prompt
+from scanner.repair.pseudo import twin_text_features
 from scanner.repair.saved_detection import SavedDetection, load_detection, save_detection
 from scanner.zoo import attack_eval as E
 from scanner.zoo.attacks import Attack, make_attack
@@ -83,6 +84,23 @@ def _asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.T
     if attack is None:
         return None, None
     return E.asr_in_distribution(model, attack, x, y, target), E.asr_ood(model, attack, ood, target)
+
+
+@torch.no_grad()
+def _twin_asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.Tensor, ood: torch.Tensor,
+              target: int) -> tuple[float | None, float | None]:
+    """Real-trigger ASR-ID / ASR-OOD of ``model``'s zero-shot twin (plain class-name prompts, ensembled):
+    what the frozen encoders do with the trigger when no prompt was tuned — where it is high, the trigger
+    carries class evidence of its own (a brownish blend on a colour task) and no prompt repair removes it."""
+    if attack is None:
+        return None, None
+    twin = twin_text_features(model)  # (C, E)
+
+    def share(pixels: torch.Tensor) -> float:
+        feats = torch.nn.functional.normalize(model.image_features(attack.apply(pixels)), dim=-1)  # (N, E)
+        return float(((feats @ twin.to(feats).T).argmax(dim=1) == target).float().mean())
+
+    return share(x[y != target]), share(ood)
 
 
 def suspects(res: DetectionResult | SavedDetection) -> tuple[int | None, list[torch.Tensor]]:
@@ -186,6 +204,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
     rescan_s = time.perf_counter() - t0
     asr_id_b, asr_ood_b = _asr(model, attack, x_te, y_te, asr_pool, target)
     asr_id_a, asr_ood_a = _asr(rep.model, attack, x_te, y_te, asr_pool, target)
+    asr_id_twin, asr_ood_twin = _twin_asr(model, attack, x_te, y_te, asr_pool, target)
     asr_id_ref = asr_ood_ref = None
     if clean is not None:
         ref = PromptedCLIP(backbone, load_checkpoint(zoo / clean["path"], backbone).learner)
@@ -198,6 +217,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
         "ca_before": E.clean_accuracy(model, x_te, y_te), "ca_after": E.clean_accuracy(rep.model, x_te, y_te),
         "asr_id_before": asr_id_b, "asr_id_after": asr_id_a, "asr_ood_before": asr_ood_b, "asr_ood_after": asr_ood_a,
         "asr_id_clean_model": asr_id_ref, "asr_ood_clean_model": asr_ood_ref,
+        "asr_id_twin": asr_id_twin, "asr_ood_twin": asr_ood_twin,
         "rescan_flagged": rescan.backdoored, "rescan_target": rescan.target_index,
         "rescan_score": rescan.anomaly_score, "repair_seconds": rep.seconds, "detect_seconds": detect_s,
         "rescan_seconds": rescan_s, "detection_reused": detect_s is None, "repair": rep.to_dict(),
@@ -225,9 +245,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         out[name] = {
             "models": len(rs),
-            **{k: _mean([r[k] for r in rs]) for k in ("asr_id_before", "asr_id_after", "asr_ood_before",
-                                                       "asr_ood_after", "asr_id_clean_model",
-                                                       "asr_ood_clean_model", "ca_before", "ca_after")},
+            **{k: _mean([r.get(k) for r in rs]) for k in ("asr_id_before", "asr_id_after", "asr_ood_before",
+                                                           "asr_ood_after", "asr_id_clean_model",
+                                                           "asr_ood_clean_model", "asr_id_twin", "asr_ood_twin",
+                                                           "ca_before", "ca_after")},
             "ca_change": _mean([r["ca_after"] - r["ca_before"] for r in rs]),
             "flagged_before": float(np.mean([r["flagged"] for r in rs])),
             "rescan_clean": float(np.mean([not r["rescan_flagged"] for r in rs])),
