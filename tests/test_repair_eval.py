@@ -64,10 +64,11 @@ def test_detections_are_saved_reused_and_recomputed_when_damaged(tiny_zoo: Path,
     assert again[0]["detection_reused"] and again[0]["detect_seconds"] is None
     for key in ("flagged", "suspect", "n_triggers", "asr_id_after", "ca_after"):
         assert again[0][key] == first[0][key], key
-    # other detector settings: another folder, detected anew
-    other = evaluate_repairs(tiny_zoo, random_backbone, config=replace(DET, candidates=2), repair=REP,
-                             detections=cache)
+    # the repair's detection with other settings (two candidates, two triggers): another folder, detected anew
+    other = evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache,
+                             repair_detector=replace(DET, candidates=2))
     assert not other[0]["detection_reused"] and len(list(cache.iterdir())) == 2
+    assert other[0]["n_triggers"] == 2 and first[0]["n_triggers"] == 1
     # a damaged file is never trusted: detected again and rewritten
     saved[0].write_bytes(b"not a detection")
     fixed = evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)

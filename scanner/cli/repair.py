@@ -124,8 +124,11 @@ def _row_line(r: dict[str, Any]) -> str:
               help="KgCoOp pull of the repaired text features to the zero-shot twin's (0 = off)")
 @click.option("--detections", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="save each model's detection here and reuse it in later runs with the same detector settings")
+@click.option("--candidates", type=int, default=None, metavar="N",
+              help="classes the repair's detection confirms, each giving a trigger (default: the detector's); "
+                   "the re-scan keeps the default")
 def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
-                models: str | None, twin_anchor: float, detections: Path | None) -> None:
+                models: str | None, twin_anchor: float, detections: Path | None, candidates: int | None) -> None:
     """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
     with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
     from dataclasses import replace
@@ -140,8 +143,10 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
         if reinvert is not None:
             rep = replace(rep, reinvert_families=families_or_none(reinvert))
         chosen = set(csv_list(models) or ()) if models is not None else None
-        rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=DetectorConfig(n_images=n_images),
-                                repair=rep, seed=seed, models=chosen, detections=detections,
+        det = DetectorConfig(n_images=n_images)
+        rep_det = replace(det, candidates=candidates) if candidates is not None else None
+        rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=det, repair=rep, seed=seed,
+                                models=chosen, detections=detections, repair_detector=rep_det,
                                 on_result=lambda r: click.echo(_row_line(r), err=True))
     except ScannerError as exc:
         fail(str(exc), int(ExitCode.USAGE))

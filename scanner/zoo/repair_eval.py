@@ -146,10 +146,13 @@ def cached_detection(model: PromptedCLIP, model_id: str, pool: torch.Tensor, con
 def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = None,
                      config: DetectorConfig | None = None, repair: RepairConfig | None = None, seed: int = 0,
                      on_result: Callable[[dict[str, Any]], None] | None = None,
-                     models: Collection[str] | None = None, detections: Path | None = None) -> list[dict[str, Any]]:
+                     models: Collection[str] | None = None, detections: Path | None = None,
+                     repair_detector: DetectorConfig | None = None) -> list[dict[str, Any]]:
     """One row per backdoored model of the zoo (see module docstring), or of ``models`` (ids) only;
     resumable through ``out``. ``detections``: a folder where each model's detection is saved and reused
-    by later runs with the same detector settings (comparing repair settings need not detect again)."""
+    by later runs with the same detector settings (comparing repair settings need not detect again).
+    ``repair_detector``: settings of the detection that supplies the repair's triggers (e.g. more
+    candidates than a scan uses); the re-scan always uses ``config``."""
     manifest = load_manifest(zoo)
     if models is not None:
         unknown = sorted(set(models) - {m["id"] for m in manifest["models"] if m["attack"] != "none"})
@@ -164,6 +167,8 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
     asr_pool = asr_ood_pool(manifest, size)
     settings = {"detector": _jsonable(det_cfg.__dict__), "repair": rep_cfg.to_dict(), "seed": seed,
                 "ood_sha256": pool_sha256(pool)}
+    if repair_detector is not None:
+        settings["repair_detector"] = _jsonable(repair_detector.__dict__)
     rows: list[dict[str, Any]] = []
     if out is not None and out.exists():
         prev = json.loads(out.read_text())
@@ -175,7 +180,7 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
             continue
         clean = next((c for c in manifest["models"] if c["dataset"] == m["dataset"] and c["attack"] == "none"), None)
         row = repair_one(zoo, m, backbone, pool, asr_pool, det_cfg, rep_cfg, zoo_seed, seed, clean,
-                         detections=detections)
+                         detections=detections, repair_detector=repair_detector)
         rows.append(row)
         if out is not None:
             write_rows(out, {"settings": settings, "rows": rows})
@@ -186,17 +191,20 @@ def evaluate_repairs(zoo: Path, backbone: ClipBackbone, *, out: Path | None = No
 
 def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch.Tensor, asr_pool: torch.Tensor,
                det_cfg: DetectorConfig, rep_cfg: RepairConfig, zoo_seed: int, seed: int,
-               clean: dict[str, Any] | None = None, *, detections: Path | None = None) -> dict[str, Any]:
+               clean: dict[str, Any] | None = None, *, detections: Path | None = None,
+               repair_detector: DetectorConfig | None = None) -> dict[str, Any]:
     """Detect, repair, re-scan and measure one backdoored zoo model. ``clean``: the manifest entry of a
     clean model of the same dataset, whose real-trigger ASR is the floor a repair can reach (a trigger
-    can send images to the target on a model that never saw it, e.g. when the target is a natural sink)."""
+    can send images to the target on a model that never saw it, e.g. when the target is a natural sink).
+    ``flagged`` and ``suspect`` in the row come from the repair's detection (``repair_detector`` or
+    ``det_cfg``); the re-scan uses ``det_cfg``."""
     size = backbone.image_size
     model = PromptedCLIP(backbone, load_checkpoint(zoo / m["path"], backbone).learner)
     x_tr, y_tr = load_split(m["dataset"], "train", shots=m["shots"], seed=zoo_seed, size=size)
     x_te, y_te = load_split(m["dataset"], "test", seed=zoo_seed, size=size)
     target = int(m["target_index"])
     attack, why = real_attack(m, zoo_seed, backbone)
-    res, detect_s = cached_detection(model, m["id"], pool, det_cfg, seed, detections)
+    res, detect_s = cached_detection(model, m["id"], pool, repair_detector or det_cfg, seed, detections)
     suspect, triggers = suspects(res)
     rep = repair_prompt(model, x_tr, y_tr, triggers, rep_cfg, seed=seed, target=suspect, ood=pool)
     t0 = time.perf_counter()
