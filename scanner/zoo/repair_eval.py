@@ -87,7 +87,7 @@ def _asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.T
 
 
 @torch.no_grad()
-def _twin_asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.Tensor, ood: torch.Tensor,
+def twin_asr(model: PromptedCLIP, attack: Attack | None, x: torch.Tensor, y: torch.Tensor, ood: torch.Tensor,
               target: int) -> tuple[float | None, float | None]:
     """Real-trigger ASR-ID / ASR-OOD of ``model``'s zero-shot twin (plain class-name prompts, ensembled):
     what the frozen encoders do with the trigger when no prompt was tuned — where it is high, the trigger
@@ -212,7 +212,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
     rescan_s = time.perf_counter() - t0
     asr_id_b, asr_ood_b = _asr(model, attack, x_te, y_te, asr_pool, target)
     asr_id_a, asr_ood_a = _asr(rep.model, attack, x_te, y_te, asr_pool, target)
-    asr_id_twin, asr_ood_twin = _twin_asr(model, attack, x_te, y_te, asr_pool, target)
+    asr_id_twin, asr_ood_twin = twin_asr(model, attack, x_te, y_te, asr_pool, target)
     asr_id_ref = asr_ood_ref = None
     if clean is not None:
         ref = PromptedCLIP(backbone, load_checkpoint(zoo / clean["path"], backbone).learner)
