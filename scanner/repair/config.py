@@ -38,8 +38,9 @@ class RepairConfig:
     reinvert_images: int = 1000  # OOD images that inversion uses (its optimisation split: 80 %)
     reinvert_epochs: int = 3  # passes of the second round (capped at half the first's step cap)
     bf16: bool = False  # bfloat16 autocast for the one image-encoder pass and the prompt steps
-    # KgCoOp-style pull of the repaired text features to the zero-shot twin's (train.TrainConfig.anchor_weight):
-    # the twin cannot carry a prompt backdoor, so staying near it keeps what the triggers did not teach away
+    # KgCoOp-style pull of the repaired text features to the zero-shot twin's (train.TrainConfig.anchor_weight).
+    # Off: it raises clean accuracy but brings the twin's own reading of the trigger with it (README, session
+    # 15: 6 seed-6 models at 8, CA 0.656 -> 0.696, ASR-ID 0.051 -> 0.198)
     twin_anchor: float = 0.0
 
     def __post_init__(self) -> None:
