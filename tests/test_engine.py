@@ -228,3 +228,29 @@ def test_prompt_drift_reads_every_learner(random_backbone: ClipBackbone) -> None
         drift = prompt_drift(model, ReferenceModel(model).text, feats)
         assert drift.shape == (3,) and bool(torch.isfinite(drift).all())
         assert torch.equal(drift, prompt_drift(model, ReferenceModel(model).text, feats))  # deterministic
+
+
+def test_margins_say_how_decisively_each_class_wins() -> None:
+    from scanner.engine.margins import class_margins, margin_quantiles
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 2.5], [1.0, 1.0, -1.0]])  # (N=3, C=3)
+    m = class_margins(logits)
+    assert m.tolist() == [[2.0, -2.0, -3.0], [-2.5, -0.5, 0.5], [0.0, 0.0, -2.0]]  # a tie wins by nothing
+    assert (m.argmax(dim=1) == logits.argmax(dim=1)).all() or m[2, 0] == m[2, 1]
+    q = margin_quantiles(m)  # (2, C): 10th percentile, median
+    assert q.shape == (2, 3) and q[1].tolist() == [0.0, -0.5, -2.0]
+    with pytest.raises(ValueError, match="two classes"):
+        class_margins(torch.zeros(4, 1))
+
+
+def test_confirmed_triggers_record_their_margins(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    res = detect(model, pool, SMALL, seed=0)
+    for c in res.classes:  # every class: how its prompt and the twin's win the clean hold-out
+        assert {"natural_margin", "natural_margin10", "twin_margin"} <= set(c.evidence)
+        assert c.evidence["natural_margin10"] <= c.evidence["natural_margin"]
+        if c.evidence["candidate"]:
+            for fam in SMALL.families:
+                ev = c.evidence
+                assert ev[f"margin10_{fam}"] <= ev[f"margin_{fam}"] and "ref_margin_" + fam in ev
+                # a median margin above 0 means the trigger wins more than half of the held-out images
+                assert (ev[f"margin_{fam}"] > 0) == (ev[f"asr_{fam}"] > 0.5) or ev[f"asr_{fam}"] == 0.5

@@ -60,9 +60,10 @@ from scanner.engine.invert import (
     margin_loss,
     optimise,
     optimise_pair,
-    pair_shares,
-    panel_shares,
+    panel_logits,
+    shares,
 )
+from scanner.engine.margins import class_margins, margin_quantiles
 from scanner.engine.reach import REACH_IMAGES, reach_ratio
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
@@ -237,12 +238,17 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         # one pass over the clean hold-out: the suspect's shares, plain prompts' (a prompt that sends far more OOD
         # photos to a class than zero-shot does is not dormant, ``ci_verdict``) and the twin's (where each
         # trigger's effect on the twin is measured from, ``trigger_gain``)
-        natural, zero_shot, twin_natural = panel_shares(model, (plain, ref), None, hold_x, cfg.bf16)  # 3 x (C,)
+        z_sus, z_plain, z_twin = panel_logits(model, (plain, ref), None, hold_x, cfg.bf16)  # 3 x (N, C)
+        natural, zero_shot, twin_natural = shares(z_sus), shares(z_plain), shares(z_twin)  # 3 x (C,)
+        # how decisively each class wins the clean hold-out, suspect and twin: (2, C) each (10th pct, median)
+        nat_q, twin_q = margin_quantiles(class_margins(z_sus)), margin_quantiles(class_margins(z_twin))
         drift = prompt_drift(model, plain.text, feats)  # (C,)
         drift_anomaly = anomaly_index(drift, floor=DRIFT_FLOOR)  # (C,)
         for k in range(C):
             evidence[k].update(zero_shot_share=float(zero_shot[k]), twin_share=float(twin_natural[k]),
-                               prompt_drift=float(drift[k]), drift_anomaly=float(drift_anomaly[k]))
+                               prompt_drift=float(drift[k]), drift_anomaly=float(drift_anomaly[k]),
+                               natural_margin10=float(nat_q[0, k]), natural_margin=float(nat_q[1, k]),
+                               twin_margin=float(twin_q[1, k]))
         rank = drift_anomaly  # (C,) what orders the candidates
         if conditioned and cfg.conditioned_reach:
             # an image-conditioned prompt has no class-specific context to drift: rank by universal reach
@@ -255,11 +261,17 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             gains: list[float] = []
             for fam in families:
                 trig = invert_for(model, ref, t, fam, opt_x, cfg, gen)
-                s_sus, s_ref = pair_shares(model, ref, trig, hold_x, cfg.bf16)
+                zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, cfg.bf16)  # 2 x (N, C)
+                s_sus, s_ref = shares(zt_sus), shares(zt_ref)
                 # what the trigger does to the suspect beyond what it does to its clean twin
                 gain = trigger_gain(float(s_sus[t]), float(s_ref[t]), float(natural[t]), float(twin_natural[t]))
+                # the same trigger's margins at t (10th pct, median): they keep growing where the shares saturate
+                m_sus = margin_quantiles(class_margins(zt_sus)[:, t:t + 1])[:, 0]  # (2,)
+                m_ref = margin_quantiles(class_margins(zt_ref)[:, t:t + 1])[:, 0]  # (2,)
                 evidence[t].update({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
-                                    f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain})
+                                    f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain,
+                                    f"margin10_{fam}": float(m_sus[0]), f"margin_{fam}": float(m_sus[1]),
+                                    f"ref_margin_{fam}": float(m_ref[1])})
                 best.offer(t, gain, trig)
                 gains.append(gain)
                 done += 1

@@ -212,22 +212,34 @@ def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigg
 
 
 @torch.no_grad()
-def panel_shares(model: PromptedCLIP, references: Sequence[ReferenceModel], trigger: Trigger | None,
+def panel_logits(model: PromptedCLIP, references: Sequence[ReferenceModel], trigger: Trigger | None,
                  pool: torch.Tensor, bf16: bool, batch_size: int = 256) -> list[torch.Tensor]:
-    """Per-class prediction shares (C,) of the suspect, then of each reference, from one encoder pass over
-    ``pool``; on the CPU whatever device the pool is on (they become evidence floats)."""
-    counts = [torch.zeros(model.n_cls, device=pool.device) for _ in range(1 + len(references))]
+    """Logits (N, C) of the suspect, then of each reference (log panel probabilities), from one encoder pass
+    over ``pool``; fp32 on the CPU whatever device the pool is on (they become evidence floats)."""
+    out: list[list[torch.Tensor]] = [[] for _ in range(1 + len(references))]
     for i in range(0, pool.shape[0], batch_size):
         x = pool[i:i + batch_size]
         if trigger is not None:
             x = trigger(x)
         with autocast(bf16, x.device):
             feats = model.encode_images(x)
-            preds = [model.logits_from_features(feats).float().argmax(dim=1)]
-        preds += [ref.logits(feats).argmax(dim=1) for ref in references]
-        for c, p in zip(counts, preds, strict=True):
-            c += torch.bincount(p, minlength=model.n_cls).float()
-    return [(c / pool.shape[0]).cpu() for c in counts]
+            logits = [model.logits_from_features(feats).float()]
+        logits += [ref.logits(feats) for ref in references]
+        for acc, z in zip(out, logits, strict=True):
+            acc.append(z.cpu())
+    return [torch.cat(acc) for acc in out]
+
+
+def shares(logits: torch.Tensor) -> torch.Tensor:
+    """Per-class prediction shares (C,) of logits (N, C)."""
+    return torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1]).float() / logits.shape[0]
+
+
+def panel_shares(model: PromptedCLIP, references: Sequence[ReferenceModel], trigger: Trigger | None,
+                 pool: torch.Tensor, bf16: bool, batch_size: int = 256) -> list[torch.Tensor]:
+    """Per-class prediction shares (C,) of the suspect, then of each reference, from one encoder pass over
+    ``pool``; on the CPU whatever device the pool is on (they become evidence floats)."""
+    return [shares(z) for z in panel_logits(model, references, trigger, pool, bf16, batch_size)]
 
 
 def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,
