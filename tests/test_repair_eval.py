@@ -49,6 +49,9 @@ def test_repair_eval_rows_resume_and_summary(tiny_zoo: Path, random_backbone: Cl
     summary = summarise(rows)
     assert set(summary) == {"badnets", "all"} and summary["badnets"]["models"] == 1
     assert summary["badnets"]["asr_ood_twin"] == r["asr_ood_twin"]
+    assert summary["badnets"]["within_bar"] == float(r["asr_id_after"] <= 0.05 and r["asr_ood_after"] <= 0.05)
+    floor_ok = all(r[f"asr_{k}_after"] <= max(0.05, r[f"asr_{k}_twin"]) for k in ("id", "ood"))
+    assert summary["badnets"]["within_twin_floor"] == float(floor_ok)
     lines = bar_lines(summary)
     assert any(line.strip().startswith("badnets") and "rescan" in line for line in lines)
 
@@ -74,6 +77,20 @@ def test_detections_are_saved_reused_and_recomputed_when_damaged(tiny_zoo: Path,
     fixed = evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)
     assert not fixed[0]["detection_reused"] and fixed[0]["suspect"] == first[0]["suspect"]
     assert evaluate_repairs(tiny_zoo, random_backbone, config=DET, repair=REP, detections=cache)[0]["detection_reused"]
+
+
+def test_within_the_bar_or_the_twins_floor_per_model() -> None:
+    from scanner.zoo.repair_eval import within
+
+    row = {"asr_id_after": 0.12, "asr_ood_after": 0.04, "asr_id_twin": 0.20, "asr_ood_twin": 0.01}
+    assert within(row, None) is False  # 0.12 > 5 %
+    assert within(row, ("asr_id_twin", "asr_ood_twin")) is True  # the twin itself sends 0.20 there
+    assert within({**row, "asr_ood_after": 0.06}, ("asr_id_twin", "asr_ood_twin")) is False
+    assert within({**row, "asr_id_after": None}, None) is None  # no real trigger: not counted either way
+    summary = summarise([{"attack": "blended", "ca_before": 0.5, "ca_after": 0.5, "flagged": True,
+                          "rescan_flagged": False, "repair_seconds": 1.0, **row}])
+    assert summary["blended"]["within_bar"] == 0.0 and summary["blended"]["within_twin_floor"] == 1.0
+    assert any("0/1 / 1/1" in line for line in bar_lines(summary))
 
 
 def test_real_attack_is_rebuilt_from_the_manifest(tiny_zoo: Path, random_backbone: ClipBackbone) -> None:

@@ -188,6 +188,11 @@ def bar_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         checks.append("CA –" if ca is None else f"CA {'met' if ca >= -0.02 else 'NOT met'} ({ca:+.3f})")
         checks.append(f"rescan {'met' if s['rescan_clean'] >= 0.9 else 'NOT met'}")
         out.append(f"  {name:9s} " + "; ".join(checks))
+    out.append("per model, ASR-ID and ASR-OOD after <= 0.05 / <= max(0.05, the zero-shot twin's own ASR):")
+    for name, s in summary.items():
+        n = s["models"]
+        counts = [("–" if s.get(k) is None else f"{round(s[k] * n)}/{n}") for k in ("within_bar", "within_twin_floor")]
+        out.append(f"  {name:9s} {counts[0]} / {counts[1]}")
     return out
 
 

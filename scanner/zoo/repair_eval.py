@@ -241,8 +241,32 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+#: the issue's per-attack ASR bar, also applied per model
+ASR_BAR = 0.05
+
+
+def within(row: dict[str, Any], floor_keys: tuple[str, str] | None) -> bool | None:
+    """Whether a row's real-trigger ASR after repair, in and out of distribution, is at most the bar (5 %) or,
+    with ``floor_keys`` (ID key, OOD key), at most the larger of the bar and that row's floor (the zero-shot
+    twin's own ASR with the same trigger: what the frozen encoders do without any prompt). None when a figure
+    is missing (no real trigger)."""
+    after = [row.get("asr_id_after"), row.get("asr_ood_after")]
+    floors = [row.get(floor_keys[0]), row.get(floor_keys[1])] if floor_keys else [0.0, 0.0]
+    pairs = [(a, f) for a, f in zip(after, floors, strict=True) if a is not None and f is not None]
+    if len(pairs) < 2:
+        return None
+    return all(float(a) <= max(ASR_BAR, float(f)) for a, f in pairs)
+
+
+def _share(values: list[bool | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per attack (and ``all``): means of every before/after figure, re-scan-clean share, seconds."""
+    """Per attack (and ``all``): means of every before/after figure, re-scan-clean share, seconds, and the
+    shares of models whose ASR after repair is within the bar (``within_bar``) and within the larger of the bar
+    and the twin's floor (``within_twin_floor``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["attack"], []).append(r)
@@ -260,6 +284,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "ca_change": _mean([r["ca_after"] - r["ca_before"] for r in rs]),
             "flagged_before": float(np.mean([r["flagged"] for r in rs])),
             "rescan_clean": float(np.mean([not r["rescan_flagged"] for r in rs])),
+            "within_bar": _share([within(r, None) for r in rs]),
+            "within_twin_floor": _share([within(r, ("asr_id_twin", "asr_ood_twin")) for r in rs]),
             "repair_seconds": float(np.mean([r["repair_seconds"] for r in rs])),
         }
     return out
