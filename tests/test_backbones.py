@@ -81,8 +81,8 @@ def write_open_clip_safetensors(bb: ClipBackbone, path: Path) -> Path:
 
 
 def _heads(bb: ClipBackbone) -> tuple[int, int]:
-    text = bb.model.transformer.resblocks[0].attn.num_heads  # type: ignore[union-attr,index]
-    vision = bb.model.visual.transformer.resblocks[0].attn.num_heads  # type: ignore[union-attr,index]
+    text = bb.model.transformer.resblocks[0].attn.num_heads
+    vision = bb.model.visual.transformer.resblocks[0].attn.num_heads
     return int(text), int(vision)
 
 

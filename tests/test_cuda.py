@@ -14,6 +14,7 @@ from test_pipeline_support import CLASSNAMES, build_registry
 
 from scanner.clip.backbone import ClipBackbone
 from scanner.engine import DetectorConfig, detect
+from scanner.engine.result import DetectionResult
 from scanner.pipeline import scan_path
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.prompting.learners import CoCoOpLearner, CoOpLearner
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CFG = DetectorConfig(n_images=240, batch_size=32, bf16=False)
 
 
-def _pair(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig) -> tuple[object, object]:
+def _pair(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig) -> tuple[DetectionResult, DetectionResult]:
     cpu = detect(model, pool, cfg, seed=3)
     try:
         gpu = detect(model.to("cuda"), pool.to("cuda"), cfg, seed=3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def test_config_is_validated() -> None:
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
-              **cfg: float) -> DetectionResult:
+              **cfg: Any) -> DetectionResult:
     best = _BestTriggers(torch.tensor(scores))
     natural = torch.full((3,), 1 / 3)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(3)}

@@ -34,15 +34,15 @@ class Reduce:
         return (self.func, self.args)
 
 
-def _raw(obj: Any, protocol: int) -> Callable[[Path], None]:
+def _raw(obj: Any, protocol: int) -> Callable[[Path], object]:
     return lambda p: p.write_bytes(pickle.dumps(obj, protocol=protocol))
 
 
-def _torch(obj: Any, *, legacy: bool = False) -> Callable[[Path], None]:
+def _torch(obj: Any, *, legacy: bool = False) -> Callable[[Path], object]:
     return lambda p: torch.save(obj, p, _use_new_zipfile_serialization=not legacy)
 
 
-def _bytes(data: bytes) -> Callable[[Path], None]:
+def _bytes(data: bytes) -> Callable[[Path], object]:
     return lambda p: p.write_bytes(data)
 
 
@@ -52,7 +52,7 @@ def _s(text: str) -> bytes:
     return b"\x8c" + bytes([len(raw)]) + raw
 
 
-def payloads(marker: Path, sentinel: Path) -> dict[str, tuple[str, Callable[[Path], None]]]:
+def payloads(marker: Path, sentinel: Path) -> dict[str, tuple[str, Callable[[Path], object]]]:
     """name -> (relative file path in the registry, writer)."""
     touch = f"touch {marker}"
     argv = ["touch", str(marker)]

@@ -34,11 +34,17 @@ def test_coop_shapes_and_coop_state_keys(random_backbone: ClipBackbone, position
     assert not learner.image_conditioned
 
 
+def _linear(learner: CoCoOpLearner, name: str) -> torch.nn.Linear:
+    layer = learner.meta_net.get_submodule(name)
+    assert isinstance(layer, torch.nn.Linear)
+    return layer
+
+
 def test_cocoop_shapes_and_batching_equals_per_image(random_backbone: ClipBackbone) -> None:
     learner = CoCoOpLearner(random_backbone, NAMES, n_ctx=4, seed=0)
     # A non-zero meta-net output so images really produce different prompts.
     gen = torch.Generator().manual_seed(0)
-    torch.nn.init.normal_(learner.meta_net.linear2.weight, std=0.5, generator=gen)
+    torch.nn.init.normal_(_linear(learner, "linear2").weight, std=0.5, generator=gen)
     img = torch.randn(3, random_backbone.embed_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         batched = learner.text_features(img)
@@ -47,7 +53,7 @@ def test_cocoop_shapes_and_batching_equals_per_image(random_backbone: ClipBackbo
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     assert (batched[0] - batched[1]).abs().max() > 1e-3  # the prompt depends on the image
     embed = random_backbone.embed_dim
-    assert learner.meta_net.linear1.weight.shape == (embed // 16, embed)
+    assert _linear(learner, "linear1").weight.shape == (embed // 16, embed)
     assert learner.learner_type == "cocoop" and learner.image_conditioned
     with pytest.raises(ConfigError, match="image features"):
         learner.text_features(None)

@@ -91,7 +91,7 @@ def test_dassl_warmup_scheduler_objects_load_as_inert_records(tmp_path: Path,
             self.successor, self.warmup_epoch, self.cons_lr = successor, warmup_epoch, cons_lr
             super().__init__(optimizer)
 
-        def get_lr(self) -> list[float]:
+        def get_lr(self) -> list[float | torch.Tensor]:
             return [self.cons_lr for _ in self.base_lrs]
 
     module = types.ModuleType("dassl.optim.lr_scheduler")
