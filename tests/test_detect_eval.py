@@ -146,6 +146,23 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
         assert r["anomaly_score"] == max(r["class_scores"])
 
 
+def test_saved_rows_are_rescored_by_margin_and_old_rows_refused() -> None:
+    from scanner.errors import ConfigError
+    from scanner.zoo.detect_eval import rescore_ci
+
+    ev = [{"candidate": 1.0, "gain_sticker": 0.2, "gain_patch": 0.9, "margin10_sticker": -3.0, "margin10_patch": 4.0,
+           "natural_margin10": -8.0},
+          {"candidate": 0.0, "natural_margin10": -1.0}]
+    row = {"id": "x/badnets", "detector": "ci", "class_scores": [1.0, -1.0], "evidence": ev}
+    assert rescore_ci(row, 0.5)["class_scores"] == pytest.approx([0.9 + 0.5 * 0.2, -1.0])
+    by_margin = rescore_ci(row, 0.5, "margin")
+    assert by_margin["class_scores"] == pytest.approx([12.0 + 0.5 * 5.0, -1.0])  # lifts 5 and 12
+    assert by_margin["anomaly_score"] == pytest.approx(14.5) and by_margin["evidence"][0]["score"] == 14.5
+    old = {**row, "evidence": [{k: v for k, v in e.items() if "margin" not in k} for e in ev]}
+    with pytest.raises(ConfigError, match="written before CI recorded margins"):
+        rescore_ci(old, 0.5, "margin")
+
+
 def test_calibrate_writes_both_channels(zoo: Path, tmp_path: Path) -> None:
     out, toml = tmp_path / "eval.json", tmp_path / "scanner.toml"
     toml.write_text('ood_size = 500\n[detector_options]\nbatch_size = 16\n')
@@ -183,6 +200,21 @@ def test_calibrate_can_keep_the_dormant_margin(zoo: Path, tmp_path: Path) -> Non
     assert tomllib.loads(toml.read_text())["detector_options"]["dormant_margin"] == 0.95
     bad = CliRunner().invoke(main, [*args, "--detector", "nc"])
     assert bad.exit_code == 2 and "ci detector only" in bad.output
+
+
+def test_calibrate_under_the_margin_score_writes_it_beside_its_threshold(zoo: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "scanner.toml"
+    args = ["calibrate", str(zoo), "--eval-json", str(tmp_path / "a.json"), "--config", str(toml), "--n-images",
+            "48", "--fpr", "0.0", "--dormant-margin", "0.95", "--trigger-score", "margin"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    saved = tomllib.loads(toml.read_text())
+    assert saved["detector_options"]["trigger_score"] == "margin"  # the threshold is in its units
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    clean = [r["anomaly_score"] for r in rows if not r["truth_backdoored"]]
+    assert saved["threshold"] >= max(clean)  # fitted at FPR 0 on the margin scores
+    assert all(r["evidence"][r["class_scores"].index(r["anomaly_score"])].get("margin10_patch") is not None
+               for r in rows if r["anomaly_score"] > -1)
 
 
 def test_fitted_lines_are_written_rounded_up() -> None:

@@ -10,7 +10,7 @@ import torch
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
-from scanner.engine.ci import _BestTriggers, _decide_ci
+from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text
 from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
@@ -85,6 +85,16 @@ def test_config_is_validated() -> None:
         DetectorConfig(dormant_margin=0.0)
     with pytest.raises(ConfigError, match="family_bonus"):
         DetectorConfig(family_bonus=1.5)
+    with pytest.raises(ConfigError, match="trigger_score must be one of share, margin"):
+        DetectorConfig(trigger_score="auroc")
+
+
+def test_each_score_has_its_own_default_threshold() -> None:
+    from scanner.engine.config import DEFAULT_THRESHOLDS, MARGIN_THRESHOLD
+
+    assert DetectorConfig().decision_threshold == DEFAULT_THRESHOLDS["ci"]
+    assert DetectorConfig(trigger_score="margin").decision_threshold == MARGIN_THRESHOLD  # logit units, not shares
+    assert DetectorConfig(trigger_score="margin", threshold=3.0).decision_threshold == 3.0  # a fitted line wins
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
@@ -256,3 +266,24 @@ def test_confirmed_triggers_record_their_margins(model: PromptedCLIP, pool: torc
                 assert ev[f"margin10_{fam}"] <= ev[f"margin_{fam}"] and "ref_margin_" + fam in ev
                 # a median margin above 0 means the trigger wins more than half of the held-out images
                 assert (ev[f"margin_{fam}"] > 0) == (ev[f"asr_{fam}"] > 0.5) or ev[f"asr_{fam}"] == 0.5
+
+
+def test_the_margin_score_scores_confirmed_classes_by_their_margin_lifts(model: PromptedCLIP,
+                                                                         pool: torch.Tensor) -> None:
+    from scanner.engine.ci import class_score
+
+    share = detect(model, pool, SMALL, seed=0)
+    margin = detect(model, pool, DetectorConfig(**{**SMALL.__dict__, "trigger_score": "margin"}), seed=0)
+    for s, m in zip(share.classes, margin.classes, strict=True):
+        assert s.evidence["candidate"] == m.evidence["candidate"]  # the same classes are confirmed
+        if not m.evidence["candidate"]:
+            assert m.anomaly_score == -1.0
+            continue
+        lifts = [m.evidence[f"margin10_{f}"] - m.evidence["natural_margin10"] for f in SMALL.families]
+        assert m.anomaly_score == pytest.approx(class_score(lifts, SMALL.family_bonus))
+        gains = [s.evidence[f"gain_{f}"] for f in SMALL.families]
+        assert s.anomaly_score == pytest.approx(class_score(gains, SMALL.family_bonus))
+    assert margin.threshold == DetectorConfig(trigger_score="margin").decision_threshold
+    confirmed = next(c for c in margin.classes if c.evidence["candidate"])
+    assert "margin lift" in _gains_text(confirmed.evidence, "margin")
+    assert "margin lift" not in _gains_text(confirmed.evidence, "share")

@@ -49,6 +49,16 @@ def device_option(help: str) -> Callable[[F], F]:
     return click.option("--device", default="cpu", show_default=True, help=help, callback=checked)
 
 
+def trigger_score_option(f: F) -> F:
+    """``--trigger-score share|margin``: what CI scores a confirmed class from (``DetectorConfig.trigger_score``;
+    None = the detector's default)."""
+    from scanner.engine.config import TRIGGER_SCORES
+
+    return click.option("--trigger-score", type=click.Choice(TRIGGER_SCORES), default=None,
+                        help="CI: score confirmed classes by their triggers' share gains or margin lifts (default: "
+                             "the detector's, share)")(f)
+
+
 def model_source_options(f: F) -> F:
     """--ood, --seed, --config and --backbone, in that order (as ood_dir, seed, config, backbones)."""
     for decorate in reversed((

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from scanner.cli import main
+from scanner.cli._shared import trigger_score_option
 from scanner.errors import ScannerError
 
 
@@ -21,9 +22,10 @@ def _round_up(value: float, places: int = 6) -> float:
     return math.ceil(value * 10**places - 1e-9) / 10**places
 
 
-def write_threshold(config_file: Path, threshold: float, dormant_margin: float | None = None) -> None:
-    """Set ``threshold`` (and CI's ``detector_options.dormant_margin``) in a settings TOML file, keeping
-    every other key; written atomically."""
+def write_threshold(config_file: Path, threshold: float, dormant_margin: float | None = None,
+                    trigger_score: str | None = None) -> None:
+    """Set ``threshold`` (and CI's ``detector_options.dormant_margin`` and ``trigger_score``: a threshold means
+    nothing under another score) in a settings TOML file, keeping every other key; written atomically."""
     import os
     import tomllib
 
@@ -33,10 +35,14 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
     if config_file.exists():
         data = tomllib.loads(config_file.read_text())
     data["threshold"] = _round_up(threshold)
+    options = data.get("detector_options")
+    options = dict(options) if isinstance(options, dict) else {}
     if dormant_margin is not None:
-        options = data.get("detector_options")
-        data["detector_options"] = {**(options if isinstance(options, dict) else {}),
-                                    "dormant_margin": _round_up(dormant_margin)}
+        options["dormant_margin"] = _round_up(dormant_margin)
+    if trigger_score is not None:
+        options["trigger_score"] = trigger_score
+    if options:
+        data["detector_options"] = options
     tmp = config_file.with_name(f".{config_file.name}.tmp")
     tmp.write_text(tomli_w.dumps(data))
     os.replace(tmp, config_file)
@@ -52,10 +58,12 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
               help="reuse/extend `scanner zoo eval --json` rows; give one per zoo, in the same order")
 @click.option("--dormant-margin", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="CI: keep the dormant margin at this value and fit only the threshold (default: fit both)")
+@trigger_score_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True)
 def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file: Path,
-              eval_jsons: tuple[Path, ...], dormant_margin: float | None, seed: int, n_images: int) -> None:
+              eval_jsons: tuple[Path, ...], dormant_margin: float | None, trigger_score: str | None, seed: int,
+              n_images: int) -> None:
     """Fit the decision threshold on the clean models of one or more zoos for a target FPR and write it to
     settings. Several zoos (e.g. built with different seeds) pool their clean models: a threshold fitted on
     more of them holds better on models it has not seen.
@@ -71,8 +79,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
 
     margin: float | None = None
     try:
-        if dormant_margin is not None and detector != "ci":
-            raise click.UsageError("--dormant-margin is a setting of the ci detector only")
+        if (dormant_margin is not None or trigger_score is not None) and detector != "ci":
+            raise click.UsageError("--dormant-margin and --trigger-score are settings of the ci detector only")
         if eval_jsons and len(eval_jsons) != len(zoo_dirs):
             raise click.UsageError(f"give one --eval-json per zoo ({len(zoo_dirs)} zoos, {len(eval_jsons)} files), "
                                    "or none")
@@ -80,7 +88,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
         rows: list[dict[str, Any]] = []
         for i, zoo_dir in enumerate(zoo_dirs):
             rows += evaluate_zoo(zoo_dir, backbone, [detector], out=eval_jsons[i] if eval_jsons else None,
-                                 config=DetectorConfig(detector=detector, n_images=n_images), seed=seed)
+                                 config=DetectorConfig(detector=detector, n_images=n_images,
+                                                       trigger_score=trigger_score or "share"), seed=seed)
         clean_rows = [r for r in rows if not r["truth_backdoored"]]
         if not clean_rows:
             raise click.UsageError(f"{', '.join(map(str, zoo_dirs))}: no clean models to calibrate on; build a zoo "
@@ -89,7 +98,7 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
             t, margin = fit_ci_lines(clean_rows, fpr, dormant_margin)
         else:
             t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)
-        write_threshold(config_file, t, margin)
+        write_threshold(config_file, t, margin, trigger_score)
     except ScannerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from scanner.cli import main
-from scanner.cli._shared import csv_list, device_option, fail, families_or_none
+from scanner.cli._shared import csv_list, device_option, fail, families_or_none, trigger_score_option
 from scanner.errors import ScannerError
 
 
@@ -178,6 +178,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="how CI ranks the classes of image-conditioned (CoCoOp) models (default: the detector's, reach)")
 @click.option("--conditioned-families", default=None, metavar="F1,F2|none",
               help="families CI adds for image-conditioned models (default: the detector's, additive)")
+@trigger_score_option
 @device_option("torch device for the searches: cpu, cuda, cuda:1")
 @click.option("--shard", default=None, metavar="K/N",
               help="evaluate only every N-th model from the K-th (parallel runs; join them with `scanner zoo report`)")
@@ -185,8 +186,8 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="evaluate only the models tuned by these learners (coop, coop-csc, cocoop)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, families: str | None,
-          conditioned_ranking: str | None, conditioned_families: str | None, device: str,
-          shard: str | None, learners: str | None) -> None:
+          conditioned_ranking: str | None, conditioned_families: str | None, trigger_score: str | None,
+          device: str, shard: str | None, learners: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -213,6 +214,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, conditioned_reach=conditioned_ranking == "reach")
         if conditioned_families is not None:
             cfg = replace(cfg, conditioned_families=families_or_none(conditioned_families))
+        if trigger_score is not None:
+            cfg = replace(cfg, trigger_score=trigger_score)
         manifest = load_manifest(zoo_dir)
         chosen = set(csv_list(learners) or ()) if learners is not None else None
         n = len(shard_models(manifest["models"], part, chosen)) * len(dets)

@@ -28,7 +28,9 @@ Design (ours; the paper's details are not public), cost independent of the class
    sends 0.8 of them there) still shows a planted trigger that the suspect's prompt had pushed away from
    clean photos. A candidate's score is its best family's gain plus ``family_bonus`` times the next
    family's (``class_score``): a planted trigger tends to answer to both families, a clean class's
-   natural trigger to one. The model is flagged when the best score passes the threshold
+   natural trigger to one. With ``trigger_score = "margin"`` a family's value is its margin lift instead of its
+   gain (``family_value``): shares saturate at 1.0, margins do not. The model is flagged when the best score
+   passes the threshold
    (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``); ``ci_verdict``.
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
@@ -103,6 +105,20 @@ def trigger_gain(triggered: float, twin_triggered: float, natural: float, twin_n
     """How far a trigger moves held-out images into its class in the suspect (share with the trigger minus
     the natural share) beyond how far it moves them in the twin (the same on the twin, when positive)."""
     return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
+
+
+def margin_lift(triggered_q10: float, natural_q10: float) -> float:
+    """How far a trigger lifts the 10th percentile of its class's logit margin over held-out images above the
+    clean images' (``trigger_score = "margin"``): unlike a share it keeps growing once every image is moved."""
+    return triggered_q10 - natural_q10
+
+
+def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
+    """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``) or the
+    margin lift (``"margin"``). KeyError when the evidence predates what that score needs."""
+    if trigger_score == "margin":
+        return margin_lift(evidence[f"margin10_{family}"], evidence["natural_margin10"])
+    return evidence[f"gain_{family}"]
 
 
 def class_score(gains: Sequence[float], bonus: float) -> float:
@@ -258,7 +274,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
         cands = [int(k) for k in torch.argsort(rank, descending=True, stable=True)[:m]]
         for t in cands:
-            gains: list[float] = []
+            values: list[float] = []  # per family: what the class is scored from (cfg.trigger_score)
             for fam in families:
                 trig = invert_for(model, ref, t, fam, opt_x, cfg, gen)
                 zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, cfg.bf16)  # 2 x (N, C)
@@ -272,12 +288,13 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                                     f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain,
                                     f"margin10_{fam}": float(m_sus[0]), f"margin_{fam}": float(m_sus[1]),
                                     f"ref_margin_{fam}": float(m_ref[1])})
-                best.offer(t, gain, trig)
-                gains.append(gain)
+                value = family_value(evidence[t], fam, cfg.trigger_score)
+                best.offer(t, value, trig)
+                values.append(value)
                 done += 1
                 if progress is not None:
                     progress(f"confirm:{model.classnames[t]}:{fam}", done, total)
-            best.settle(t, class_score(gains, cfg.family_bonus))
+            best.settle(t, class_score(values, cfg.family_bonus))
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
     return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
@@ -320,9 +337,10 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin)
     top, awake = v.trigger_class, v.awake_class
     name = model.classnames[top]
+    values = _gains_text(evidence[top], cfg.trigger_score)
     if v.channel == "trigger":
         reason = (f"reconstructed triggers move held-out clean OOD images into {name!r} beyond what they do to the "
-                  f"zero-shot twin ({_gains_text(evidence[top])}): score {float(score[top]):.3f} > threshold "
+                  f"zero-shot twin ({values}): score {float(score[top]):.3f} > threshold "
                   f"{thr:.3f}; the prompt of {name!r} drifted from plain prompts with anomaly "
                   f"{evidence[top].get('drift_anomaly', float('nan')):.2f}")
     elif v.channel == "awake":
@@ -333,14 +351,18 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
                      if drifted else ")"))
     else:
         reason = (f"no reconstructed trigger works: the best score is {float(score[top]):.3f}, for {name!r} "
-                  f"({_gains_text(evidence[top])}; threshold {thr:.3f}); no class is awake on clean images")
+                  f"({values}; threshold {thr:.3f}); no class is awake on clean images")
     return _result("ci", model, best, score, natural, evidence, v.flagged, v.target, thr, reason, seed, start)
 
 
-def _gains_text(ev: dict[str, float]) -> str:
+def _gains_text(ev: dict[str, float], trigger_score: str = "share") -> str:
     """'sticker gain 0.85, patch gain 0.53' from a class's evidence: the shares of held-out images each
-    family's trigger moves into it beyond the twin (the score adds ``family_bonus`` x the second best)."""
-    parts = [f"{key[5:]} gain {v:.2f}" for key, v in ev.items() if key.startswith("gain_")]  # in search order
+    family's trigger moves into it beyond the twin (the score adds ``family_bonus`` x the second best); with the
+    margin score each family's margin lift follows its gain ('patch gain 0.53, margin lift 11.20')."""
+    fams = [key[5:] for key in ev if key.startswith("gain_")]  # in search order
+    parts = [f"{f} gain {ev[f'gain_{f}']:.2f}"
+             + (f", margin lift {family_value(ev, f, 'margin'):.2f}" if trigger_score == "margin" else "")
+             for f in fams]
     return ", ".join(parts) if parts else "not confirmed"
 
 

@@ -21,6 +21,11 @@ FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families
 # moves it to 0.98, past the WaNet prompts it is there for. A threshold fitted on one zoo does not hold on
 # another (session 7: fitted on the seed-0 zoo's 24 clean models it was 0.715, and 7 of seed 1's 22 scored above)
 DEFAULT_THRESHOLDS = {"ci": 0.985001, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
+# CI's threshold when a confirmed class is scored by its triggers' margin lifts (``trigger_score = "margin"``,
+# logit units): the line `fit_ci_lines(rows, fpr=0.05, margin=0.73)` fits on the 22 clean models of the seed-6 zoo
+# (session 16, runs/s16/eval_seed6_margin.json; rounded up)
+MARGIN_THRESHOLD = 11.974854
+TRIGGER_SCORES = ("share", "margin")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,12 @@ class DetectorConfig:
     # 0.74-0.86 with both). `python benchmarks/family_rules_cv.py` on saved rows: see its docstring. 0 scores
     # the best family alone
     family_bonus: float = 0.5
+    # what a trigger family's value is, from which ``family_bonus`` scores a confirmed class. "share": its gain,
+    # the share of held-out images it moves into the class beyond the twin (saturates at 1.0: a natural trigger
+    # that barely tips 0.95 of photos reads like a planted one). "margin": how far it lifts the 10th percentile
+    # of the class's logit margin over the held-out images above its clean value (logit units; keeps growing
+    # where shares stop). Session 16 on the seed-6 zoo: AUROC 0.717 (share) -> 0.845 (margin), in sample
+    trigger_score: str = "share"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
@@ -93,6 +104,8 @@ class DetectorConfig:
         bad = [f for f in self.conditioned_families if f not in FAMILIES]
         if bad:
             raise ConfigError(f"conditioned_families must be a subset of {FAMILIES}; got {self.conditioned_families}")
+        if self.trigger_score not in TRIGGER_SCORES:
+            raise ConfigError(f"trigger_score must be one of {', '.join(TRIGGER_SCORES)}; got {self.trigger_score!r}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
 
@@ -104,4 +117,8 @@ class DetectorConfig:
     @property
     def decision_threshold(self) -> float:
         """The threshold in force: the configured one, else this detector's default."""
-        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS[self.detector]
+        if self.threshold is not None:
+            return self.threshold
+        if self.detector == "ci" and self.trigger_score == "margin":
+            return MARGIN_THRESHOLD
+        return DEFAULT_THRESHOLDS[self.detector]

@@ -62,7 +62,7 @@ def add_family_run(saved: dict[str, Any], probe: dict[str, Any]) -> dict[str, An
             if e.get("candidate"):
                 e = {**e, **{key: v for key, v in p.items() if key.endswith(tuple(f"_{f}" for f in new))}}
             evidence.append(e)
-        joined = rescore_ci({**cut, "evidence": evidence}, bonus)
+        joined = rescore_ci({**cut, "evidence": evidence}, bonus, str(scfg.get("trigger_score", "share")))
         rows.append(decided_at(joined, float(row["threshold"]), row.get("dormant_margin")))
     config = {**scfg, "families": [*scfg["families"], *new], "candidates": c}
     return {**saved, "config": config, "rows": rows}

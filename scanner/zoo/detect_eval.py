@@ -202,7 +202,7 @@ def _forward_features(backbone: ClipBackbone, accel: str, int8: bool, cache_dir:
 
 
 #: settings that only decide from recorded evidence: changing them re-decides saved rows, never re-runs them
-DECISION_FIELDS = ("threshold", "dormant_margin", "family_bonus")
+DECISION_FIELDS = ("threshold", "dormant_margin", "family_bonus", "trigger_score")
 
 
 def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +212,7 @@ def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
 def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
     """A saved row decided with ``cfg``'s threshold (and, for CI, its family bonus and dormant margin)."""
     margin = cfg.dormant_margin if row["detector"] == "ci" else None
-    return decided_at(rescore_ci(row, cfg.family_bonus), cfg.decision_threshold, margin)
+    return decided_at(rescore_ci(row, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold, margin)
 
 
 def decided_at(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> dict[str, Any]:
@@ -250,18 +250,25 @@ def held_out_figures(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, mar
             "auroc_both_all": _auroc(y, [combined_score(r, t_all, m_all) for r in every])}
 
 
-def rescore_ci(row: dict[str, Any], family_bonus: float) -> dict[str, Any]:
-    """A CI row with each confirmed class's score recomputed from its recorded per-family gains
-    (``gain_<family>`` in its evidence) by the engine's ``class_score``; other classes keep their score
-    (-1: not confirmed, or cut away by ``first_candidates``). Rows of other detectors come back unchanged."""
-    from scanner.engine.ci import class_score
+def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "share") -> dict[str, Any]:
+    """A CI row with each confirmed class's score recomputed from its recorded per-family values (gains, or
+    margin lifts with ``trigger_score="margin"``: the engine's ``family_value``) by the engine's
+    ``class_score``; other classes keep their score (-1: not confirmed, or cut away by ``first_candidates``).
+    Rows of other detectors come back unchanged; ConfigError for rows that do not record margins (written
+    before session 16) when the margin score is asked for."""
+    from scanner.engine.ci import class_score, family_value
 
     if row["detector"] != "ci":
         return row
     scores = [float(x) for x in row["class_scores"]]
     evidence = []
     for k, e in enumerate(row.get("evidence") or []):
-        gains = [float(v) for key, v in e.items() if key.startswith("gain_")]
+        fams = [key[5:] for key in e if key.startswith("gain_")]
+        try:
+            gains = [float(family_value(e, f, trigger_score)) for f in fams]
+        except KeyError as exc:
+            raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
+                              f"margins; re-run it to score it by {trigger_score!r}") from None
         if gains and e.get("candidate", 1.0):
             scores[k] = class_score(gains, family_bonus)
             e = {**e, "score": scores[k]}
