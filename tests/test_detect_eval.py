@@ -150,14 +150,15 @@ def test_saved_rows_are_rescored_by_margin_and_old_rows_refused() -> None:
     from scanner.errors import ConfigError
     from scanner.zoo.detect_eval import rescore_ci
 
-    ev = [{"candidate": 1.0, "gain_sticker": 0.2, "gain_patch": 0.9, "margin10_sticker": -3.0, "margin10_patch": 4.0,
-           "natural_margin10": -8.0},
-          {"candidate": 0.0, "natural_margin10": -1.0}]
+    ev = [{"candidate": 1.0, "gain_sticker": 0.2, "gain_patch": 0.9, "margin_sticker": -3.0, "margin_patch": 4.0,
+           "natural_margin": -8.0, "ref_margin_sticker": -1.0, "ref_margin_patch": -3.0, "twin_margin": -2.0},
+          {"candidate": 0.0, "natural_margin": -1.0, "twin_margin": 0.0}]
     row = {"id": "x/badnets", "detector": "ci", "class_scores": [1.0, -1.0], "evidence": ev}
     assert rescore_ci(row, 0.5)["class_scores"] == pytest.approx([0.9 + 0.5 * 0.2, -1.0])
     by_margin = rescore_ci(row, 0.5, "margin")
-    assert by_margin["class_scores"] == pytest.approx([12.0 + 0.5 * 5.0, -1.0])  # lifts 5 and 12
-    assert by_margin["anomaly_score"] == pytest.approx(14.5) and by_margin["evidence"][0]["score"] == 14.5
+    # sticker: lift 5 in the suspect, 1 in the twin -> 4; patch: lift 12, the twin's -1 does not count -> 12
+    assert by_margin["class_scores"] == pytest.approx([12.0 + 0.5 * 4.0, -1.0])
+    assert by_margin["anomaly_score"] == pytest.approx(14.0) and by_margin["evidence"][0]["score"] == 14.0
     old = {**row, "evidence": [{k: v for k, v in e.items() if "margin" not in k} for e in ev]}
     with pytest.raises(ConfigError, match="written before CI recorded margins"):
         rescore_ci(old, 0.5, "margin")
@@ -213,7 +214,7 @@ def test_calibrate_under_the_margin_score_writes_it_beside_its_threshold(zoo: Pa
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
     clean = [r["anomaly_score"] for r in rows if not r["truth_backdoored"]]
     assert saved["threshold"] >= max(clean)  # fitted at FPR 0 on the margin scores
-    assert all(r["evidence"][r["class_scores"].index(r["anomaly_score"])].get("margin10_patch") is not None
+    assert all(r["evidence"][r["class_scores"].index(r["anomaly_score"])].get("margin_patch") is not None
                for r in rows if r["anomaly_score"] > -1)
 
 

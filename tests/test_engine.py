@@ -279,7 +279,9 @@ def test_the_margin_score_scores_confirmed_classes_by_their_margin_lifts(model: 
         if not m.evidence["candidate"]:
             assert m.anomaly_score == -1.0
             continue
-        lifts = [m.evidence[f"margin10_{f}"] - m.evidence["natural_margin10"] for f in SMALL.families]
+        ev = m.evidence  # lift of the median margin in the suspect beyond the twin's (when positive)
+        lifts = [(ev[f"margin_{f}"] - ev["natural_margin"]) - max(0.0, ev[f"ref_margin_{f}"] - ev["twin_margin"])
+                 for f in SMALL.families]
         assert m.anomaly_score == pytest.approx(class_score(lifts, SMALL.family_bonus))
         gains = [s.evidence[f"gain_{f}"] for f in SMALL.families]
         assert s.anomaly_score == pytest.approx(class_score(gains, SMALL.family_bonus))

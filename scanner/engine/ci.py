@@ -107,17 +107,19 @@ def trigger_gain(triggered: float, twin_triggered: float, natural: float, twin_n
     return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
 
 
-def margin_lift(triggered_q10: float, natural_q10: float) -> float:
-    """How far a trigger lifts the 10th percentile of its class's logit margin over held-out images above the
-    clean images' (``trigger_score = "margin"``): unlike a share it keeps growing once every image is moved."""
-    return triggered_q10 - natural_q10
+def margin_lift(triggered: float, twin_triggered: float, natural: float, twin_natural: float) -> float:
+    """``trigger_gain`` in logit units (``trigger_score = "margin"``): how far a trigger lifts the median margin of
+    its class over held-out images in the suspect (``triggered - natural``) beyond how far it lifts it in the twin
+    (the same, when positive). Unlike a share it keeps growing once every image is moved."""
+    return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
 
 
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``) or the
     margin lift (``"margin"``). KeyError when the evidence predates what that score needs."""
     if trigger_score == "margin":
-        return margin_lift(evidence[f"margin10_{family}"], evidence["natural_margin10"])
+        return margin_lift(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"], evidence["natural_margin"],
+                           evidence["twin_margin"])
     return evidence[f"gain_{family}"]
 
 

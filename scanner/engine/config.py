@@ -22,9 +22,9 @@ FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families
 # another (session 7: fitted on the seed-0 zoo's 24 clean models it was 0.715, and 7 of seed 1's 22 scored above)
 DEFAULT_THRESHOLDS = {"ci": 0.985001, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 # CI's threshold when a confirmed class is scored by its triggers' margin lifts (``trigger_score = "margin"``,
-# logit units): the line `fit_ci_lines(rows, fpr=0.05, margin=0.73)` fits on the 22 clean models of the seed-6 zoo
-# (session 16, runs/s16/eval_seed6_margin.json; rounded up)
-MARGIN_THRESHOLD = 11.974854
+# logit units): the line `fit_ci_lines(rows, fpr=0.05, margin=0.73)` fits on the 44 clean models of the seed-6 and
+# seed-7 zoos (session 16; rounded up), pre-registered before the seed-8 zoo judged it
+MARGIN_THRESHOLD = 12.7069
 TRIGGER_SCORES = ("share", "margin")
 
 
@@ -70,9 +70,10 @@ class DetectorConfig:
     family_bonus: float = 0.5
     # what a trigger family's value is, from which ``family_bonus`` scores a confirmed class. "share": its gain,
     # the share of held-out images it moves into the class beyond the twin (saturates at 1.0: a natural trigger
-    # that barely tips 0.95 of photos reads like a planted one). "margin": how far it lifts the 10th percentile
-    # of the class's logit margin over the held-out images above its clean value (logit units; keeps growing
-    # where shares stop). Session 16 on the seed-6 zoo: AUROC 0.717 (share) -> 0.845 (margin), in sample
+    # that barely tips 0.95 of photos reads like a planted one). "margin": how far it lifts the median logit
+    # margin of the class over the held-out images beyond what it does on the twin (logit units; keeps growing
+    # where shares stop). Session 16, seeds 6 and 7 (88 models): AUROC 0.750 (share) -> 0.832 (margin); the
+    # 10th-percentile lift without the twin, pre-registered first, did not hold its line on seed 7
     trigger_score: str = "share"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
