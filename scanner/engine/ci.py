@@ -103,23 +103,19 @@ def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Ten
 
 def trigger_gain(triggered: float, twin_triggered: float, natural: float, twin_natural: float) -> float:
     """How far a trigger moves held-out images into its class in the suspect (share with the trigger minus
-    the natural share) beyond how far it moves them in the twin (the same on the twin, when positive)."""
-    return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
-
-
-def margin_lift(triggered: float, twin_triggered: float, natural: float, twin_natural: float) -> float:
-    """``trigger_gain`` in logit units (``trigger_score = "margin"``): how far a trigger lifts the median margin of
-    its class over held-out images in the suspect (``triggered - natural``) beyond how far it lifts it in the twin
-    (the same, when positive). Unlike a share it keeps growing once every image is moved."""
+    the natural share) beyond how far it moves them in the twin (the same on the twin, when positive).
+    The same in logit units is the margin lift (``family_value``): the median margin of the class instead of
+    its share, which keeps growing once every image is moved."""
     return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
 
 
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``) or the
-    margin lift (``"margin"``). KeyError when the evidence predates what that score needs."""
+    margin lift (``"margin"``: ``trigger_gain`` of the median margins). KeyError when the evidence predates what
+    that score needs."""
     if trigger_score == "margin":
-        return margin_lift(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"], evidence["natural_margin"],
-                           evidence["twin_margin"])
+        return trigger_gain(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"],
+                            evidence["natural_margin"], evidence["twin_margin"])
     return evidence[f"gain_{family}"]
 
 

@@ -242,13 +242,6 @@ def panel_shares(model: PromptedCLIP, references: Sequence[ReferenceModel], trig
     return [shares(z) for z in panel_logits(model, references, trigger, pool, bf16, batch_size)]
 
 
-def pair_shares(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigger | None, pool: torch.Tensor,
-                bf16: bool, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shares of ``pool`` predicted as each class by the suspect and by the reference: ((C,), (C,))."""
-    sus, ref = panel_shares(model, (reference,), trigger, pool, bf16, batch_size)
-    return sus, ref
-
-
 def class_shares(model: PromptedCLIP, trigger: Trigger | None, pool: torch.Tensor, bf16: bool,
                  batch_size: int = 256) -> torch.Tensor:
     """Share of ``pool`` predicted as each class (C,), with the trigger applied (or clean if None)."""
