@@ -203,6 +203,13 @@ def test_calibrate_can_keep_the_dormant_margin(zoo: Path, tmp_path: Path) -> Non
     assert bad.exit_code == 2 and "ci detector only" in bad.output
 
 
+def test_the_cli_offers_the_engines_trigger_scores() -> None:
+    from scanner.cli._shared import TRIGGER_SCORES as CLI_SCORES
+    from scanner.engine.config import TRIGGER_SCORES
+
+    assert CLI_SCORES == TRIGGER_SCORES
+
+
 def test_calibrate_under_the_margin_score_writes_it_beside_its_threshold(zoo: Path, tmp_path: Path) -> None:
     toml = tmp_path / "scanner.toml"
     args = ["calibrate", str(zoo), "--eval-json", str(tmp_path / "a.json"), "--config", str(toml), "--n-images",

@@ -49,11 +49,14 @@ def device_option(help: str) -> Callable[[F], F]:
     return click.option("--device", default="cpu", show_default=True, help=help, callback=checked)
 
 
+#: ``scanner.engine.config.TRIGGER_SCORES``, spelt out: importing the engine imports torch, and the CLI must print
+#: its first line before that slow import (a test holds the two equal)
+TRIGGER_SCORES = ("share", "margin")
+
+
 def trigger_score_option(f: F) -> F:
     """``--trigger-score share|margin``: what CI scores a confirmed class from (``DetectorConfig.trigger_score``;
     None = the detector's default)."""
-    from scanner.engine.config import TRIGGER_SCORES
-
     return click.option("--trigger-score", type=click.Choice(TRIGGER_SCORES), default=None,
                         help="CI: score confirmed classes by their triggers' share gains or margin lifts (default: "
                              "the detector's, share)")(f)
