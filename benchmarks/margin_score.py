@@ -1,6 +1,7 @@
 """Share gains or margin lifts? CI's two trigger scores, lines fitted on some zoos, judged on others.
 
     python benchmarks/margin_score.py --fit runs/s16/eval_seed6_margin.json --judge runs/s16/eval_seed7_margin.json
+    python benchmarks/margin_score.py --leave-one-out A.json B.json C.json
 
 Each file is a ``scanner zoo eval ZOO --detectors ci --json`` run made since CI records margins (session 16).
 For each trigger score (``DetectorConfig.trigger_score``) every row is re-scored from its recorded evidence
@@ -9,7 +10,12 @@ the dormant margin kept (``fit_ci_lines``, as ``scanner calibrate --dormant-marg
 the ``--judge`` runs are decided at it: figures no fitted line has seen. Each score's shipped line
 (``DetectorConfig(trigger_score=...).decision_threshold``; share's is today's default rule) is printed beside
 them, and AUROC of each score on the judged rows (trigger score alone, and
-both channels). ``--fit`` rows alone (no ``--judge``) print in-sample figures.
+both channels). ``--fit`` rows alone (no ``--judge``) print in-sample figures. ``--leave-one-out`` judges
+each run by the lines fitted on the others and pools the held-out verdicts (``held_out_figures``).
+
+Session 16 (seeds 6, 7, 8; 132 models): leave-one-zoo-out accuracy 0.629 (share) / 0.727 (margin), FPR 0.061
+both; pooled AUROC 0.732 / 0.795. The pre-registered seed-8 test (lines fitted on seeds 6 and 7): margin 0.705 at
+FPR 0.045, share's shipped line 0.795 at 0.091.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 from scanner.engine import DetectorConfig
 from scanner.engine.config import TRIGGER_SCORES
-from scanner.zoo.detect_eval import fit_ci_lines, metrics, rescore_ci
+from scanner.zoo.detect_eval import fit_ci_lines, held_out_figures, metrics, rescore_ci
 
 
 def _rows(paths: list[Path]) -> list[dict[str, Any]]:
@@ -38,13 +44,29 @@ def _line(name: str, m: dict[str, Any], threshold: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fit", nargs="+", type=Path, required=True, help="runs whose clean models fit the lines")
+    ap.add_argument("--fit", nargs="+", type=Path, default=[], help="runs whose clean models fit the lines")
+    ap.add_argument("--leave-one-out", nargs="+", type=Path, default=[],
+                    help="runs (one zoo each) judged in turn by the lines fitted on the others")
     ap.add_argument("--judge", nargs="*", type=Path, default=[], help="runs judged at those lines (held out)")
     ap.add_argument("--fpr", type=float, default=0.05)
     ap.add_argument("--dormant-margin", type=float, default=DetectorConfig().dormant_margin)
     args = ap.parse_args()
-    fit, judged = _rows(args.fit), _rows(args.judge or args.fit)
     bonus = DetectorConfig().family_bonus
+    if args.leave_one_out:
+        if len(args.leave_one_out) < 2 or args.fit or args.judge:
+            ap.error("--leave-one-out takes two or more runs and no --fit / --judge")
+        zoos = [_rows([p]) for p in args.leave_one_out]
+        for score in TRIGGER_SCORES:
+            scored = [[rescore_ci(r, bonus, score) for r in z] for z in zoos]
+            f = held_out_figures(scored, args.fpr, args.dormant_margin)
+            lines = ", ".join(f"{t:.3f}" for t, _ in f["lines"])
+            print(f"{score:6s} held out: accuracy {f['accuracy']:.3f}  TPR {f['tpr']:.3f}  FPR {f['fpr']:.3f}  target "
+                  f"{f['target_accuracy']:.3f} | AUROC pooled {f['auroc_all']:.3f} (both {f['auroc_both_all']:.3f}) "
+                  f"| lines per held-out zoo {lines}")
+        return
+    if not args.fit:
+        ap.error("give --fit runs (and --judge runs), or --leave-one-out runs")
+    fit, judged = _rows(args.fit), _rows(args.judge or args.fit)
     where = "held out" if args.judge else "in sample"
     print(f"{len(fit)} rows fit the lines ({sum(not r['truth_backdoored'] for r in fit)} clean, FPR {args.fpr}, "
           f"dormant margin {args.dormant_margin}); {len(judged)} rows judged ({where})")

@@ -23,7 +23,8 @@ FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families
 DEFAULT_THRESHOLDS = {"ci": 0.985001, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 # CI's threshold when a confirmed class is scored by its triggers' margin lifts (``trigger_score = "margin"``,
 # logit units): the line `fit_ci_lines(rows, fpr=0.05, margin=0.73)` fits on the 44 clean models of the seed-6 and
-# seed-7 zoos (session 16; rounded up), pre-registered before the seed-8 zoo judged it
+# seed-7 zoos (session 16; rounded up). Pre-registered, then judged on a seed-8 zoo it had not seen: accuracy 0.705
+# at FPR 0.045 (TPR 0.455), against the share default's 0.795 at FPR 0.091, so share stays the default
 MARGIN_THRESHOLD = 12.7069
 TRIGGER_SCORES = ("share", "margin")
 
@@ -72,8 +73,11 @@ class DetectorConfig:
     # the share of held-out images it moves into the class beyond the twin (saturates at 1.0: a natural trigger
     # that barely tips 0.95 of photos reads like a planted one). "margin": how far it lifts the median logit
     # margin of the class over the held-out images beyond what it does on the twin (logit units; keeps growing
-    # where shares stop). Session 16, seeds 6 and 7 (88 models): AUROC 0.750 (share) -> 0.832 (margin); the
-    # 10th-percentile lift without the twin, pre-registered first, did not hold its line on seed 7
+    # where shares stop). Session 16, seeds 6-8 (132 models): AUROC 0.732 (share) -> 0.795 (margin), and with
+    # lines fitted on two zoos' clean models the third is judged at accuracy 0.629 (share) / 0.727 (margin), FPR
+    # 0.061 both (`python benchmarks/margin_score.py`). Not the default: share's shipped line, fitted on 68 clean
+    # models of four older zoos, did better on the pre-registered seed-8 test (0.795 at FPR 0.091 vs 0.705 at
+    # 0.045). The 10th-percentile lift without the twin, pre-registered first, did not hold its line on seed 7
     trigger_score: str = "share"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
