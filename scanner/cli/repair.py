@@ -175,7 +175,9 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
 
 def bar_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's bars, per attack: ASR (real trigger) <= 5% after, CA within 2 points, >= 90% re-scan clean."""
-    out = ["", "bars (per attack, averaged): ASR-ID / ASR-OOD after <= 0.05; CA after >= before - 0.02; "
+    from scanner.zoo.repair_eval import ASR_BAR
+
+    out = ["", f"bars (per attack, averaged): ASR-ID / ASR-OOD after <= {ASR_BAR:.2f}; CA after >= before - 0.02; "
            "re-scan clean >= 0.90"]
     for name, s in summary.items():
         if name == "all":
@@ -183,12 +185,13 @@ def bar_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
         checks = []
         for key in ("asr_id_after", "asr_ood_after"):
             v = s[key]
-            checks.append(f"{key[:-6]} {'–' if v is None else ('met' if v <= 0.05 else 'NOT met')}")
+            checks.append(f"{key[:-6]} {'–' if v is None else ('met' if v <= ASR_BAR else 'NOT met')}")
         ca = s["ca_change"]
         checks.append("CA –" if ca is None else f"CA {'met' if ca >= -0.02 else 'NOT met'} ({ca:+.3f})")
         checks.append(f"rescan {'met' if s['rescan_clean'] >= 0.9 else 'NOT met'}")
         out.append(f"  {name:9s} " + "; ".join(checks))
-    out.append("per model, ASR-ID and ASR-OOD after <= 0.05 / <= max(0.05, the zero-shot twin's own ASR):")
+    out.append(f"per model, ASR-ID and ASR-OOD after <= {ASR_BAR:.2f} / <= max({ASR_BAR:.2f}, the zero-shot twin's "
+               "own ASR):")
     for name, s in summary.items():
         n = s["models"]
         counts = [("–" if s.get(k) is None else f"{round(s[k] * n)}/{n}") for k in ("within_bar", "within_twin_floor")]

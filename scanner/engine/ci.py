@@ -109,6 +109,11 @@ def trigger_gain(triggered: float, twin_triggered: float, natural: float, twin_n
     return (triggered - natural) - max(0.0, twin_triggered - twin_natural)
 
 
+def confirmed_families(evidence: dict[str, float]) -> list[str]:
+    """The trigger families a class was confirmed with, in search order (its ``gain_<family>`` keys)."""
+    return [key[5:] for key in evidence if key.startswith("gain_")]
+
+
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``) or the
     margin lift (``"margin"``: ``trigger_gain`` of the median margins). KeyError when the evidence predates what
@@ -357,10 +362,9 @@ def _gains_text(ev: dict[str, float], trigger_score: str = "share") -> str:
     """'sticker gain 0.85, patch gain 0.53' from a class's evidence: the shares of held-out images each
     family's trigger moves into it beyond the twin (the score adds ``family_bonus`` x the second best); with the
     margin score each family's margin lift follows its gain ('patch gain 0.53, margin lift 11.20')."""
-    fams = [key[5:] for key in ev if key.startswith("gain_")]  # in search order
     parts = [f"{f} gain {ev[f'gain_{f}']:.2f}"
              + (f", margin lift {family_value(ev, f, 'margin'):.2f}" if trigger_score == "margin" else "")
-             for f in fams]
+             for f in confirmed_families(ev)]
     return ", ".join(parts) if parts else "not confirmed"
 
 

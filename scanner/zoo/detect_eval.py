@@ -256,16 +256,15 @@ def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "s
     ``class_score``; other classes keep their score (-1: not confirmed, or cut away by ``first_candidates``).
     Rows of other detectors come back unchanged; ConfigError for rows that do not record margins (written
     before session 16) when the margin score is asked for."""
-    from scanner.engine.ci import class_score, family_value
+    from scanner.engine.ci import class_score, confirmed_families, family_value
 
     if row["detector"] != "ci":
         return row
     scores = [float(x) for x in row["class_scores"]]
     evidence = []
     for k, e in enumerate(row.get("evidence") or []):
-        fams = [key[5:] for key in e if key.startswith("gain_")]
         try:
-            gains = [float(family_value(e, f, trigger_score)) for f in fams]
+            gains = [family_value(e, f, trigger_score) for f in confirmed_families(e)]
         except KeyError as exc:
             raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
                               f"margins; re-run it to score it by {trigger_score!r}") from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +236,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _mean(values: list[float | None]) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
 
@@ -256,11 +256,6 @@ def within(row: dict[str, Any], floor_keys: tuple[str, str] | None) -> bool | No
     if len(pairs) < 2:
         return None
     return all(float(a) <= max(ASR_BAR, float(f)) for a, f in pairs)
-
-
-def _share(values: list[bool | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.mean(vals)) if vals else None
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -284,8 +279,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "ca_change": _mean([r["ca_after"] - r["ca_before"] for r in rs]),
             "flagged_before": float(np.mean([r["flagged"] for r in rs])),
             "rescan_clean": float(np.mean([not r["rescan_flagged"] for r in rs])),
-            "within_bar": _share([within(r, None) for r in rs]),
-            "within_twin_floor": _share([within(r, ("asr_id_twin", "asr_ood_twin")) for r in rs]),
+            "within_bar": _mean([within(r, None) for r in rs]),
+            "within_twin_floor": _mean([within(r, ("asr_id_twin", "asr_ood_twin")) for r in rs]),
             "repair_seconds": float(np.mean([r["repair_seconds"] for r in rs])),
         }
     return out
