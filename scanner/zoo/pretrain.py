@@ -38,10 +38,10 @@ def contrastive_loss(logits: torch.Tensor, captions: list[str] | None) -> torch.
     """
     n = logits.shape[0]
     if captions is None:
-        labels = torch.arange(n)
+        labels = torch.arange(n, device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    key = torch.tensor([ids[c] for c in captions])  # (B,) caption identity
+    key = torch.tensor([ids[c] for c in captions], device=logits.device)  # (B,) caption identity
     same = (key[:, None] == key[None, :]).float()  # (B, B), symmetric, diagonal 1
     target = same / same.sum(1, keepdim=True)
     i2t = -(target * F.log_softmax(logits, 1)).sum(1).mean()
