@@ -4,7 +4,8 @@
 # the same small zoo (seed 5, 6 datasets x {1 clean CSC, BadNets, Blended}): the shipped backbone
 # (base), + STEPS fine-tuning steps with describe=0.25 (d025), + STEPS with describe=1 (d100, the control
 # for "more training"). Each arm runs in its own copy of the committed tree (git archive) whose bundled
-# weights it may replace; the repository's own weights are never touched.
+# weights it may replace; the repository's own weights are never touched. Any other arm name X takes its
+# weights from the file OUT/X.safetensors (a backbone trained elsewhere, e.g. by gpu_pretrain.py).
 #
 #   benchmarks/substrate_probe.sh [OUT]      (env: STEPS=400, ARMS="base d025 d100")
 #   python benchmarks/substrate_probe_summary.py [OUT]
@@ -21,7 +22,9 @@ for arm in ${ARMS:-base d025 d100}; do
   rm -rf $tree && mkdir -p $tree && (cd $ROOT && git archive HEAD | tar -x -C $tree)
   export PYTHONPATH=$tree SCANNER_ONNX_PROVIDER=cpu
   cd $tree  # python - puts the working directory first on sys.path
-  if [ $arm != base ]; then
+  if [ -f $OUT/$arm.safetensors ]; then
+    cp $OUT/$arm.safetensors $tree/scanner/clip/weights/scanner-tiny.safetensors
+  elif [ $arm != base ]; then
     d=$([ $arm = d025 ] && echo 0.25 || echo 1.0)
     /usr/bin/time -f "%e s" $ROOT/.venv/bin/python - <<PY > $OUT/$arm.pretrain.log 2>&1
 from scanner.clip.backbone import bundled_weights_path, read_fp32_weights

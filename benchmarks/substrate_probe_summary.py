@@ -19,8 +19,6 @@ import numpy as np
 
 from scanner.zoo.detect_eval import metrics
 
-ARMS = ("base", "d025", "d100")
-
 
 def _read(path: Path) -> Any:
     return json.loads(path.read_text())
@@ -59,7 +57,8 @@ def arm_line(out: Path, arm: str) -> str:
 
 def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/substrate_probe")
-    arms = [a for a in ARMS if (out / f"zoo_{a}" / "manifest.json").exists()]
+    # every arm the probe built, the shipped backbone first
+    arms = sorted((p.parent.name[4:] for p in out.glob("zoo_*/manifest.json")), key=lambda a: (a != "base", a))
     if not arms:
         sys.exit(f"no probe arms under {out}: run benchmarks/substrate_probe.sh {out} first")
     for arm in arms:
