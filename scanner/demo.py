@@ -125,8 +125,23 @@ def run_daemon_demo(echo: Echo, zoo: Path, manifest: dict[str, Any], work: Path)
     return 0
 
 
+def zoo_folder(work: Path, backbone_sha256: str) -> Path:
+    """Where the demo caches its quick zoo: ``work/zoo``, unless that holds a zoo of another backbone (a
+    cache from before the bundled weights changed); then ``work/zoo-<hash prefix>``, leaving the old one as
+    it is (the demo never deletes models)."""
+    default = work / "zoo"
+    try:
+        found = json.loads((default / "manifest.json").read_text())["zoo"]["backbone_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default  # absent or unreadable: build_zoo creates it, or says what is wrong with it
+    return default if found == backbone_sha256 else work / f"zoo-{backbone_sha256[:12]}"
+
+
 def run_demo(echo: Echo, work: Path) -> int:
+    from scanner.clip import load_bundled
+
     work.mkdir(parents=True, exist_ok=True)
     show_backbone(echo)
-    manifest = ensure_zoo(echo, work / "zoo")
-    return run_daemon_demo(echo, work / "zoo", manifest, work)
+    zoo = zoo_folder(work, load_bundled().content_hash())
+    manifest = ensure_zoo(echo, zoo)
+    return run_daemon_demo(echo, zoo, manifest, work)

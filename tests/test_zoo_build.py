@@ -81,6 +81,19 @@ def test_a_folder_with_another_zoo_is_refused(tmp_path: Path, random_backbone: C
         build_zoo(other, _plan(attacks=()), random_backbone)
 
 
+def test_the_demo_caches_a_zoo_per_backbone(tmp_path: Path, random_backbone: ClipBackbone) -> None:
+    from scanner.demo import zoo_folder
+
+    mine = random_backbone.content_hash()
+    assert zoo_folder(tmp_path, mine) == tmp_path / "zoo"  # nothing cached yet
+    build_zoo(tmp_path / "zoo", _plan(attacks=()), random_backbone)
+    assert zoo_folder(tmp_path, mine) == tmp_path / "zoo"  # reused
+    # new bundled weights: a folder of their own, the old zoo left as it is (the demo never deletes models)
+    other = "f" * 64
+    assert zoo_folder(tmp_path, other) == tmp_path / f"zoo-{other[:12]}"
+    assert (tmp_path / "zoo" / "manifest.json").exists()
+
+
 def test_plans_are_validated_and_targets_fixed_by_the_seed() -> None:
     with pytest.raises(DatasetError, match="unknown dataset"):
         ZooPlan.make(["nope"], None, None, 0, quick=True)
