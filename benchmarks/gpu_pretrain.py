@@ -26,18 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from scanner.clip.backbone import bundled_weights_path, read_fp32_weights
-from scanner.zoo.captions import sample_pair
-from scanner.zoo.pretrain import Phase, PretrainConfig, pretrain, save_weights
+from scanner.zoo.pretrain import Phase, PretrainConfig, _PairStream, pretrain, save_weights
 
 NEXT_PHASE = Phase(0, 3e-4, focus=0.7, caption_aware=True, drill=0.3)  # steps filled in from the budget
 
 
-def _render_one(step: int) -> float:
-    t = time.perf_counter()
-    rng = np.random.default_rng([12345, step])
-    for _ in range(256):
-        sample_pair(rng, 64, NEXT_PHASE.focus, NEXT_PHASE.drill, NEXT_PHASE.describe)
-    return time.perf_counter() - t
+def _render_one(step: int) -> None:
+    # one step of the training stream itself (a worker's whole job: 256 pairs rendered and stacked)
+    cfg, p = PretrainConfig(), NEXT_PHASE
+    next(iter(_PairStream(cfg.seed, cfg.batch_size, 64, step, step + 1, p.focus, p.drill, p.describe)))
 
 
 def render_rate(workers: int) -> float:

@@ -15,7 +15,10 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the demo's first lines print before torch is imported
+    from scanner.clip.backbone import ClipBackbone
 
 Echo = Callable[[str], None]
 
@@ -25,12 +28,10 @@ def _section(echo: Echo, title: str) -> None:
     echo(f"== {title}")
 
 
-def show_backbone(echo: Echo, dataset: str = "shapes") -> None:
-    from scanner.clip import load_bundled
+def show_backbone(echo: Echo, bb: ClipBackbone, dataset: str = "shapes") -> None:
     from scanner.zoo.quality import coop_accuracy
     from scanner.zoo.zeroshot import zero_shot_accuracy
 
-    bb = load_bundled()
     _section(echo, f"bundled CLIP {bb.name} ({sum(p.numel() for p in bb.parameters()) / 1e6:.1f} M parameters, "
                    f"{bb.image_size}px, sha256 {bb.content_hash()[:12]}…)")
     zs = zero_shot_accuracy(bb, dataset)
@@ -38,8 +39,7 @@ def show_backbone(echo: Echo, dataset: str = "shapes") -> None:
     echo(f"{dataset}: zero-shot accuracy {zs:.3f}; 16-shot CoOp accuracy {acc:.3f} (tuned in {secs:.1f} s)")
 
 
-def ensure_zoo(echo: Echo, zoo: Path) -> dict[str, Any]:
-    from scanner.clip import load_bundled
+def ensure_zoo(echo: Echo, zoo: Path, bb: ClipBackbone) -> dict[str, Any]:
     from scanner.zoo.build import ZooPlan, build_zoo
 
     _section(echo, f"quick zoo in {zoo} (built once, then reused)")
@@ -50,7 +50,7 @@ def ensure_zoo(echo: Echo, zoo: Path) -> dict[str, Any]:
             asr = "" if e["asr_id"] is None else f"  ASR-ID {e['asr_id']:.2f}  ASR-OOD {e['asr_ood']:.2f}"
             echo(f"  built {e['id']:22s} {e['learner']:9s} CA {e['ca']:.2f}{asr}")
 
-    manifest = build_zoo(zoo, plan, load_bundled(), on_model=on_model)
+    manifest = build_zoo(zoo, plan, bb, on_model=on_model)
     echo(f"  {len(manifest['models'])} models ready")
     return manifest
 
@@ -141,7 +141,8 @@ def run_demo(echo: Echo, work: Path) -> int:
     from scanner.clip import load_bundled
 
     work.mkdir(parents=True, exist_ok=True)
-    show_backbone(echo)
-    zoo = zoo_folder(work, load_bundled().content_hash())
-    manifest = ensure_zoo(echo, zoo)
+    bb = load_bundled()  # one backbone for the accuracy check, the cache key and the quick zoo
+    show_backbone(echo, bb)
+    zoo = zoo_folder(work, bb.content_hash())
+    manifest = ensure_zoo(echo, zoo, bb)
     return run_daemon_demo(echo, zoo, manifest, work)
