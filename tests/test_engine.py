@@ -95,6 +95,15 @@ def test_each_score_has_its_own_default_threshold() -> None:
     assert DetectorConfig().decision_threshold == DEFAULT_THRESHOLDS["ci"]
     assert DetectorConfig(trigger_score="margin").decision_threshold == MARGIN_THRESHOLD  # logit units, not shares
     assert DetectorConfig(trigger_score="margin", threshold=3.0).decision_threshold == 3.0  # a fitted line wins
+    from scanner.engine.config import PATCH_MARGIN_THRESHOLD
+
+    assert DetectorConfig(trigger_score="patch-margin").decision_threshold == PATCH_MARGIN_THRESHOLD
+
+
+def test_the_patch_margin_score_needs_the_patch_family() -> None:
+    with pytest.raises(ConfigError, match="add 'patch' to families"):
+        DetectorConfig(trigger_score="patch-margin", families=("sticker",))
+    DetectorConfig(trigger_score="patch-margin", families=("sticker", "patch"))
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
@@ -289,3 +298,25 @@ def test_the_margin_score_scores_confirmed_classes_by_their_margin_lifts(model: 
     confirmed = next(c for c in margin.classes if c.evidence["candidate"])
     assert "margin lift" in _gains_text(confirmed.evidence, "margin")
     assert "margin lift" not in _gains_text(confirmed.evidence, "share")
+
+
+def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    from scanner.zoo.detect_eval import rescore_ci
+
+    cfg = DetectorConfig(**{**SMALL.__dict__, "trigger_score": "patch-margin"})
+    share = detect(model, pool, SMALL, seed=0)
+    res = detect(model, pool, cfg, seed=0)
+    confirmed = [k for k, c in enumerate(res.classes) if c.evidence["candidate"]]
+    assert confirmed == [k for k, c in enumerate(share.classes) if c.evidence["candidate"]]
+    for k in confirmed:
+        ev = res.classes[k].evidence
+        assert res.classes[k].anomaly_score == pytest.approx(ev["margin_patch"])  # the patch family alone
+        assert ev["margin_patch"] == pytest.approx(share.classes[k].evidence["margin_patch"])  # same search
+        assert "median margin" in _gains_text(ev, "patch-margin")
+    assert res.threshold == cfg.decision_threshold
+    # saved share rows re-scored by the patch margin give what a patch-margin run scores
+    row = {"detector": "ci", "id": "m", "class_scores": [c.anomaly_score for c in share.classes],
+           "evidence": [c.evidence for c in share.classes]}
+    again = rescore_ci(row, SMALL.family_bonus, "patch-margin")
+    for k in confirmed:
+        assert again["class_scores"][k] == pytest.approx(res.classes[k].anomaly_score)

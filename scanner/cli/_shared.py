@@ -51,15 +51,15 @@ def device_option(help: str) -> Callable[[F], F]:
 
 #: ``scanner.engine.config.TRIGGER_SCORES``, spelt out: importing the engine imports torch, and the CLI must print
 #: its first line before that slow import (a test holds the two equal)
-TRIGGER_SCORES = ("share", "margin")
+TRIGGER_SCORES = ("share", "margin", "patch-margin")
 
 
 def trigger_score_option(f: F) -> F:
-    """``--trigger-score share|margin``: what CI scores a confirmed class from (``DetectorConfig.trigger_score``;
-    None = the detector's default)."""
+    """``--trigger-score share|margin|patch-margin``: what CI scores a confirmed class from
+    (``DetectorConfig.trigger_score``; None = the detector's default)."""
     return click.option("--trigger-score", type=click.Choice(TRIGGER_SCORES), default=None,
-                        help="CI: score confirmed classes by their triggers' share gains or margin lifts (default: "
-                             "the detector's, share)")(f)
+                        help="CI: score confirmed classes by their triggers' share gains, margin lifts, or the "
+                             "patch trigger's median margin (default: the detector's)")(f)
 
 
 def model_source_options(f: F) -> F:

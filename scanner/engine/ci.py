@@ -29,9 +29,10 @@ Design (ours; the paper's details are not public), cost independent of the class
    clean photos. A candidate's score is its best family's gain plus ``family_bonus`` times the next
    family's (``class_score``): a planted trigger tends to answer to both families, a clean class's
    natural trigger to one. With ``trigger_score = "margin"`` a family's value is its margin lift instead of its
-   gain (``family_value``): shares saturate at 1.0, margins do not. The model is flagged when the best score
-   passes the threshold
-   (``DEFAULT_THRESHOLDS["ci"]``, refitted by ``scanner calibrate``); ``ci_verdict``.
+   gain (``family_value``): shares saturate at 1.0, margins do not. With ``"patch-margin"`` the candidate's
+   score is the median logit margin its patch trigger gives it over the held-out images (``candidate_score``).
+   The model is flagged when the best score passes the threshold (``DEFAULT_THRESHOLDS["ci"]``, refitted by
+   ``scanner calibrate``); ``ci_verdict``.
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
    with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. The most drifted
@@ -88,6 +89,8 @@ DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robu
 # margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; excess bars 0.40-0.50 give the same verdicts,
 # 0.30 adds a false positive)
 DRIFTED_BAR = 0.6
+# the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
+PATCH_MARGIN_FAMILY = "patch"
 
 
 def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Tensor:
@@ -115,13 +118,24 @@ def confirmed_families(evidence: dict[str, float]) -> list[str]:
 
 
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
-    """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``) or the
-    margin lift (``"margin"``: ``trigger_gain`` of the median margins). KeyError when the evidence predates what
-    that score needs."""
+    """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``), the
+    margin lift (``"margin"``: ``trigger_gain`` of the median margins) or, for ``"patch-margin"``, the median
+    margin itself of the patch family's trigger (-inf for the other families: they do not score). KeyError when
+    the evidence predates what that score needs."""
     if trigger_score == "margin":
         return trigger_gain(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"],
                             evidence["natural_margin"], evidence["twin_margin"])
+    if trigger_score == "patch-margin":
+        return evidence[f"margin_{family}"] if family == PATCH_MARGIN_FAMILY else float("-inf")
     return evidence[f"gain_{family}"]
+
+
+def candidate_score(values: Sequence[float], bonus: float, trigger_score: str) -> float:
+    """A confirmed class's score from its families' ``family_value``s: ``class_score`` for "share" and "margin";
+    for "patch-margin" the patch family's value alone (the others are -inf)."""
+    if trigger_score == "patch-margin":
+        return max(values)
+    return class_score(values, bonus)
 
 
 def class_score(gains: Sequence[float], bonus: float) -> float:
@@ -297,7 +311,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 done += 1
                 if progress is not None:
                     progress(f"confirm:{model.classnames[t]}:{fam}", done, total)
-            best.settle(t, class_score(values, cfg.family_bonus))
+            best.settle(t, candidate_score(values, cfg.family_bonus, cfg.trigger_score))
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
     return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
@@ -364,6 +378,8 @@ def _gains_text(ev: dict[str, float], trigger_score: str = "share") -> str:
     margin score each family's margin lift follows its gain ('patch gain 0.53, margin lift 11.20')."""
     parts = [f"{f} gain {ev[f'gain_{f}']:.2f}"
              + (f", margin lift {family_value(ev, f, 'margin'):.2f}" if trigger_score == "margin" else "")
+             + (f", median margin {ev[f'margin_{f}']:.2f}"
+                if trigger_score == "patch-margin" and f == PATCH_MARGIN_FAMILY else "")
              for f in confirmed_families(ev)]
     return ", ".join(parts) if parts else "not confirmed"
 

@@ -26,7 +26,11 @@ DEFAULT_THRESHOLDS = {"ci": 0.985001, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 # seed-7 zoos (session 16; rounded up). Pre-registered, then judged on a seed-8 zoo it had not seen: accuracy 0.705
 # at FPR 0.045 (TPR 0.455), against the share default's 0.795 at FPR 0.091, so share stays the default
 MARGIN_THRESHOLD = 12.7069
-TRIGGER_SCORES = ("share", "margin")
+# CI's threshold when a confirmed class is scored by the median logit margin its reconstructed patch trigger gives
+# it on the held-out images (``trigger_score = "patch-margin"``, logit units): `fit_two_channels` at fpr 0.05 on
+# the 44 clean models of the p7 backbone's seed-7 and seed-8 zoos (session 18, runs/s18/patch_margin_rule.py)
+PATCH_MARGIN_THRESHOLD = 6.125
+TRIGGER_SCORES = ("share", "margin", "patch-margin")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ class DetectorConfig:
     # lines fitted on two zoos' clean models the third is judged at accuracy 0.629 (share) / 0.727 (margin), FPR
     # 0.061 both (`python benchmarks/margin_score.py`). Not the default: share's shipped line, fitted on 68 clean
     # models of four older zoos, did better on the pre-registered seed-8 test (0.795 at FPR 0.091 vs 0.705 at
-    # 0.045). The 10th-percentile lift without the twin, pre-registered first, did not hold its line on seed 7
+    # 0.045). The 10th-percentile lift without the twin, pre-registered first, did not hold its line on seed 7.
+    # "patch-margin": the candidate's median margin under its reconstructed patch trigger alone, no lift, no twin
+    # (session 18: on the p7 backbone's seed-7/8 zoos AUROC 0.938 against share's 0.921; on p6's 0.726 / 0.733)
     trigger_score: str = "share"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
@@ -111,6 +117,9 @@ class DetectorConfig:
             raise ConfigError(f"conditioned_families must be a subset of {FAMILIES}; got {self.conditioned_families}")
         if self.trigger_score not in TRIGGER_SCORES:
             raise ConfigError(f"trigger_score must be one of {', '.join(TRIGGER_SCORES)}; got {self.trigger_score!r}")
+        if self.trigger_score == "patch-margin" and "patch" not in self.families:
+            raise ConfigError(f"trigger_score 'patch-margin' scores the patch family's trigger, but families are "
+                              f"{self.families}; add 'patch' to families or choose another trigger_score")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
 
@@ -126,4 +135,6 @@ class DetectorConfig:
             return self.threshold
         if self.detector == "ci" and self.trigger_score == "margin":
             return MARGIN_THRESHOLD
+        if self.detector == "ci" and self.trigger_score == "patch-margin":
+            return PATCH_MARGIN_THRESHOLD
         return DEFAULT_THRESHOLDS[self.detector]

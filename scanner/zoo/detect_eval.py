@@ -252,11 +252,11 @@ def held_out_figures(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, mar
 
 def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "share") -> dict[str, Any]:
     """A CI row with each confirmed class's score recomputed from its recorded per-family values (gains, or
-    margin lifts with ``trigger_score="margin"``: the engine's ``family_value``) by the engine's
-    ``class_score``; other classes keep their score (-1: not confirmed, or cut away by ``first_candidates``).
-    Rows of other detectors come back unchanged; ConfigError for rows that do not record margins (written
-    before session 16) when the margin score is asked for."""
-    from scanner.engine.ci import class_score, confirmed_families, family_value
+    margin lifts with ``trigger_score="margin"``, the patch trigger's median margin with "patch-margin": the
+    engine's ``family_value``) by the engine's ``candidate_score``; other classes keep their score (-1: not
+    confirmed, or cut away by ``first_candidates``). Rows of other detectors come back unchanged; ConfigError
+    for rows that do not record margins (written before session 16) when a margin score is asked for."""
+    from scanner.engine.ci import candidate_score, confirmed_families, family_value
 
     if row["detector"] != "ci":
         return row
@@ -269,7 +269,7 @@ def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "s
             raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
                               f"margins; re-run it to score it by {trigger_score!r}") from None
         if gains and e.get("candidate", 1.0):
-            scores[k] = class_score(gains, family_bonus)
+            scores[k] = candidate_score(gains, family_bonus, trigger_score)
             e = {**e, "score": scores[k]}
         evidence.append(e)
     return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
