@@ -1,14 +1,18 @@
-"""Share gains or margin lifts? CI's two trigger scores, lines fitted on some zoos, judged on others.
+"""Share gains, margin lifts or the patch trigger's margin? CI's trigger scores, lines fitted on some zoos, judged on
+others.
 
     python benchmarks/margin_score.py --fit runs/s16/eval_seed6_margin.json --judge runs/s16/eval_seed7_margin.json
     python benchmarks/margin_score.py --leave-one-out A.json B.json C.json
+    python benchmarks/margin_score.py --fit runs/s17/eval_p7_seed7.json runs/s17/eval_p7_seed8.json \
+        --judge runs/s18/eval_p7_seed9.json --fit-margin
 
 Each file is a ``scanner zoo eval ZOO --detectors ci --json`` run made since CI records margins (session 16).
 For each trigger score (``DetectorConfig.trigger_score``) every row is re-scored from its recorded evidence
 (``rescore_ci``); CI's trigger threshold is fitted on the clean models of the ``--fit`` runs at ``--fpr`` with
-the dormant margin kept (``fit_ci_lines``, as ``scanner calibrate --dormant-margin`` fits it) and the rows of
+the dormant margin kept (``fit_ci_lines``, as ``scanner calibrate --dormant-margin`` fits it; ``--fit-margin``
+fits both channels, as ``scanner calibrate`` does without it) and the rows of
 the ``--judge`` runs are decided at it: figures no fitted line has seen. Each score's shipped line
-(``DetectorConfig(trigger_score=...).decision_threshold``; share's is today's default rule) is printed beside
+(``DetectorConfig(trigger_score=...)``'s threshold and dormant margin) is printed beside
 them, and AUROC of each score on the judged rows (trigger score alone, and
 both channels). ``--fit`` rows alone (no ``--judge``) print in-sample figures. ``--leave-one-out`` judges
 each run by the lines fitted on the others and pools the held-out verdicts (``held_out_figures``).
@@ -38,7 +42,7 @@ def _line(name: str, m: dict[str, Any], threshold: float) -> str:
     def f(v: float | None) -> str:
         return "  –  " if v is None else f"{v:.3f}"
 
-    return (f"{name:34s} line {threshold:8.3f}  accuracy {f(m['accuracy'])}  TPR {f(m['tpr'])}  FPR {f(m['fpr'])}  "
+    return (f"{name:40s} line {threshold:8.3f}  accuracy {f(m['accuracy'])}  TPR {f(m['tpr'])}  FPR {f(m['fpr'])}  "
             f"target {f(m['target_accuracy'])}  AUROC {f(m['auroc'])} (both channels {f(m['auroc_combined'])})")
 
 
@@ -50,7 +54,11 @@ def main() -> None:
     ap.add_argument("--judge", nargs="*", type=Path, default=[], help="runs judged at those lines (held out)")
     ap.add_argument("--fpr", type=float, default=0.05)
     ap.add_argument("--dormant-margin", type=float, default=DetectorConfig().dormant_margin)
+    ap.add_argument("--fit-margin", action="store_true",
+                    help="fit the dormant margin too (both channels, as `scanner calibrate` without --dormant-margin)")
     args = ap.parse_args()
+    if args.fit_margin:
+        args.dormant_margin = None
     bonus = DetectorConfig().family_bonus
     if args.leave_one_out:
         if len(args.leave_one_out) < 2 or args.fit or args.judge:
@@ -68,14 +76,17 @@ def main() -> None:
         ap.error("give --fit runs (and --judge runs), or --leave-one-out runs")
     fit, judged = _rows(args.fit), _rows(args.judge or args.fit)
     where = "held out" if args.judge else "in sample"
+    kept = "fitted" if args.dormant_margin is None else f"{args.dormant_margin}"
     print(f"{len(fit)} rows fit the lines ({sum(not r['truth_backdoored'] for r in fit)} clean, FPR {args.fpr}, "
-          f"dormant margin {args.dormant_margin}); {len(judged)} rows judged ({where})")
+          f"dormant margin {kept}); {len(judged)} rows judged ({where})")
     for score in TRIGGER_SCORES:
         t, m = fit_ci_lines([rescore_ci(r, bonus, score) for r in fit], args.fpr, args.dormant_margin)
         rows = [rescore_ci(r, bonus, score) for r in judged]
-        print(_line(f"{score}, fitted line", metrics(rows, t, m), t))
-        at_default = DetectorConfig(trigger_score=score).decision_threshold
-        print(_line(f"{score}, shipped line", metrics(rows, at_default, m), at_default))
+        print(_line(f"{score}, fitted line" + ("" if args.dormant_margin is not None else f" (margin {m:.3f})"),
+                    metrics(rows, t, m), t))
+        shipped = DetectorConfig(trigger_score=score)
+        print(_line(f"{score}, shipped lines", metrics(rows, shipped.decision_threshold, shipped.dormant_margin),
+                    shipped.decision_threshold))
 
 
 if __name__ == "__main__":
