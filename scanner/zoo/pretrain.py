@@ -68,6 +68,9 @@ class PretrainConfig:
         Phase(700, 1e-3), Phase(700, 5e-4), Phase(500, 5e-4, focus=0.6),
         Phase(1200, 3e-4, focus=0.7, caption_aware=True), Phase(800, 3e-4, focus=0.7, caption_aware=True, drill=0.5),
         Phase(1000, 3e-4, focus=0.7, caption_aware=True, drill=0.6),
+        # phase 7 (session 17) ran on an H100 (benchmarks/gpu_pretrain.py): 87 % as many pairs as phases 1-6, in
+        # 196 s; less drill than phase 6 so texture and count captions come back
+        Phase(4250, 3e-4, focus=0.7, caption_aware=True, drill=0.3),
     )
     batch_size: int = 256  # image–caption pairs per step (also the number of InfoNCE negatives + 1)
     weight_decay: float = 0.1  # on matrices only (not on norms, biases, embeddings, logit scale)
