@@ -61,8 +61,9 @@ class Settings:
         default="ci", metadata={"doc": "detector: " + " | ".join(DETECTORS) + " (or a plugin's)"}
     )
     threshold: float | None = field(
-        default=None, metadata={"doc": "decision threshold (flag when score > it): CI a confirmed trigger gain, the "
-                                      "others an anomaly index k; unset = the detector's default (CI 0.6, others 2)"}
+        default=None, metadata={"doc": "decision threshold (flag when score > it): CI a confirmed class's trigger "
+                                      "score (by default the median logit margin of its patch trigger), the others "
+                                      "an anomaly index k; unset = the detector's default (CI 5.96875, others 2)"}
     )
     detector_options: Mapping[str, Any] = field(
         default_factory=dict, metadata={"doc": "extra DetectorConfig fields, e.g. steps = 200"}
@@ -371,7 +372,7 @@ def settings_to_toml(settings: Settings) -> str:
         value = getattr(settings, f.name)
         lines.append(f"# {f.metadata.get('doc', '')}  [env {env_name(f.name)}]")
         if value is None:
-            example = {"ood_dir": '"/data/ood-images"', "threshold": "0.7", "report_dir": '"scan-reports"',
+            example = {"ood_dir": '"/data/ood-images"', "threshold": "6.5", "report_dir": '"scan-reports"',
                        "load_plugins": '["coop", "safetensors"]'}.get(f.name, '""')
             lines.append(f"# {f.name} = {example}")
         else:

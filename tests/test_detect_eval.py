@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory, bundled_backbone: ClipBackbone
 def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipBackbone, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "eval.json"
-    first = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=SMALL, accel="torch")
+    share = replace(SMALL, trigger_score="share")  # the family bonus below scores shares
+    first = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=share, accel="torch")
     assert len(first) == 2 and all("zero_shot_share" in e for r in first for e in r["evidence"])
     assert all(r["dormant_margin"] == SMALL.dormant_margin for r in first)
 
@@ -132,12 +134,12 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
         raise AssertionError("a saved row was searched again")
 
     monkeypatch.setattr(detect_eval, "detect", no_detect)
-    stricter = DetectorConfig(**{**SMALL.__dict__, "threshold": 1e9, "dormant_margin": 1.0})
+    stricter = DetectorConfig(**{**share.__dict__, "threshold": 1e9, "dormant_margin": 1.0})
     again = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=stricter, accel="torch")
     assert [r["evidence"] for r in again] == [r["evidence"] for r in first]
     assert not any(r["flagged"] for r in again) and all(r["threshold"] == 1e9 for r in again)
     # the family bonus is a decision setting too: saved rows are re-scored from their recorded per-family gains
-    best_only = DetectorConfig(**{**SMALL.__dict__, "family_bonus": 0.0})
+    best_only = DetectorConfig(**{**share.__dict__, "family_bonus": 0.0})
     rescored = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=best_only, accel="torch")
     for r, r0 in zip(rescored, first, strict=True):
         for k, e in enumerate(r["evidence"]):
@@ -234,11 +236,12 @@ def test_fitted_lines_are_written_rounded_up() -> None:
 
 
 def test_eval_help_states_the_default_threshold_in_force() -> None:
-    from scanner.engine.config import DEFAULT_THRESHOLDS
+    from scanner.engine import DetectorConfig
 
     res = CliRunner().invoke(main, ["zoo", "eval", "--help"])
     text = " ".join(res.output.split())  # click wraps help lines
-    assert res.exit_code == 0 and f"CI: trigger score {DEFAULT_THRESHOLDS['ci']:g}" in text
+    assert DetectorConfig().trigger_score == "patch-margin"
+    assert res.exit_code == 0 and f"CI: patch margin {DetectorConfig().decision_threshold:g}" in text
 
 
 def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path, bundled_backbone: ClipBackbone,
@@ -348,8 +351,6 @@ def test_a_results_file_of_another_zoo_is_refused_not_resumed(zoo: Path, bundled
 
 def test_a_run_of_a_new_family_joins_a_saved_run_as_one_run_of_all(zoo: Path, bundled_backbone: ClipBackbone,
                                                                      tmp_path: Path) -> None:
-    from dataclasses import replace
-
     from scanner.engine.ci import class_score
     from scanner.errors import ConfigError
     from scanner.zoo.added_family import add_family_run
@@ -358,9 +359,10 @@ def test_a_run_of_a_new_family_joins_a_saved_run_as_one_run_of_all(zoo: Path, bu
         evaluate_zoo(zoo, bundled_backbone, ["ci"], out=tmp_path / name, config=cfg, accel="torch")
         return dict(json.loads((tmp_path / name).read_text()))
 
-    saved = run("saved.json", replace(SMALL, candidates=2))
-    probe = run("probe.json", replace(SMALL, families=("blend",)))
-    whole = run("whole.json", replace(SMALL, families=("additive", "patch", "blend")))
+    share = replace(SMALL, trigger_score="share")  # scores checked below as class_score of the gains
+    saved = run("saved.json", replace(share, candidates=2))
+    probe = run("probe.json", replace(share, families=("blend",)))
+    whole = run("whole.json", replace(share, families=("additive", "patch", "blend")))
     joined = add_family_run(saved, probe)
     assert joined["config"]["families"] == ["additive", "patch", "blend"] and joined["config"]["candidates"] == 1
     assert len(joined["rows"]) == len(whole["rows"]) == 2

@@ -91,19 +91,35 @@ def test_config_is_validated() -> None:
 
 def test_each_score_has_its_own_default_threshold() -> None:
     from scanner.engine.config import DEFAULT_THRESHOLDS, MARGIN_THRESHOLD
+    from scanner.engine.config import PATCH_MARGIN_THRESHOLD as PM
 
-    assert DetectorConfig().decision_threshold == DEFAULT_THRESHOLDS["ci"]
+    assert DetectorConfig().decision_threshold == PM  # the default score
+    assert DetectorConfig(trigger_score="share").decision_threshold == DEFAULT_THRESHOLDS["ci"]
     assert DetectorConfig(trigger_score="margin").decision_threshold == MARGIN_THRESHOLD  # logit units, not shares
     assert DetectorConfig(trigger_score="margin", threshold=3.0).decision_threshold == 3.0  # a fitted line wins
-    from scanner.engine.config import PATCH_MARGIN_THRESHOLD
-
-    assert DetectorConfig(trigger_score="patch-margin").decision_threshold == PATCH_MARGIN_THRESHOLD
+    assert DetectorConfig(trigger_score="patch-margin").decision_threshold == PM
 
 
-def test_the_patch_margin_score_needs_the_patch_family() -> None:
-    with pytest.raises(ConfigError, match="add 'patch' to families"):
-        DetectorConfig(trigger_score="patch-margin", families=("sticker",))
-    DetectorConfig(trigger_score="patch-margin", families=("sticker", "patch"))
+def test_a_confirmed_class_keeps_its_trigger_whatever_its_score() -> None:
+    from scanner.engine.ci import _BestTriggers
+    from scanner.engine.triggers import PatchTrigger
+
+    best = _BestTriggers(torch.full((2,), -1.0))  # -1 marks "not confirmed", not a floor
+    first, better = (PatchTrigger(16, torch.Generator().manual_seed(s)) for s in (0, 1))
+    best.offer(0, -3.5, first)  # a median margin below -1: the trigger is still the class's evidence
+    assert 0 in best.raw and float(best.score[0]) == -3.5
+    best.offer(0, -4.0, better)
+    assert torch.equal(best.raw[0], first.raw().cpu())  # a worse one does not replace it
+    best.offer(0, 2.0, better)
+    assert torch.equal(best.raw[0], better.raw().cpu()) and 1 not in best.raw
+
+
+def test_the_patch_margin_score_reads_the_patch_family_when_it_was_searched() -> None:
+    from scanner.engine.ci import scoring_families
+
+    assert scoring_families(("sticker", "patch"), "patch-margin") == ["patch"]
+    assert scoring_families(("sticker",), "patch-margin") == ["sticker"]  # no patch: the best family's margin
+    assert scoring_families(("sticker", "patch"), "share") == ["sticker", "patch"]
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
@@ -111,6 +127,7 @@ def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], dri
     best = _BestTriggers(torch.tensor(scores))
     natural = torch.full((3,), 1 / 3)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(3)}
+    cfg = {"trigger_score": "share", **cfg}  # scores in share units unless a test says otherwise
     return _decide_ci(model, DetectorConfig(**cfg), best, natural, evidence, 0, 0.0, torch.tensor(excess),
                       torch.tensor(drift or [0.0, 0.0, 0.0]))
 
@@ -166,7 +183,7 @@ def test_each_confirmed_class_is_scored_from_its_families_gains(model: PromptedC
     from scanner.engine.ci import class_score
 
     for bonus in (0.0, 0.5):
-        cfg = DetectorConfig(**{**SMALL.__dict__, "family_bonus": bonus})
+        cfg = DetectorConfig(**{**SMALL.__dict__, "family_bonus": bonus, "trigger_score": "share"})
         res = detect(model, pool, cfg, seed=0)
         confirmed = [c for c in res.classes if c.evidence["candidate"]]
         assert len(confirmed) == cfg.candidates
@@ -281,7 +298,7 @@ def test_the_margin_score_scores_confirmed_classes_by_their_margin_lifts(model: 
                                                                          pool: torch.Tensor) -> None:
     from scanner.engine.ci import class_score
 
-    share = detect(model, pool, SMALL, seed=0)
+    share = detect(model, pool, DetectorConfig(**{**SMALL.__dict__, "trigger_score": "share"}), seed=0)
     margin = detect(model, pool, DetectorConfig(**{**SMALL.__dict__, "trigger_score": "margin"}), seed=0)
     for s, m in zip(share.classes, margin.classes, strict=True):
         assert s.evidence["candidate"] == m.evidence["candidate"]  # the same classes are confirmed
@@ -304,7 +321,7 @@ def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: Promp
     from scanner.zoo.detect_eval import rescore_ci
 
     cfg = DetectorConfig(**{**SMALL.__dict__, "trigger_score": "patch-margin"})
-    share = detect(model, pool, SMALL, seed=0)
+    share = detect(model, pool, DetectorConfig(**{**SMALL.__dict__, "trigger_score": "share"}), seed=0)
     res = detect(model, pool, cfg, seed=0)
     confirmed = [k for k, c in enumerate(res.classes) if c.evidence["candidate"]]
     assert confirmed == [k for k, c in enumerate(share.classes) if c.evidence["candidate"]]
@@ -318,5 +335,15 @@ def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: Promp
     row = {"detector": "ci", "id": "m", "class_scores": [c.anomaly_score for c in share.classes],
            "evidence": [c.evidence for c in share.classes]}
     again = rescore_ci(row, SMALL.family_bonus, "patch-margin")
+    assert DetectorConfig().trigger_score == "patch-margin"  # the default since session 18
     for k in confirmed:
         assert again["class_scores"][k] == pytest.approx(res.classes[k].anomaly_score)
+
+
+def test_the_settings_help_states_cis_default_line() -> None:
+    from dataclasses import fields
+
+    from scanner.settings import Settings
+
+    doc = next(f.metadata["doc"] for f in fields(Settings) if f.name == "threshold")
+    assert f"CI {DetectorConfig().decision_threshold:g}," in doc  # the text spells out the engine's constant

@@ -85,11 +85,13 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
             raise click.UsageError(f"give one --eval-json per zoo ({len(zoo_dirs)} zoos, {len(eval_jsons)} files), "
                                    "or none")
         backbone = load_bundled()
+        # the line is fitted in this score's units, so it is written beside it even when it is the default
+        score = trigger_score or DetectorConfig().trigger_score
         rows: list[dict[str, Any]] = []
         for i, zoo_dir in enumerate(zoo_dirs):
             rows += evaluate_zoo(zoo_dir, backbone, [detector], out=eval_jsons[i] if eval_jsons else None,
                                  config=DetectorConfig(detector=detector, n_images=n_images,
-                                                       trigger_score=trigger_score or "share"), seed=seed)
+                                                       trigger_score=score), seed=seed)
         clean_rows = [r for r in rows if not r["truth_backdoored"]]
         if not clean_rows:
             raise click.UsageError(f"{', '.join(map(str, zoo_dirs))}: no clean models to calibrate on; build a zoo "
@@ -98,7 +100,7 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
             t, margin = fit_ci_lines(clean_rows, fpr, dormant_margin)
         else:
             t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)
-        write_threshold(config_file, t, margin, trigger_score)
+        write_threshold(config_file, t, margin, score if detector == "ci" else None)
     except ScannerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

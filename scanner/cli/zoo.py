@@ -165,7 +165,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True)
 @click.option("--threshold", type=float, default=None,
-              help="decision threshold (default: the detector's own; CI: trigger score 0.985001, others: anomaly k 2)")
+              help="decision threshold (default: the detector's own; CI: patch margin 5.96875, others: anomaly k 2)")
 @click.option("--accel", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
               help="forward-only encoder work: onnxruntime (torch fallback), torch, or onnx when installed")
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")

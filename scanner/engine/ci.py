@@ -31,7 +31,8 @@ Design (ours; the paper's details are not public), cost independent of the class
    natural trigger to one. With ``trigger_score = "margin"`` a family's value is its margin lift instead of its
    gain (``family_value``): shares saturate at 1.0, margins do not. With ``"patch-margin"`` the candidate's
    score is the median logit margin its patch trigger gives it over the held-out images (``candidate_score``).
-   The model is flagged when the best score passes the threshold (``DEFAULT_THRESHOLDS["ci"]``, refitted by
+   The default score since session 18 is ``"patch-margin"`` (``PATCH_MARGIN_THRESHOLD``; share's line is
+   ``DEFAULT_THRESHOLDS["ci"]``). The model is flagged when the best score passes the threshold (refitted by
    ``scanner calibrate``); ``ci_verdict``.
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
@@ -119,20 +120,29 @@ def confirmed_families(evidence: dict[str, float]) -> list[str]:
 
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``), the
-    margin lift (``"margin"``: ``trigger_gain`` of the median margins) or, for ``"patch-margin"``, the median
-    margin itself of the patch family's trigger (-inf for the other families: they do not score). KeyError when
-    the evidence predates what that score needs."""
+    margin lift (``"margin"``: ``trigger_gain`` of the median margins) or the median margin itself
+    (``"patch-margin"``, which scores the patch family's: ``scoring_families``). KeyError when the evidence
+    predates what that score needs."""
     if trigger_score == "margin":
         return trigger_gain(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"],
                             evidence["natural_margin"], evidence["twin_margin"])
     if trigger_score == "patch-margin":
-        return evidence[f"margin_{family}"] if family == PATCH_MARGIN_FAMILY else float("-inf")
+        return evidence[f"margin_{family}"]
     return evidence[f"gain_{family}"]
 
 
+def scoring_families(families: Sequence[str], trigger_score: str) -> list[str]:
+    """Which of a candidate's searched ``families`` make its score (and keep its trigger): all of them, but for
+    "patch-margin" the patch family alone when it was searched (a configuration without it scores the best
+    family's median margin; calibrate such a configuration on a zoo before trusting its line)."""
+    if trigger_score == "patch-margin" and PATCH_MARGIN_FAMILY in families:
+        return [PATCH_MARGIN_FAMILY]
+    return list(families)
+
+
 def candidate_score(values: Sequence[float], bonus: float, trigger_score: str) -> float:
-    """A confirmed class's score from its families' ``family_value``s: ``class_score`` for "share" and "margin";
-    for "patch-margin" the patch family's value alone (the others are -inf)."""
+    """A confirmed class's score from its scoring families' ``family_value``s: ``class_score`` for "share" and
+    "margin"; the best value for "patch-margin" (the patch family's alone when it was searched)."""
     if trigger_score == "patch-margin":
         return max(values)
     return class_score(values, bonus)
@@ -208,8 +218,9 @@ class _BestTriggers:
     raw: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def offer(self, k: int, value: float, trig: Trigger) -> None:
-        """Keep ``trig`` for class ``k`` when ``value`` beats its best so far."""
-        if value <= float(self.score[k]):
+        """Keep ``trig`` for class ``k`` when it is the class's first or ``value`` beats its best so far (the
+        -1 a class starts at marks "not confirmed", not a floor: a margin score can be lower)."""
+        if k in self.raw and value <= float(self.score[k]):
             return
         self.score[k] = value
         self.images[k] = trig.image().cpu()  # evidence lives on the CPU whatever device ran the search
@@ -290,8 +301,9 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             for k in range(C):
                 evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
         cands = [int(k) for k in torch.argsort(rank, descending=True, stable=True)[:m]]
+        scoring = scoring_families(families, cfg.trigger_score)
         for t in cands:
-            values: list[float] = []  # per family: what the class is scored from (cfg.trigger_score)
+            values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)
             for fam in families:
                 trig = invert_for(model, ref, t, fam, opt_x, cfg, gen)
                 zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, cfg.bf16)  # 2 x (N, C)
@@ -305,9 +317,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                                     f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain,
                                     f"margin10_{fam}": float(m_sus[0]), f"margin_{fam}": float(m_sus[1]),
                                     f"ref_margin_{fam}": float(m_ref[1])})
-                value = family_value(evidence[t], fam, cfg.trigger_score)
-                best.offer(t, value, trig)
-                values.append(value)
+                if fam in scoring:
+                    value = family_value(evidence[t], fam, cfg.trigger_score)
+                    best.offer(t, value, trig)
+                    values.append(value)
                 done += 1
                 if progress is not None:
                     progress(f"confirm:{model.classnames[t]}:{fam}", done, total)

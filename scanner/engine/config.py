@@ -26,10 +26,14 @@ DEFAULT_THRESHOLDS = {"ci": 0.985001, "ci-plain": 2.0, "nc": 2.0, "pixel": 2.0}
 # seed-7 zoos (session 16; rounded up). Pre-registered, then judged on a seed-8 zoo it had not seen: accuracy 0.705
 # at FPR 0.045 (TPR 0.455), against the share default's 0.795 at FPR 0.091, so share stays the default
 MARGIN_THRESHOLD = 12.7069
-# CI's threshold when a confirmed class is scored by the median logit margin its reconstructed patch trigger gives
-# it on the held-out images (``trigger_score = "patch-margin"``, logit units): `fit_two_channels` at fpr 0.05 on
-# the 44 clean models of the p7 backbone's seed-7 and seed-8 zoos (session 18, runs/s18/patch_margin_rule.py)
-PATCH_MARGIN_THRESHOLD = 6.125
+# CI's threshold under its default score, the median logit margin a candidate's reconstructed patch trigger gives
+# it on the held-out images (``trigger_score = "patch-margin"``, logit units), with the dormant margin 0.89 below:
+# `scanner calibrate runs/s17/zoo_p7_seed7 runs/s17/zoo_p7_seed8 runs/s18/zoo_p7_seed9 --trigger-score patch-margin
+# --fpr 0.05` (both channels) on their 66 clean models (session 18, bundled CLIP p7). The same procedure on the
+# seed-7/8 zoos alone (6.125, margin 0.885) was pre-registered and judged on the seed-9 zoo before it was seen:
+# accuracy 0.886, TPR 0.818, FPR 0.045 (1 of 22), target right 1.000, AUROC 0.944 (share's lines: 0.841 / 0.773
+# / 0.091, AUROC 0.889)
+PATCH_MARGIN_THRESHOLD = 5.96875
 TRIGGER_SCORES = ("share", "margin", "patch-margin")
 
 
@@ -82,19 +86,23 @@ class DetectorConfig:
     # 0.061 both (`python benchmarks/margin_score.py`). Not the default: share's shipped line, fitted on 68 clean
     # models of four older zoos, did better on the pre-registered seed-8 test (0.795 at FPR 0.091 vs 0.705 at
     # 0.045). The 10th-percentile lift without the twin, pre-registered first, did not hold its line on seed 7.
-    # "patch-margin": the candidate's median margin under its reconstructed patch trigger alone, no lift, no twin
-    # (session 18: on the p7 backbone's seed-7/8 zoos AUROC 0.938 against share's 0.921; on p6's 0.726 / 0.733)
-    trigger_score: str = "share"
+    # "patch-margin" (the default since session 18): the candidate's median margin under its reconstructed patch
+    # trigger alone, no lift, no twin. A planted trigger was trained to win by a wide margin; a clean prompt's
+    # natural trigger tips 0.98 of photos as a planted one does (its share saturates) but by a smaller margin.
+    # Found on the p7 zoos of seeds 7/8 (AUROC 0.938 against share's 0.921; on p6's zoos 0.726 / 0.733: no gain
+    # there), held on seed 9 (see PATCH_MARGIN_THRESHOLD)
+    trigger_score: str = "patch-margin"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float | None = None  # None = DEFAULT_THRESHOLDS[detector]; `scanner calibrate` fits it
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
     # CI also flags a prompt that is not dormant on clean inputs: one class takes this much more of the clean
-    # OOD hold-out than plain zero-shot prompts give it (share minus share). Fitted with session 7's threshold:
-    # 1 of its 46 clean models was over it (0.76); 2 of session 11's 68 are (0.98, 1.05, weighed as
-    # `awake_excess` weighs them); WaNet models send 0.82-0.99 of OOD photos to their target. 1.0 switches it off.
-    dormant_margin: float = 0.73
+    # OOD hold-out than plain zero-shot prompts give it (share minus share), weighed by `awake_excess`. Fitted
+    # with PATCH_MARGIN_THRESHOLD on 66 clean models of the p7 backbone (session 18; on p7 clean CSC prompts
+    # reach 0.78-0.95). It was 0.73 on p6, fitted on session 7's zoos, where WaNet prompts sent 0.82-0.99 of OOD
+    # photos to their target; p7's quick-zoo WaNet prompts reach 0.35-0.40, under either. 1.0 switches it off.
+    dormant_margin: float = 0.89
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:
@@ -117,9 +125,6 @@ class DetectorConfig:
             raise ConfigError(f"conditioned_families must be a subset of {FAMILIES}; got {self.conditioned_families}")
         if self.trigger_score not in TRIGGER_SCORES:
             raise ConfigError(f"trigger_score must be one of {', '.join(TRIGGER_SCORES)}; got {self.trigger_score!r}")
-        if self.trigger_score == "patch-margin" and "patch" not in self.families:
-            raise ConfigError(f"trigger_score 'patch-margin' scores the patch family's trigger, but families are "
-                              f"{self.families}; add 'patch' to families or choose another trigger_score")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
 

@@ -256,7 +256,7 @@ def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "s
     engine's ``family_value``) by the engine's ``candidate_score``; other classes keep their score (-1: not
     confirmed, or cut away by ``first_candidates``). Rows of other detectors come back unchanged; ConfigError
     for rows that do not record margins (written before session 16) when a margin score is asked for."""
-    from scanner.engine.ci import candidate_score, confirmed_families, family_value
+    from scanner.engine.ci import candidate_score, confirmed_families, family_value, scoring_families
 
     if row["detector"] != "ci":
         return row
@@ -264,7 +264,8 @@ def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "s
     evidence = []
     for k, e in enumerate(row.get("evidence") or []):
         try:
-            gains = [family_value(e, f, trigger_score) for f in confirmed_families(e)]
+            gains = [family_value(e, f, trigger_score)
+                     for f in scoring_families(confirmed_families(e), trigger_score)]
         except KeyError as exc:
             raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
                               f"margins; re-run it to score it by {trigger_score!r}") from None
