@@ -120,6 +120,12 @@ def test_the_patch_margin_score_reads_the_patch_family_when_it_was_searched() ->
     assert scoring_families(("sticker", "patch"), "patch-margin") == ["patch"]
     assert scoring_families(("sticker",), "patch-margin") == ["sticker"]  # no patch: the best family's margin
     assert scoring_families(("sticker", "patch"), "share") == ["sticker", "patch"]
+    from scanner.engine.ci import family_value
+
+    # a patch that moves no image into the class scores at most 0, however far the class wins clean photos
+    assert family_value({"margin_patch": 6.3, "gain_patch": -0.18}, "patch", "patch-margin") == 0.0
+    assert family_value({"margin_patch": -2.0, "gain_patch": 0.0}, "patch", "patch-margin") == -2.0
+    assert family_value({"margin_patch": 6.3, "gain_patch": 0.4}, "patch", "patch-margin") == 6.3
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
@@ -327,7 +333,8 @@ def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: Promp
     assert confirmed == [k for k, c in enumerate(share.classes) if c.evidence["candidate"]]
     for k in confirmed:
         ev = res.classes[k].evidence
-        assert res.classes[k].anomaly_score == pytest.approx(ev["margin_patch"])  # the patch family alone
+        expected = ev["margin_patch"] if ev["gain_patch"] > 0 else min(ev["margin_patch"], 0.0)
+        assert res.classes[k].anomaly_score == pytest.approx(expected)  # the patch family alone
         assert ev["margin_patch"] == pytest.approx(share.classes[k].evidence["margin_patch"])  # same search
         assert "median margin" in _gains_text(ev, "patch-margin")
     assert res.threshold == cfg.decision_threshold

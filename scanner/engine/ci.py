@@ -121,13 +121,16 @@ def confirmed_families(evidence: dict[str, float]) -> list[str]:
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``), the
     margin lift (``"margin"``: ``trigger_gain`` of the median margins) or the median margin itself
-    (``"patch-margin"``, which scores the patch family's: ``scoring_families``). KeyError when the evidence
-    predates what that score needs."""
+    (``"patch-margin"``, which scores the patch family's: ``scoring_families``; at most 0 when the trigger's
+    gain is not positive). KeyError when the evidence predates what that score needs."""
     if trigger_score == "margin":
         return trigger_gain(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"],
                             evidence["natural_margin"], evidence["twin_margin"])
     if trigger_score == "patch-margin":
-        return evidence[f"margin_{family}"]
+        # a trigger that moves no held-out image into the class beyond the twin is no trigger: a class that wins
+        # clean photos by a wide margin already (a colour task's "gray" on OOD photos) keeps that margin under it
+        margin = evidence[f"margin_{family}"]
+        return margin if evidence[f"gain_{family}"] > 0 else min(margin, 0.0)
     return evidence[f"gain_{family}"]
 
 
