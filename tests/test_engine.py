@@ -115,13 +115,11 @@ def test_a_confirmed_class_keeps_its_trigger_whatever_its_score() -> None:
 
 
 def test_the_patch_margin_score_reads_the_patch_family_when_it_was_searched() -> None:
-    from scanner.engine.ci import scoring_families
+    from scanner.engine.ci import family_value, scoring_families
 
     assert scoring_families(("sticker", "patch"), "patch-margin") == ["patch"]
     assert scoring_families(("sticker",), "patch-margin") == ["sticker"]  # no patch: the best family's margin
     assert scoring_families(("sticker", "patch"), "share") == ["sticker", "patch"]
-    from scanner.engine.ci import family_value
-
     # a patch that moves no image into the class scores at most 0, however far the class wins clean photos
     assert family_value({"margin_patch": 6.3, "gain_patch": -0.18}, "patch", "patch-margin") == 0.0
     assert family_value({"margin_patch": -2.0, "gain_patch": 0.0}, "patch", "patch-margin") == -2.0
