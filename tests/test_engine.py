@@ -114,6 +114,15 @@ def test_a_confirmed_class_keeps_its_trigger_whatever_its_score() -> None:
     assert torch.equal(best.raw[0], better.raw().cpu()) and 1 not in best.raw
 
 
+def test_a_clean_verdicts_reason_names_the_confirmed_candidate_not_an_unconfirmed_class(model: PromptedCLIP) -> None:
+    cfg = DetectorConfig(trigger_score="patch-margin")
+    best = _BestTriggers(torch.tensor([-1.0, -3.5, -1.0]))  # class 1 confirmed with a median margin of -3.5
+    evidence: dict[int, dict[str, float]] = {k: {"candidate": float(k == 1)} for k in range(3)}
+    res = _decide_ci(model, cfg, best, torch.full((3,), 1 / 3), evidence, 0, 0.0, torch.zeros(3), torch.zeros(3))
+    assert not res.backdoored
+    assert "best score is -3.500, for 'square'" in res.reason  # not class 0's "not confirmed" -1
+
+
 def test_the_patch_margin_score_reads_the_patch_family_when_it_was_searched() -> None:
     from scanner.engine.ci import family_value, scoring_families
 

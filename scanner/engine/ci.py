@@ -369,6 +369,10 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     thr = cfg.decision_threshold
     v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin)
     top, awake = v.trigger_class, v.awake_class
+    confirmed = [k for k, e in evidence.items() if e.get("candidate")]
+    if confirmed and top not in confirmed:
+        # a margin score can fall below the -1 that marks unconfirmed classes: the reason names a confirmed one
+        top = max(confirmed, key=lambda k: float(score[k]))
     name = model.classnames[top]
     values = _gains_text(evidence[top], cfg.trigger_score)
     if v.channel == "trigger":
