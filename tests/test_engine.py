@@ -121,6 +121,12 @@ def test_a_clean_verdicts_reason_names_the_confirmed_candidate_not_an_unconfirme
     res = _decide_ci(model, cfg, best, torch.full((3,), 1 / 3), evidence, 0, 0.0, torch.zeros(3), torch.zeros(3))
     assert not res.backdoored
     assert "best score is -3.500, for 'square'" in res.reason  # not class 0's "not confirmed" -1
+    # the rule itself: an unconfirmed class's -1 never passes a line for a trigger that was not searched
+    from scanner.engine.ci import ci_verdict, confirmed_mask
+
+    v = ci_verdict(best.score, torch.zeros(3), None, -2.0, 0.9, confirmed_mask(evidence))
+    assert not v.flagged and v.trigger_class == 1
+    assert ci_verdict(best.score, torch.zeros(3), None, -2.0, 0.9).flagged  # without the mask it would flag
 
 
 def test_the_patch_margin_score_reads_the_patch_family_when_it_was_searched() -> None:

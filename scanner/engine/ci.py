@@ -47,7 +47,7 @@ class, one epoch each, anomaly index over the per-class ASR gain.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -173,14 +173,19 @@ class CIVerdict:
 
 
 def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.Tensor | None, threshold: float,
-               dormant_margin: float) -> CIVerdict:
+               dormant_margin: float, confirmed: torch.Tensor | None = None) -> CIVerdict:
     """The CI decision rule, on tensors alone (the engine and the re-decision of saved rows both call it).
 
     ``gains`` (C,): best confirmed trigger gain per class (-1 where not confirmed); ``excess`` (C,): clean
-    share minus plain zero-shot share; ``drift_anomaly`` (C,) or None. The trigger channel comes first: the
-    best gain above ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin``.
+    share minus plain zero-shot share; ``drift_anomaly`` (C,) or None; ``confirmed`` (C,) bool or None: the
+    classes a trigger was searched for. The trigger channel comes first: the best confirmed class's gain above
+    ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin``.
     """
-    top = int(torch.argmax(gains))
+    if confirmed is not None and bool(confirmed.any()):
+        # a margin score can fall below the -1 that marks unconfirmed classes: those never stand for the trigger
+        top = int(torch.argmax(gains.masked_fill(~confirmed, float("-inf"))))
+    else:
+        top = int(torch.argmax(gains))
     weighed = awake_excess(excess, drift_anomaly) if drift_anomaly is not None else excess.clone()
     awake = int(torch.argmax(weighed))
     if float(gains[top]) > threshold:
@@ -188,6 +193,13 @@ def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.T
     if float(weighed[awake]) > dormant_margin:
         return CIVerdict(True, awake, "awake", top, awake, weighed)
     return CIVerdict(False, None, None, top, awake, weighed)
+
+
+def confirmed_mask(evidence: Mapping[int, Mapping[str, float]] | Sequence[Mapping[str, float]]) -> torch.Tensor | None:
+    """(C,) bool from per-class evidence (the engine's dict, or a saved row's list): the classes marked as
+    confirmed candidates; None when none is marked (rows written before candidates were recorded)."""
+    flags = [bool(evidence[k].get("candidate", 0.0)) for k in range(len(evidence))]
+    return torch.tensor(flags) if any(flags) else None
 
 
 def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator,
@@ -367,12 +379,8 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
     that of plain zero-shot prompts; ``drift_anomaly`` (C,)."""
     score = best.score
     thr = cfg.decision_threshold
-    v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin)
+    v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin, confirmed_mask(evidence))
     top, awake = v.trigger_class, v.awake_class
-    confirmed = [k for k, e in evidence.items() if e.get("candidate")]
-    if confirmed and top not in confirmed:
-        # a margin score can fall below the -1 that marks unconfirmed classes: the reason names a confirmed one
-        top = max(confirmed, key=lambda k: float(score[k]))
     name = model.classnames[top]
     values = _gains_text(evidence[top], cfg.trigger_score)
     if v.channel == "trigger":

@@ -372,11 +372,12 @@ def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None
     """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
     from the row's recorded evidence by the engine's own rule (``ci_verdict`` for CI rows; the anomaly index
     and its gain gate, as ``_decide_plain`` takes them, for the others)."""
-    from scanner.engine.ci import ci_verdict
+    from scanner.engine.ci import ci_verdict, confirmed_mask
 
     inputs = _dormancy_inputs(row) if row["detector"] == "ci" and dormant_margin is not None else None
     if inputs is not None and dormant_margin is not None:
-        v = ci_verdict(torch.tensor([float(x) for x in row["class_scores"]]), *inputs, threshold, dormant_margin)
+        v = ci_verdict(torch.tensor([float(x) for x in row["class_scores"]]), *inputs, threshold, dormant_margin,
+                       confirmed_mask(row["evidence"]))
         return v.flagged, v.target
     top, anomaly, works = trigger_check(row)
     if anomaly > threshold and works:
