@@ -39,7 +39,7 @@ import torch
 from scanner.clip.backbone import ClipBackbone, load_bundled
 from scanner.zoo.attacks import make_attack
 from scanner.zoo.build import BIG_DATASET, ZooPlan, clean_accuracies, plan_jobs
-from scanner.zoo.datasets import get_spec, list_datasets, load_split
+from scanner.zoo.datasets import get_spec, load_split, zoo_datasets
 from scanner.zoo.linear_bound import (
     ANCHORS,
     ASR_ID_BAR,
@@ -131,7 +131,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets = (args.datasets.split(",") if args.datasets
-                else [d for d in list_datasets() if get_spec(d).n_classes <= BIG_DATASET])  # the seed zoos' eleven
+                else [d for d in zoo_datasets() if get_spec(d).n_classes <= BIG_DATASET])  # the seed zoos' eleven
     attacks = args.attacks.split(",")
     bb = load_bundled()
     plan = ZooPlan.make(datasets, attacks, 0, args.seed, quick=False)

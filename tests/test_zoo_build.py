@@ -13,6 +13,7 @@ from scanner.errors import ConfigError, DatasetError
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.train import TrainConfig
 from scanner.zoo.build import ZooPlan, build_zoo, clean_accuracies, plan_jobs, summarise
+from scanner.zoo.datasets import zoo_datasets
 
 
 def _plan(**kw: object) -> ZooPlan:
@@ -107,3 +108,5 @@ def test_plans_are_validated_and_targets_fixed_by_the_seed() -> None:
     assert len(full) >= 60 and sum(j.attack == "none" for j in full) >= 20
     # CoCoOp is never planned on the 120-class dataset (too slow on 2 cores)
     assert not any(j.dataset == "colour_shape" and j.learner == "cocoop" for j in full)
+    # the default zoo is the unshifted datasets: the shifted suite measures adaptation, not backdoors
+    assert {j.dataset for j in full} == set(zoo_datasets()) and not any(j.dataset.startswith("blurry_") for j in full)

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from scanner.errors import DatasetError
-from scanner.zoo.datasets import MAX_SHOTS, get_spec, list_datasets, load_split
+from scanner.zoo.datasets import MAX_SHOTS, get_spec, list_datasets, load_split, zoo_datasets
 from scanner.zoo.ood import default_ood_pool, load_ood_folder, pool_sha256
 
 
 def test_at_least_ten_datasets_two_fine_grained_one_real() -> None:
-    names = list_datasets()
-    assert len(names) >= 10
+    names = zoo_datasets()
+    assert len(names) >= 10 and set(names) < set(list_datasets())
     assert sum(get_spec(n).fine_grained for n in names) >= 2
     assert any(get_spec(n).real for n in names)
     assert any(get_spec(n).n_classes >= 100 for n in names)
@@ -35,6 +35,25 @@ def test_splits_are_deterministic_and_well_formed(name: str) -> None:
     # no test image is a copy of a training image
     flat_tr = {hash(t.numpy().tobytes()) for t in x}
     assert not any(hash(t.numpy().tobytes()) in flat_tr for t in xt)
+
+
+def _sharpness(x: torch.Tensor) -> float:
+    """Mean absolute difference of horizontally adjacent pixels of images (N, 3, S, S)."""
+    return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+
+def test_shifted_datasets_are_their_base_scenes_out_of_focus() -> None:
+    shifted = [n for n in list_datasets() if get_spec(n).shift is not None]
+    assert len(shifted) >= 4 and not set(shifted) & set(zoo_datasets())
+    for name in shifted:
+        spec, base = get_spec(name), get_spec(name.removeprefix("blurry_"))
+        assert spec.shift == "blur" and spec.classnames == base.classnames and "blurry" in spec.template
+    x, y = load_split("blurry_shapes", "test", seed=0)
+    xb, yb = load_split("shapes", "test", seed=0)
+    assert torch.equal(y, yb) and x.shape == xb.shape
+    assert torch.equal(x, load_split("blurry_shapes", "test", seed=0)[0])  # seeded like every split
+    # out of focus: adjacent pixels differ far less than in the sharp scenes
+    assert _sharpness(x) < 0.5 * _sharpness(xb)
 
 
 def test_shots_take_the_first_k_per_class_and_seeds_differ() -> None:

@@ -156,10 +156,10 @@ def run_bench(
 def task_agreement(backbone: ClipBackbone, fp32: torch.Tensor, int8: torch.Tensor) -> tuple[float, float]:
     """(min, mean) top-1 agreement of int8 vs fp32 image features (P, E) under the zero-shot classifier
     ("{template}" over its class names) of every downstream dataset of the zoo."""
-    from scanner.zoo.datasets import get_spec, list_datasets
+    from scanner.zoo.datasets import get_spec, zoo_datasets
 
     agree = []
-    for name in list_datasets():
+    for name in zoo_datasets():
         spec = get_spec(name)
         with torch.inference_mode():
             text = backbone.encode_tokens(backbone.tokenize(spec.prompts())).float()  # (C, E)

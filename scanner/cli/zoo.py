@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from statistics import fmean
 from typing import Any, NoReturn
 
 import click
@@ -91,7 +90,7 @@ def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str 
     """Per dataset: classes, shots available, zero-shot, 16-shot linear-probe and 16-shot CoOp accuracy of
     the bundled CLIP."""
     from scanner.clip import load_bundled
-    from scanner.zoo.quality import dataset_table
+    from scanner.zoo.quality import dataset_table, summary_lines
 
     try:
         rows = dataset_table(load_bundled(), seed=seed, coop=not no_coop, probe=not no_probe,
@@ -110,18 +109,14 @@ def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str 
         secs = f"{r['coop_seconds']:.1f}" if r.get("coop_seconds") is not None else "-"
         click.echo(f"{r['dataset']:14s} {r['classes']:7d} {r['shots']:5d} {r['zero_shot']:9.3f} {probe:>8s} "
                    f"{coop:>8s} {secs:>7s}")
-    generated = [r for r in rows if not r["real"]]
-    if generated:
-        means = [f"zero-shot {fmean(r['zero_shot'] for r in generated):.3f}"]
-        for key, label in (("linear_probe16", "probe-16"), ("coop16", "CoOp-16")):
-            if all(r.get(key) is not None for r in generated):
-                means.append(f"{label} {fmean(r[key] for r in generated):.3f}")
-        click.echo(f"mean over {len(generated)} generated datasets: " + ", ".join(means))
+    for line in summary_lines(rows):
+        click.echo(line)
 
 
 @zoo.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--datasets", help="comma-separated dataset names (default: all, or two with --quick)")
+@click.option("--datasets",
+              help="comma-separated dataset names (default: the twelve unshifted ones, or two with --quick)")
 @click.option("--attacks", help="comma-separated attack names (default: all registered)")
 @click.option("--clean-per-dataset", type=int, default=None,
               help="clean models per dataset (default 2; 1 with --quick)")

@@ -30,7 +30,7 @@ from scanner.prompting.train import TrainConfig, train_prompt
 from scanner.zoo import attack_eval as E
 from scanner.zoo.attacks import BUILTIN_ATTACKS, make_attack
 from scanner.zoo.captions import GENERATOR_VERSION
-from scanner.zoo.datasets import get_spec, list_datasets, load_split
+from scanner.zoo.datasets import get_spec, load_split, zoo_datasets
 from scanner.zoo.ood import default_ood_pool, pool_sha256
 
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ class ZooPlan:
     @classmethod
     def make(cls, datasets: Sequence[str] | None, attacks: Sequence[str] | None, clean_per_dataset: int | None,
              seed: int, quick: bool) -> ZooPlan:
-        ds = tuple(datasets) if datasets else (QUICK_DATASETS if quick else tuple(list_datasets()))
+        ds = tuple(datasets) if datasets else (QUICK_DATASETS if quick else tuple(zoo_datasets()))
         at = tuple(attacks) if attacks else tuple(BUILTIN_ATTACKS)
         for d in ds:
             get_spec(d)  # raises DatasetError naming the known datasets

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,7 @@ def dataset_table(backbone: ClipBackbone, *, seed: int = 0, coop: bool = True, p
             progress(name)
         spec = get_spec(name)
         row: dict[str, Any] = {"dataset": name, "classes": spec.n_classes, "shots": MAX_SHOTS,
-                               "fine_grained": spec.fine_grained, "real": spec.real,
+                               "fine_grained": spec.fine_grained, "real": spec.real, "shift": spec.shift,
                                "zero_shot": zero_shot_accuracy(backbone, name, seed=seed)}
         if probe:
             row["linear_probe16"] = linear_probe_accuracy(backbone, name, shots=MAX_SHOTS, seed=seed)
@@ -82,3 +83,30 @@ def dataset_table(backbone: ClipBackbone, *, seed: int = 0, coop: bool = True, p
             row["coop16"], row["coop_seconds"] = coop_accuracy(backbone, name, seed=seed)
         rows.append(row)
     return rows
+
+
+# (label, which rows) of the means ``zoo info`` prints; the issue's zero-shot bar is over the generated ones
+SUMMARY_GROUPS: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = (
+    ("generated, as in pre-training", lambda r: not r["real"] and r.get("shift") is None),
+    ("generated, shifted", lambda r: not r["real"] and r.get("shift") is not None),
+    ("generated", lambda r: not r["real"]),
+    ("all", lambda r: True),
+)
+
+
+def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per non-empty group of :data:`SUMMARY_GROUPS`: mean zero-shot, probe and CoOp accuracy and
+    CoOp's mean gain over zero-shot (a column is left out where a row of the group lacks it)."""
+    lines = []
+    for label, member in SUMMARY_GROUPS:
+        group = [r for r in rows if member(r)]
+        if not group:
+            continue
+        parts = [f"zero-shot {fmean(r['zero_shot'] for r in group):.3f}"]
+        for key, name in (("linear_probe16", "probe-16"), ("coop16", "CoOp-16")):
+            if all(r.get(key) is not None for r in group):
+                parts.append(f"{name} {fmean(r[key] for r in group):.3f}")
+        if all(r.get("coop16") is not None for r in group):
+            parts.append(f"CoOp - zero-shot {fmean(r['coop16'] - r['zero_shot'] for r in group):+.3f}")
+        lines.append(f"mean over {len(group)} ({label}): " + ", ".join(parts))
+    return lines
