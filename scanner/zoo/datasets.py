@@ -4,8 +4,9 @@ Eleven are generated (each varies the class attribute and randomises every other
 position, background) and one is real (scikit-learn's bundled handwritten digits). ``polygons`` and
 ``arrows`` are fine-grained: their classes differ in one small attribute.
 
-Four more are *shifted* (``DatasetSpec.shift``): the same scenes seen out of focus, a camera condition the
-pre-training captions never pair with shapes or letters. The eleven in-distribution datasets draw from the
+Four more are *shifted* (``DatasetSpec.shift``): the same scenes seen out of focus, a camera condition
+pre-training never shows (its only "blurry" images are pixelated low-resolution glyphs, whose caption phrase
+the shifted templates borrow). The eleven in-distribution datasets draw from the
 pre-training generator itself, so their plain templates are already the best text the frozen image tower
 supports and few-shot prompt tuning has nothing to adapt to (``zoo info``; README). Real downstream sets are
 not like that (CoOp's large gains are on EuroSAT, DTD, aircraft: imagery the web rarely captions), and the
