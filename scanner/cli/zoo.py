@@ -88,7 +88,8 @@ def pretrain(out: Path | None, steps: int | None, seed: int, resume: Path | None
 @click.option("--datasets", help="comma-separated dataset names (default: all)")
 def info(as_json: bool, seed: int, no_coop: bool, no_probe: bool, datasets: str | None) -> None:
     """Per dataset: classes, shots available, zero-shot, 16-shot linear-probe and 16-shot CoOp accuracy of
-    the bundled CLIP."""
+    the bundled CLIP; then the means per group (as in pre-training, shifted, generated, all) with CoOp's gain
+    over zero-shot."""
     from scanner.clip import load_bundled
     from scanner.zoo.quality import dataset_table, summary_lines
 
