@@ -51,7 +51,7 @@ def main() -> None:
         fit, score = order[: len(y) // 2], order[len(y) // 2:]
         text = zero_shot_classifier(bb, spec.prompts()).numpy()  # (C, E)
         logits = 10.0 * feats @ text.T  # (N, C): cosines scaled to the features' range for the probe
-        zs = float(((feats[score] @ text.T).argmax(1) == y[score]).mean())
+        zs = float((logits[score].argmax(1) == y[score]).mean())  # scaling keeps the argmax
         probe = best_probe(feats[fit], y[fit], feats[score], y[score])
         both = np.hstack([feats, logits])
         probe_zs = best_probe(both[fit], y[fit], both[score], y[score])
