@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -301,7 +302,7 @@ def test_margins_say_how_decisively_each_class_wins() -> None:
 
 
 def test_confirmed_triggers_record_their_margins(model: PromptedCLIP, pool: torch.Tensor) -> None:
-    res = detect(model, pool, SMALL, seed=0)
+    res = detect(model, pool, replace(SMALL, evidence_families=True), seed=0)  # every family searched
     for c in res.classes:  # every class: how its prompt and the twin's win the clean hold-out
         assert {"natural_margin", "natural_margin10", "twin_margin"} <= set(c.evidence)
         assert c.evidence["natural_margin10"] <= c.evidence["natural_margin"]
@@ -339,7 +340,8 @@ def test_the_margin_score_scores_confirmed_classes_by_their_margin_lifts(model: 
 def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: PromptedCLIP, pool: torch.Tensor) -> None:
     from scanner.zoo.detect_eval import rescore_ci
 
-    cfg = DetectorConfig(**{**SMALL.__dict__, "trigger_score": "patch-margin"})
+    # every family searched, so the patch draws the same random numbers as under "share"
+    cfg = DetectorConfig(**{**SMALL.__dict__, "trigger_score": "patch-margin", "evidence_families": True})
     share = detect(model, pool, DetectorConfig(**{**SMALL.__dict__, "trigger_score": "share"}), seed=0)
     res = detect(model, pool, cfg, seed=0)
     confirmed = [k for k, c in enumerate(res.classes) if c.evidence["candidate"]]
@@ -358,6 +360,31 @@ def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: Promp
     assert DetectorConfig().trigger_score == "patch-margin"  # the default since session 18
     for k in confirmed:
         assert again["class_scores"][k] == pytest.approx(res.classes[k].anomaly_score)
+
+
+def test_the_patch_margin_score_searches_the_patch_alone(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    from scanner.engine.ci import confirmed_families
+
+    # the sticker (and CoCoOp's additive family) were searched and never read by the patch-margin score
+    assert SMALL.trigger_score == "patch-margin" and SMALL.families == ("sticker", "patch")
+    assert SMALL.search_families(False) == SMALL.search_families(True) == ("patch",)
+    full = replace(SMALL, evidence_families=True)
+    assert full.search_families(False) == SMALL.families and full.search_families(True) == (*SMALL.families, "additive")
+    assert replace(SMALL, trigger_score="share").search_families(False) == SMALL.families
+    assert replace(SMALL, families=("sticker",)).search_families(False) == ("sticker",)  # no patch: as configured
+    res = detect(model, pool, SMALL, seed=0)
+    confirmed = [c for c in res.classes if c.evidence["candidate"]]
+    assert len(confirmed) == SMALL.candidates
+    for c in res.classes:
+        ev = c.evidence
+        if not ev["candidate"]:
+            assert c.anomaly_score == -1.0 and confirmed_families(ev) == []
+            continue
+        assert confirmed_families(ev) == ["patch"]
+        expected = ev["margin_patch"] if ev["gain_patch"] > 0 else min(ev["margin_patch"], 0.0)
+        assert c.anomaly_score == pytest.approx(expected)
+        assert c.index in res.trigger_images and c.index in res.raw_triggers  # the patch is what repair gets
+    assert "sticker" not in res.reason
 
 
 def test_the_settings_help_states_cis_default_line() -> None:

@@ -17,10 +17,12 @@ Design (ours; the paper's details are not public), cost independent of the class
    are ranked by the universal reach of a tiny shared perturbation over the twin's (``engine/reach.py``)
    and confirmed with ``conditioned_families`` (an additive trigger, BadCLIP's kind) besides the others.
 3. *Confirm each candidate* with a targeted differential margin objective (target logit above every
-   other for the suspect, target probability kept low for the twin) in each trigger family (default:
-   a sticker and a soft patch), each trigger followed by a random translation (``max_shift`` px) so that
-   small universal adversarial patterns, which reach any class of a small CLIP, do not survive.
-   Cost: candidates x families epochs, whatever the class count.
+   other for the suspect, target probability kept low for the twin) in each trigger family its score
+   reads (``DetectorConfig.search_families``: the soft patch alone under the default "patch-margin";
+   a sticker and a soft patch, plus ``conditioned_families``, under the other scores), each trigger
+   followed by a random translation (``max_shift`` px) so that small universal adversarial patterns,
+   which reach any class of a small CLIP, do not survive. Cost: candidates x families epochs, whatever
+   the class count.
 4. *Decide.* A trigger's gain is how far it moves held-out images into the class in the suspect (its
    share with the trigger minus its natural share) beyond how far it moves them in the twin (the same,
    measured on the twin, counted only when positive; ``trigger_gain``). Each model is measured against
@@ -52,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scanner.engine.config import DetectorConfig
+from scanner.engine.config import PATCH_MARGIN_FAMILY, DetectorConfig
 from scanner.engine.drift import prompt_drift
 from scanner.engine.invert import (
     InversionSchedule,
@@ -90,8 +92,6 @@ DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robu
 # margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; excess bars 0.40-0.50 give the same verdicts,
 # 0.30 adds a false positive)
 DRIFTED_BAR = 0.6
-# the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
-PATCH_MARGIN_FAMILY = "patch"
 
 
 def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     C = model.n_cls
     m = min(cfg.candidates, C)
     conditioned = model.learner.image_conditioned
-    families = cfg.families_for(conditioned)
+    families = cfg.search_families(conditioned)
     total = m * len(families)
     done = 0
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}

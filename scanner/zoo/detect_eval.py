@@ -355,13 +355,15 @@ def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float,
 def first_candidates(row: dict[str, Any], c: int) -> dict[str, Any]:
     """A CI row as a run confirming only its ``c`` most drifted classes would have written it.
 
-    The engine confirms candidates in drift order (``torch.argsort(drift_anomaly, descending, stable)``)
-    with one generator, so the first c confirmations of a run with more candidates are exactly a
-    c-candidate run's: one run answers "how many candidates?" for every smaller count.
+    The engine confirms candidates in rank order (``torch.argsort(rank, descending, stable)``: the drift
+    anomaly, or the reach anomaly for image-conditioned models ranked by reach) with one generator, so the
+    first c confirmations of a run with more candidates are exactly a c-candidate run's: one run answers
+    "how many candidates?" for every smaller count.
     """
     ev = row["evidence"]
-    drift = torch.tensor([float(e["drift_anomaly"]) for e in ev])  # (C,)
-    keep = {int(k) for k in torch.argsort(drift, descending=True, stable=True)[:c]}
+    key = "reach_anomaly" if all("reach_anomaly" in e for e in ev) else "drift_anomaly"
+    rank = torch.tensor([float(e[key]) for e in ev])  # (C,)
+    keep = {int(k) for k in torch.argsort(rank, descending=True, stable=True)[:c]}
     scores = [float(s) if k in keep else -1.0 for k, s in enumerate(row["class_scores"])]
     evidence = [{**e, "candidate": float(k in keep), **({} if k in keep else {"score": -1.0})}
                 for k, e in enumerate(ev)]
