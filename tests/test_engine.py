@@ -302,7 +302,7 @@ def test_margins_say_how_decisively_each_class_wins() -> None:
 
 
 def test_confirmed_triggers_record_their_margins(model: PromptedCLIP, pool: torch.Tensor) -> None:
-    res = detect(model, pool, replace(SMALL, evidence_families=True), seed=0)  # every family searched
+    res = detect(model, pool, SMALL, seed=0)  # every family searched (the default)
     for c in res.classes:  # every class: how its prompt and the twin's win the clean hold-out
         assert {"natural_margin", "natural_margin10", "twin_margin"} <= set(c.evidence)
         assert c.evidence["natural_margin10"] <= c.evidence["natural_margin"]
@@ -340,8 +340,8 @@ def test_the_margin_score_scores_confirmed_classes_by_their_margin_lifts(model: 
 def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: PromptedCLIP, pool: torch.Tensor) -> None:
     from scanner.zoo.detect_eval import rescore_ci
 
-    # every family searched, so the patch draws the same random numbers as under "share"
-    cfg = DetectorConfig(**{**SMALL.__dict__, "trigger_score": "patch-margin", "evidence_families": True})
+    # every family searched (the default), so the patch draws the same random numbers as under "share"
+    cfg = DetectorConfig(**{**SMALL.__dict__, "trigger_score": "patch-margin"})
     share = detect(model, pool, DetectorConfig(**{**SMALL.__dict__, "trigger_score": "share"}), seed=0)
     res = detect(model, pool, cfg, seed=0)
     confirmed = [k for k, c in enumerate(res.classes) if c.evidence["candidate"]]
@@ -362,17 +362,19 @@ def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: Promp
         assert again["class_scores"][k] == pytest.approx(res.classes[k].anomaly_score)
 
 
-def test_the_patch_margin_score_searches_the_patch_alone(model: PromptedCLIP, pool: torch.Tensor) -> None:
+def test_ci_can_search_only_the_families_its_score_reads(model: PromptedCLIP, pool: torch.Tensor) -> None:
     from scanner.engine.ci import confirmed_families
 
-    # the sticker (and CoCoOp's additive family) were searched and never read by the patch-margin score
+    # by default every configured family is searched: the shipped line was fitted on the patch's draws after the
+    # sticker's, though the patch-margin score reads the patch alone
     assert SMALL.trigger_score == "patch-margin" and SMALL.families == ("sticker", "patch")
-    assert SMALL.search_families(False) == SMALL.search_families(True) == ("patch",)
-    full = replace(SMALL, evidence_families=True)
-    assert full.search_families(False) == SMALL.families and full.search_families(True) == (*SMALL.families, "additive")
-    assert replace(SMALL, trigger_score="share").search_families(False) == SMALL.families
-    assert replace(SMALL, families=("sticker",)).search_families(False) == ("sticker",)  # no patch: as configured
-    res = detect(model, pool, SMALL, seed=0)
+    assert SMALL.search_families(False) == SMALL.families and SMALL.search_families(True) == (*SMALL.families,
+                                                                                              "additive")
+    only = replace(SMALL, search_all_families=False)
+    assert only.search_families(False) == only.search_families(True) == ("patch",)
+    assert replace(only, trigger_score="share").search_families(False) == SMALL.families  # share reads them all
+    assert replace(only, families=("sticker",)).search_families(False) == ("sticker",)  # no patch: as configured
+    res = detect(model, pool, only, seed=0)
     confirmed = [c for c in res.classes if c.evidence["candidate"]]
     assert len(confirmed) == SMALL.candidates
     for c in res.classes:
@@ -385,6 +387,11 @@ def test_the_patch_margin_score_searches_the_patch_alone(model: PromptedCLIP, po
         assert c.anomaly_score == pytest.approx(expected)
         assert c.index in res.trigger_images and c.index in res.raw_triggers  # the patch is what repair gets
     assert "sticker" not in res.reason
+    # the patch searched first draws what it draws alone: only the random stream tells the two searches apart
+    first = detect(model, pool, replace(SMALL, families=("patch", "sticker"), candidates=1), seed=0)
+    alone = detect(model, pool, replace(only, candidates=1), seed=0)
+    k = next(c.index for c in alone.classes if c.evidence["candidate"])
+    assert first.classes[k].evidence["margin_patch"] == alone.classes[k].evidence["margin_patch"]
 
 
 def test_the_settings_help_states_cis_default_line() -> None:

@@ -17,12 +17,12 @@ Design (ours; the paper's details are not public), cost independent of the class
    are ranked by the universal reach of a tiny shared perturbation over the twin's (``engine/reach.py``)
    and confirmed with ``conditioned_families`` (an additive trigger, BadCLIP's kind) besides the others.
 3. *Confirm each candidate* with a targeted differential margin objective (target logit above every
-   other for the suspect, target probability kept low for the twin) in each trigger family its score
-   reads (``DetectorConfig.search_families``: the soft patch alone under the default "patch-margin";
-   a sticker and a soft patch, plus ``conditioned_families``, under the other scores), each trigger
-   followed by a random translation (``max_shift`` px) so that small universal adversarial patterns,
-   which reach any class of a small CLIP, do not survive. Cost: candidates x families epochs, whatever
-   the class count.
+   other for the suspect, target probability kept low for the twin) in each trigger family
+   (``DetectorConfig.search_families``; default: a sticker and a soft patch, plus ``conditioned_families``
+   for CoCoOp; the default score reads the patch alone, and ``search_all_families = False`` searches it
+   alone), each trigger followed by a random translation (``max_shift`` px) so that small universal
+   adversarial patterns, which reach any class of a small CLIP, do not survive. Cost: candidates x
+   families epochs, whatever the class count.
 4. *Decide.* A trigger's gain is how far it moves held-out images into the class in the suspect (its
    share with the trigger minus its natural share) beyond how far it moves them in the twin (the same,
    measured on the twin, counted only when positive; ``trigger_gain``). Each model is measured against

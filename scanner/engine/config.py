@@ -9,8 +9,8 @@ from scanner.errors import ConfigError
 DETECTORS = ("ci", "ci-plain", "nc", "pixel")
 # what CI confirms its candidate classes with unless told otherwise. Session 6 probes at the most drifted class
 # of the full zoo's 50 CoOp models: a sticker reached BadNets targets and a soft patch Blended ones; warps never
-# confirmed a WaNet target (the dormancy check finds those) and a blend never beat the patch. Under the default
-# "patch-margin" score only the patch is searched (``DetectorConfig.search_families``)
+# confirmed a WaNet target (the dormancy check finds those) and a blend never beat the patch. The default
+# "patch-margin" score reads the patch alone (``DetectorConfig.search_all_families``)
 DEFAULT_FAMILIES = ("sticker", "patch")
 FAMILIES = ("additive", "patch", "sticker", "blend", "warp")  # trigger families the detectors can search
 # the decision threshold of each detector when none is set: CI flags a confirmed class score above it (its best
@@ -95,12 +95,14 @@ class DetectorConfig:
     # Found on the p7 zoos of seeds 7/8 (AUROC 0.938 against share's 0.921; on p6's zoos 0.726 / 0.733: no gain
     # there), held on seed 9 (see PATCH_MARGIN_THRESHOLD)
     trigger_score: str = "patch-margin"
-    # search only the trigger families the score reads. Under "patch-margin" that is the patch alone: until session
-    # 20 the sticker (and, for CoCoOp, the additive family) were optimised too and written into the evidence, but
-    # never scored, which was about half of a 10-class scan's time. True searches every family of
-    # ``families_for`` again, so that saved rows can be re-scored under "share" or "margin" (`scanner calibrate
-    # --trigger-score`, `benchmarks/margin_score.py`); it changes which random numbers the patch search draws
-    evidence_families: bool = False
+    # search every family of ``families_for``, also those the score does not read: under "patch-margin" the sticker
+    # (and CoCoOp's additive family) are optimised and recorded but never scored. False searches the scored ones
+    # alone (the patch: half a 10-class scan's time), but keep the default until the line is refitted: a seed gives
+    # every model the same random draws, the sticker's search moves which draws the patch gets, and one model's
+    # patch margin spreads widely over draws (session 20, seed-10 zoo: 4.6 to 12.5 over four seeds on
+    # polygons/badnets). The shipped line was fitted on the draws that follow the sticker; with the patch alone the
+    # seed-10 zoo scored 1.5 lower on average and CI's accuracy fell from 0.818 to 0.705
+    search_all_families: bool = True
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
@@ -144,9 +146,9 @@ class DetectorConfig:
 
     def search_families(self, image_conditioned: bool) -> tuple[str, ...]:
         """The trigger families CI optimises for a learner of that kind: ``families_for``, less the ones its
-        score never reads unless ``evidence_families`` (under "patch-margin": the patch alone, when searched)."""
+        score never reads unless ``search_all_families`` (under "patch-margin": the patch alone, when searched)."""
         families = self.families_for(image_conditioned)
-        if self.evidence_families or self.trigger_score != "patch-margin" or PATCH_MARGIN_FAMILY not in families:
+        if self.search_all_families or self.trigger_score != "patch-margin" or PATCH_MARGIN_FAMILY not in families:
             return families
         return (PATCH_MARGIN_FAMILY,)
 
