@@ -1,6 +1,6 @@
 """How much CI's verdicts depend on the search seed: one zoo, one OOD pool, several seeds for the trigger search.
 
-    python benchmarks/search_spread.py ZOO [--seeds 0,1] [--scored-families-only] [--json-dir DIR]
+    python benchmarks/search_spread.py ZOO [--seeds 0,1] [--scored-families-only] [--restarts R] [--json-dir DIR]
 
 ``scanner zoo eval`` draws the OOD pool and seeds the trigger search from one ``--seed``. Here the pool stays
 the default evaluation pool of seed 0 and only the search seed changes: every model's initial trigger, batch
@@ -8,7 +8,8 @@ order and translations are drawn again, nothing else. A seed gives every model o
 one seed's zoo-wide accuracy is a single draw too. Printed: per seed, CI's accuracy, TPR, FPR and AUROC at
 the shipped lines; per pair of seeds, how far the models' scores move (over the models confirmed in either
 run) and which verdicts flip; then every model's score per seed. ``--json-dir`` keeps one resumable rows file
-per seed (``seed<S>.json``).
+per seed (``seed<S>.json``). ``--restarts R`` scores each candidate by the mean of R searches of its scored
+family (``DetectorConfig.restarts``): what it buys is the drop in the spread between seeds.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="search seeds, comma-separated")
     ap.add_argument("--scored-families-only", action="store_true",
                     help="search only the families the score reads (DetectorConfig.search_all_families = False)")
+    ap.add_argument("--restarts", type=int, default=1, help="searches of each scored family, averaged")
     ap.add_argument("--json-dir", type=Path, default=None, help="resumable rows, one file per seed")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    cfg = DetectorConfig(search_all_families=not args.scored_families_only)
+    cfg = DetectorConfig(search_all_families=not args.scored_families_only, restarts=args.restarts)
     bb = load_bundled()
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # `zoo eval --seed 0`'s pool
     out_dir = args.json_dir or Path(tempfile.mkdtemp(prefix="search-spread-"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -392,6 +393,25 @@ def test_ci_can_search_only_the_families_its_score_reads(model: PromptedCLIP, po
     alone = detect(model, pool, replace(only, candidates=1), seed=0)
     k = next(c.index for c in alone.classes if c.evidence["candidate"])
     assert first.classes[k].evidence["margin_patch"] == alone.classes[k].evidence["margin_patch"]
+
+
+def test_restarts_average_the_scored_family_over_fresh_searches(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    one = replace(SMALL, search_all_families=False, candidates=1)
+    two = replace(one, restarts=2)
+    r1, r2 = detect(model, pool, one, seed=0), detect(model, pool, two, seed=0)
+    k = next(c.index for c in r1.classes if c.evidence["candidate"])
+    assert next(c.index for c in r2.classes if c.evidence["candidate"]) == k  # ranking needs no search
+    e1, e2 = r1.classes[k].evidence, r2.classes[k].evidence
+    # the first restart draws what a single search draws, so the second's figures are what the mean leaves
+    second_margin = 2 * e2["margin_patch"] - e1["margin_patch"]
+    second_share = 2 * e2["asr_patch"] - e1["asr_patch"]
+    assert math.isfinite(second_margin) and second_margin != pytest.approx(e1["margin_patch"])
+    assert -1e-6 <= second_share <= 1 + 1e-6
+    expected = e2["margin_patch"] if e2["gain_patch"] > 0 else min(e2["margin_patch"], 0.0)
+    assert r2.classes[k].anomaly_score == pytest.approx(expected)  # scored from the mean evidence
+    assert k in r2.raw_triggers  # one of the two triggers is kept for the report and repair
+    with pytest.raises(ConfigError, match="restarts"):
+        DetectorConfig(restarts=0)
 
 
 def test_the_settings_help_states_cis_default_line() -> None:

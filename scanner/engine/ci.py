@@ -287,7 +287,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     m = min(cfg.candidates, C)
     conditioned = model.learner.image_conditioned
     families = cfg.search_families(conditioned)
-    total = m * len(families)
+    total = m * len(families)  # progress counts families; a family searched several times counts once
     done = 0
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
     best = _BestTriggers(torch.full((C,), -1.0))  # per class: best confirmed gain; -1 = not confirmed
@@ -320,20 +320,15 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         for t in cands:
             values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)
             for fam in families:
-                trig = invert_for(model, ref, t, fam, opt_x, cfg, gen)
-                zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, cfg.bf16)  # 2 x (N, C)
-                s_sus, s_ref = shares(zt_sus), shares(zt_ref)
-                # what the trigger does to the suspect beyond what it does to its clean twin
-                gain = trigger_gain(float(s_sus[t]), float(s_ref[t]), float(natural[t]), float(twin_natural[t]))
-                # the same trigger's margins at t (10th pct, median): they keep growing where the shares saturate
-                m_sus = margin_quantiles(class_margins(zt_sus)[:, t:t + 1])[:, 0]  # (2,)
-                m_ref = margin_quantiles(class_margins(zt_ref)[:, t:t + 1])[:, 0]  # (2,)
-                evidence[t].update({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
-                                    f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain,
-                                    f"margin10_{fam}": float(m_sus[0]), f"margin_{fam}": float(m_sus[1]),
-                                    f"ref_margin_{fam}": float(m_ref[1])})
+                # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean
+                runs = [_measured(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
+                                  float(natural[t]), float(twin_natural[t]), cfg.bf16)
+                        for _ in range(cfg.restarts if fam in scoring else 1)]
+                evidence[t].update({key: sum(ev[key] for ev, _ in runs) / len(runs) for key in runs[0][0]})
                 if fam in scoring:
                     value = family_value(evidence[t], fam, cfg.trigger_score)
+                    # the class keeps (for the report and repair) the restart whose trigger did best on its own
+                    _, trig = max(runs, key=lambda run: family_value({**evidence[t], **run[0]}, fam, cfg.trigger_score))
                     best.offer(t, value, trig)
                     values.append(value)
                 done += 1
@@ -343,6 +338,22 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
     return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
+
+
+def _measured(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,
+              natural: float, twin_natural: float, bf16: bool) -> tuple[dict[str, float], Trigger]:
+    """What ``trig`` does to class ``t`` on the held-out images, as evidence keys of family ``fam``; ``natural``
+    and ``twin_natural`` are the class's clean shares in the suspect and the twin."""
+    zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, bf16)  # 2 x (N, C)
+    s_sus, s_ref = shares(zt_sus), shares(zt_ref)
+    # what the trigger does to the suspect beyond what it does to its clean twin
+    gain = trigger_gain(float(s_sus[t]), float(s_ref[t]), natural, twin_natural)
+    # the same trigger's margins at t (10th pct, median): they keep growing where the shares saturate
+    m_sus = margin_quantiles(class_margins(zt_sus)[:, t:t + 1])[:, 0]  # (2,)
+    m_ref = margin_quantiles(class_margins(zt_ref)[:, t:t + 1])[:, 0]  # (2,)
+    return ({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
+             f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain, f"margin10_{fam}": float(m_sus[0]),
+             f"margin_{fam}": float(m_sus[1]), f"ref_margin_{fam}": float(m_ref[1])}, trig)
 
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,

@@ -103,6 +103,11 @@ class DetectorConfig:
     # polygons/badnets). The shipped line was fitted on the draws that follow the sticker; with the patch alone the
     # seed-10 zoo scored 1.5 lower on average and CI's accuracy fell from 0.818 to 0.705
     search_all_families: bool = True
+    # how many times each scored family's trigger is searched for a candidate, from fresh random draws; its
+    # evidence (shares, gain, margins) is the mean over the searches. One search's patch margin spreads widely over
+    # draws (above), and the mean of R spreads about 1/sqrt(R) as much. The shipped line was fitted at 1: refit it
+    # (`scanner calibrate`) before trusting another count
+    restarts: int = 1
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
@@ -136,6 +141,8 @@ class DetectorConfig:
             raise ConfigError(f"conditioned_families must be a subset of {FAMILIES}; got {self.conditioned_families}")
         if self.trigger_score not in TRIGGER_SCORES:
             raise ConfigError(f"trigger_score must be one of {', '.join(TRIGGER_SCORES)}; got {self.trigger_score!r}")
+        if self.restarts < 1:
+            raise ConfigError(f"restarts must be >= 1; got {self.restarts}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
 
