@@ -97,11 +97,12 @@ class DetectorConfig:
     trigger_score: str = "patch-margin"
     # search every family of ``families_for``, also those the score does not read: under "patch-margin" the sticker
     # (and CoCoOp's additive family) are optimised and recorded but never scored. False searches the scored ones
-    # alone (the patch: half a 10-class scan's time), but keep the default until the line is refitted: a seed gives
-    # every model the same random draws, the sticker's search moves which draws the patch gets, and one model's
-    # patch margin spreads widely over draws (session 20, seed-10 zoo: 4.6 to 12.5 over four seeds on
-    # polygons/badnets). The shipped line was fitted on the draws that follow the sticker; with the patch alone the
-    # seed-10 zoo scored 1.5 lower on average and CI's accuracy fell from 0.818 to 0.705
+    # alone (the patch: 9.1 s instead of 14.3 s for a 10-class model, `benchmarks/detect_speed.py`), but keep the
+    # default until the line is refitted: a seed gives every model the same random draws, the sticker's search
+    # moves which draws the patch gets, and one model's patch margin spreads widely over draws (session 20,
+    # seed-10 zoo: 4.6 to 12.5 over four seeds on polygons/badnets). The shipped line was fitted on the draws that
+    # follow the sticker; with the patch alone the seed-10 zoo scored 1.5 lower on average and CI's accuracy fell
+    # from 0.818 to 0.705
     search_all_families: bool = True
     # how many times each scored family's trigger is searched for a candidate, from fresh random draws; its
     # evidence (shares, gain, margins) is the mean over the searches. One search's patch margin spreads widely over
