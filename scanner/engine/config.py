@@ -106,8 +106,9 @@ class DetectorConfig:
     search_all_families: bool = True
     # how many times each scored family's trigger is searched for a candidate, from fresh random draws; its
     # evidence (shares, gain, margins) is the mean over the searches. One search's patch margin spreads widely over
-    # draws (above), and the mean of R spreads about 1/sqrt(R) as much. The shipped line was fitted at 1: refit it
-    # (`scanner calibrate`) before trusting another count
+    # draws (above); independent draws would spread 1/sqrt(R) as much (not yet measured:
+    # `benchmarks/search_spread.py --restarts`). The shipped line was fitted at 1: refit it (`scanner calibrate`)
+    # before trusting another count
     restarts: int = 1
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
