@@ -58,12 +58,13 @@ def main() -> None:
     _time(models["10"], pool, replace(cfg, families=("additive",), candidates=1))  # warm-up (allocations, caches)
     ci = {n: _time(m, pool, cfg) for n, m in models.items()}
     small = models["10"]
-    scored = _time(small, pool, replace(cfg, search_all_families=False))
+    scored_cfg = replace(cfg, search_all_families=False)
+    scored = _time(small, pool, scored_cfg)
     k = min(args.plain_classes, small.n_cls)
     sub = PromptedCLIP(bb, CoOpLearner(bb, list(small.classnames[:k]), csc=True, seed=0))
     plain = _time(sub, pool, replace(cfg, detector="ci-plain")) * small.n_cls / k
     tag = "" if k == small.n_cls else f" (extrapolated from {k} classes)"
-    only = ", ".join(replace(cfg, search_all_families=False).search_families(False))
+    only = ", ".join(scored_cfg.search_families(False))
     print(f"OOD images {args.n_images}, families searched {', '.join(cfg.search_families(False))}, "
           f"score {cfg.trigger_score}, candidates {cfg.candidates}, threads {torch.get_num_threads()}")
     print(f"ci        10 classes: {ci['10']:7.1f} s")

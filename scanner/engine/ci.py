@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scanner.engine.config import PATCH_MARGIN_FAMILY, DetectorConfig
+from scanner.engine.config import PATCH_MARGIN_FAMILY, DetectorConfig, scoring_families
 from scanner.engine.drift import prompt_drift
 from scanner.engine.invert import (
     InversionSchedule,
@@ -132,15 +132,6 @@ def family_value(evidence: dict[str, float], family: str, trigger_score: str) ->
         margin = evidence[f"margin_{family}"]
         return margin if evidence[f"gain_{family}"] > 0 else min(margin, 0.0)
     return evidence[f"gain_{family}"]
-
-
-def scoring_families(families: Sequence[str], trigger_score: str) -> list[str]:
-    """Which of a candidate's searched ``families`` make its score (and keep its trigger): all of them, but for
-    "patch-margin" the patch family alone when it was searched (a configuration without it scores the best
-    family's median margin; calibrate such a configuration on a zoo before trusting its line)."""
-    if trigger_score == "patch-margin" and PATCH_MARGIN_FAMILY in families:
-        return [PATCH_MARGIN_FAMILY]
-    return list(families)
 
 
 def candidate_score(values: Sequence[float], bonus: float, trigger_score: str) -> float:

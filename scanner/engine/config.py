@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scanner.errors import ConfigError
@@ -38,6 +39,15 @@ PATCH_MARGIN_THRESHOLD = 5.96875
 TRIGGER_SCORES = ("share", "margin", "patch-margin")
 # the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
 PATCH_MARGIN_FAMILY = "patch"
+
+
+def scoring_families(families: Sequence[str], trigger_score: str) -> list[str]:
+    """Which of a candidate's searched ``families`` make its score (and keep its trigger): all of them, but for
+    "patch-margin" the patch family alone when it was searched (a configuration without it scores the best
+    family's median margin; calibrate such a configuration on a zoo before trusting its line)."""
+    if trigger_score == "patch-margin" and PATCH_MARGIN_FAMILY in families:
+        return [PATCH_MARGIN_FAMILY]
+    return list(families)
 
 
 @dataclass(frozen=True)
@@ -157,9 +167,7 @@ class DetectorConfig:
         """The trigger families CI optimises for a learner of that kind: ``families_for``, less the ones its
         score never reads unless ``search_all_families`` (under "patch-margin": the patch alone, when searched)."""
         families = self.families_for(image_conditioned)
-        if self.search_all_families or self.trigger_score != "patch-margin" or PATCH_MARGIN_FAMILY not in families:
-            return families
-        return (PATCH_MARGIN_FAMILY,)
+        return families if self.search_all_families else tuple(scoring_families(families, self.trigger_score))
 
     @property
     def decision_threshold(self) -> float:
