@@ -16,6 +16,7 @@ from scanner.cli import main
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig
 from scanner.engine.calibration import fit_two_channels
+from scanner.errors import ConfigError
 from scanner.prompting.train import TrainConfig
 from scanner.zoo import detect_eval
 from scanner.zoo.build import ZooPlan, build_zoo
@@ -149,7 +150,6 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
 
 
 def test_saved_rows_are_rescored_by_margin_and_old_rows_refused() -> None:
-    from scanner.errors import ConfigError
     from scanner.zoo.detect_eval import rescore_ci
 
     ev = [{"candidate": 1.0, "gain_sticker": 0.2, "gain_patch": 0.9, "margin_sticker": -3.0, "margin_patch": 4.0,
@@ -262,6 +262,42 @@ def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path,
         assert [e["candidate"] for e in cut["evidence"]] == [e["candidate"] for e in a["evidence"]]
         # re-scored with another bonus, the cut row still scores only its one confirmed class
         assert rescore_ci(cut, 0.0)["class_scores"] == rescore_ci(a, 0.0)["class_scores"]
+
+
+def test_an_awake_candidate_run_answers_for_the_drift_candidates_alone(zoo: Path, bundled_backbone: ClipBackbone,
+                                                                        tmp_path: Path) -> None:
+    from scanner.zoo.detect_eval import first_candidates
+
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--awake-candidate", "--n-images",
+                                    "48", "--accel", "torch", "--json", str(tmp_path / "awake.json")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "awake.json").read_text())
+    assert saved["config"]["awake_candidate"] is True
+    one = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=SMALL, accel="torch")
+    rows = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(SMALL, awake_candidate=True), accel="torch")
+    for a, row in zip(one, rows, strict=True):
+        ev = row["evidence"]
+        excess = [e["natural_share"] - e["zero_shot_share"] for e in ev]
+        awake = max(range(len(ev)), key=lambda k: (excess[k], -k))  # first of the largest, as torch.argmax
+        drift = {k for k, e in enumerate(a["evidence"]) if e["candidate"]}
+        assert {k for k, e in enumerate(ev) if e["candidate"]} == drift | {awake}
+        both = first_candidates(row, 1, awake=True)
+        assert both["class_scores"] == row["class_scores"]
+        cut = first_candidates(row, 1)  # the drift candidate alone: searched first, so a one-candidate run's
+        assert cut["class_scores"] == a["class_scores"]
+        if awake not in drift:
+            with pytest.raises(ConfigError, match="--awake-candidate"):
+                first_candidates(row, len(ev), awake=True)
+    # a file written before the field existed resumes as a run with its default (no awake candidate)
+    old = tmp_path / "old.json"
+    CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--n-images", "48", "--accel", "torch",
+                              "--json", str(old)])
+    data = json.loads(old.read_text())
+    del data["config"]["awake_candidate"]
+    old.write_text(json.dumps(data))
+    again = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--n-images", "48", "--accel",
+                                      "torch", "--json", str(old)])
+    assert again.exit_code == 0 and json.loads(old.read_text())["rows"] == data["rows"]
 
 
 def test_shards_split_a_zoo_and_report_joins_them_as_one_run(zoo: Path, bundled_backbone: ClipBackbone,

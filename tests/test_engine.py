@@ -414,6 +414,28 @@ def test_restarts_average_the_scored_family_over_fresh_searches(model: PromptedC
         DetectorConfig(restarts=0)
 
 
+def test_the_awake_candidate_is_the_class_clean_images_fall_into_most(model: PromptedCLIP,
+                                                                      pool: torch.Tensor) -> None:
+    base = replace(SMALL, search_all_families=False, candidates=1)
+    steps: list[tuple[str, int, int]] = []
+    res = detect(model, pool, replace(base, awake_candidate=True), seed=0,
+                 progress=lambda stage, done, total: steps.append((stage, done, total)))
+    ev = [c.evidence for c in res.classes]
+    drift_top = max(range(len(ev)), key=lambda k: ev[k]["drift_anomaly"])
+    excess = torch.tensor([e["natural_share"] for e in ev]) - torch.tensor([e["zero_shot_share"] for e in ev])
+    awake_top = int(torch.argmax(excess))
+    confirmed = {k for k, e in enumerate(ev) if e["candidate"]}
+    assert confirmed == {drift_top, awake_top}
+    assert all(res.classes[k].anomaly_score != -1.0 or ev[k]["gain_patch"] <= 0 for k in confirmed)
+    # the progress counts one step per candidate's family and ends where it said it would
+    confirms = [s for s in steps if s[0].startswith("confirm:")]
+    assert len(confirms) == len(confirmed) and confirms[-1][1] == confirms[-1][2] == len(confirmed)
+    # the drift candidate is searched first, from the same draws as a run without the awake candidate
+    alone = detect(model, pool, base, seed=0)
+    assert alone.classes[drift_top].evidence["margin_patch"] == ev[drift_top]["margin_patch"]
+    assert DetectorConfig().awake_candidate is False
+
+
 def test_the_settings_help_states_cis_default_line() -> None:
     from dataclasses import fields
 

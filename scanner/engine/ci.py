@@ -278,7 +278,6 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     m = min(cfg.candidates, C)
     conditioned = model.learner.image_conditioned
     families = cfg.search_families(conditioned)
-    total = m * len(families)  # progress counts families; a family searched several times counts once
     done = 0
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
     best = _BestTriggers(torch.full((C,), -1.0))  # per class: best confirmed gain; -1 = not confirmed
@@ -307,6 +306,11 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             for k in range(C):
                 evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
         cands = [int(k) for k in torch.argsort(rank, descending=True, stable=True)[:m]]
+        if cfg.awake_candidate:
+            # the class clean photos fall into most beyond plain prompts (not weighed: ``awake_excess``)
+            awake_top = int(torch.argmax(natural - zero_shot))
+            cands += [awake_top] if awake_top not in cands else []
+        total = len(cands) * len(families)  # progress counts families; one searched several times counts once
         scoring = scoring_families(families, cfg.trigger_score)
         for t in cands:
             values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)

@@ -77,6 +77,12 @@ class DetectorConfig:
     # at the same accuracy (0.765) and FPR 0.045 -> 0.061, and cost 2.4x (45 s for a 10-class model on 2 cores,
     # past the 30 s bar): 1 stays the default, `candidates = 3` buys the ranking
     candidates: int = 1
+    # also confirm the class that takes the largest share of clean OOD images beyond plain zero-shot prompts (the
+    # dormancy channel's class, unweighed), when it is not among the drift candidates. A Blended prompt that half
+    # fires on clean photos can drift less than clean classes do: on the seed-10 p7 zoo polygons/blended and
+    # digits/blended (target drift rank 3 and 2) sent 0.43 / 0.56 of clean OOD images to their target, the most
+    # of any class. Costs one more candidate's search when that class is not the most drifted
+    awake_candidate: bool = False
     # image-conditioned learners (CoCoOp): rank candidates by universal reach over the twin's
     # (engine/reach.py) instead of prompt drift, and confirm with these families besides ``families``. Drift named
     # the BadCLIP target first in 0 of 13 models, reach in 4; BadCLIP's trigger is a full-image additive one.

@@ -93,7 +93,10 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
     if out is not None and out.exists():
         prev = json.loads(out.read_text())
         _check_same_zoo(prev.get("zoo"), manifest.get("zoo"), out)
-        if (prev.get("ood_sha256") == pool_hash and _evidence_config(prev.get("config") or {})
+        # a field the file does not record did not exist when it was written: its default is the behaviour
+        # that run had (new detector settings default to the old behaviour)
+        saved_cfg = {**_config_dict(DetectorConfig()), **prev["config"]} if prev.get("config") else {}
+        if (prev.get("ood_sha256") == pool_hash and _evidence_config(saved_cfg)
                 == _evidence_config(_config_dict(base)) and prev.get("accel", "torch") == accel):
             # the same searches: keep their evidence, and decide it again if the decision settings differ
             rows = [_redecided(r, base) for r in prev["rows"]]
@@ -352,18 +355,28 @@ def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float,
     return fit_two_channels(per_model, fpr, margin=margin)
 
 
-def first_candidates(row: dict[str, Any], c: int) -> dict[str, Any]:
-    """A CI row as a run confirming only its ``c`` most drifted classes would have written it.
+def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[str, Any]:
+    """A CI row as a run confirming only its ``c`` most drifted classes (and, with ``awake``, the class clean
+    images fall into most beyond plain prompts: ``DetectorConfig.awake_candidate``) would have written it.
 
     The engine confirms candidates in rank order (``torch.argsort(rank, descending, stable)``: the drift
     anomaly, or the reach anomaly for image-conditioned models ranked by reach) with one generator, so the
     first c confirmations of a run with more candidates are exactly a c-candidate run's: one run answers
-    "how many candidates?" for every smaller count.
+    "how many candidates?" for every smaller count. The awake class is confirmed after them, so with ``awake``
+    its search drew other random numbers than a run with c drift candidates would give it (same distribution).
     """
     ev = row["evidence"]
     key = "reach_anomaly" if all("reach_anomaly" in e for e in ev) else "drift_anomaly"
     rank = torch.tensor([float(e[key]) for e in ev])  # (C,)
     keep = {int(k) for k in torch.argsort(rank, descending=True, stable=True)[:c]}
+    if awake:
+        # float32 as the engine computed it, so ties break alike
+        excess = torch.tensor([float(e["natural_share"]) for e in ev]) - torch.tensor(
+            [float(e["zero_shot_share"]) for e in ev])
+        keep.add(int(torch.argmax(excess)))
+        if not all(ev[k].get("candidate") for k in keep):
+            raise ConfigError(f"row {row.get('id')!r} did not confirm the classes asked for: run it with "
+                              f"--candidates {c} --awake-candidate or more")
     scores = [float(s) if k in keep else -1.0 for k, s in enumerate(row["class_scores"])]
     evidence = [{**e, "candidate": float(k in keep), **({} if k in keep else {"score": -1.0})}
                 for k, e in enumerate(ev)]
