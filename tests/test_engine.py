@@ -436,6 +436,12 @@ def test_the_awake_candidate_is_the_class_clean_images_fall_into_most(model: Pro
     assert DetectorConfig().awake_candidate is False
 
 
+@pytest.mark.parametrize("bad", [{"kappa": 0.0}, {"kappa": -1.0}, {"restarts": 0}, {"candidates": 0}])
+def test_search_settings_out_of_range_are_refused_with_their_name(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        DetectorConfig(**bad)  # type: ignore[arg-type]
+
+
 def test_the_settings_help_states_cis_default_line() -> None:
     from dataclasses import fields
 

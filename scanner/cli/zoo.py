@@ -167,6 +167,8 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
+@click.option("--kappa", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="CI: the logit margin its trigger searches ask for (default: the detector's, 1)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",
@@ -186,8 +188,8 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--learners", default=None, metavar="L1,L2",
               help="evaluate only the models tuned by these learners (coop, coop-csc, cocoop)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
-          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, awake_candidate: bool,
-          families: str | None,
+          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, kappa: float | None,
+          awake_candidate: bool, families: str | None,
           conditioned_ranking: str | None, conditioned_families: str | None, trigger_score: str | None,
           scored_families_only: bool, device: str, shard: str | None, learners: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
@@ -212,6 +214,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, candidates=candidates)
         if awake_candidate:
             cfg = replace(cfg, awake_candidate=True)
+        if kappa is not None:
+            cfg = replace(cfg, kappa=kappa)
         if families is not None:
             cfg = replace(cfg, families=tuple(csv_list(families) or ()))
         if conditioned_ranking is not None:

@@ -159,6 +159,8 @@ class DetectorConfig:
             raise ConfigError(f"conditioned_families must be a subset of {FAMILIES}; got {self.conditioned_families}")
         if self.trigger_score not in TRIGGER_SCORES:
             raise ConfigError(f"trigger_score must be one of {', '.join(TRIGGER_SCORES)}; got {self.trigger_score!r}")
+        if not self.kappa > 0:
+            raise ConfigError(f"kappa must be > 0 (the logit margin a trigger search asks for); got {self.kappa}")
         if self.restarts < 1:
             raise ConfigError(f"restarts must be >= 1; got {self.restarts}")
         if self.candidates < 1:
