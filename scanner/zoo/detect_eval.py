@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from scanner.accel.features import ForwardFeatures
 
 INT8_GATE_IMAGES = 256  # scanner.accel.features.INT8_GATE_IMAGES (not imported: onnxruntime stays optional)
+# detector settings added after evaluation files were first written, at the value that gives the behaviour from
+# before they existed: a saved run without the field resumes as a run with this value (whatever the default is now)
+FIELD_ADDED: dict[str, Any] = {"search_all_families": True, "restarts": 1, "awake_candidate": False}
 EVAL_SEED_OFFSET = 12345  # the detector's OOD pool is drawn apart from the zoo's ASR pool
 
 
@@ -93,9 +96,8 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
     if out is not None and out.exists():
         prev = json.loads(out.read_text())
         _check_same_zoo(prev.get("zoo"), manifest.get("zoo"), out)
-        # a field the file does not record did not exist when it was written: its default is the behaviour
-        # that run had (new detector settings default to the old behaviour)
-        saved_cfg = {**_config_dict(DetectorConfig()), **prev["config"]} if prev.get("config") else {}
+        # a field the file does not record did not exist when it was written: that run behaved as FIELD_ADDED says
+        saved_cfg = {**FIELD_ADDED, **prev["config"]} if prev.get("config") else {}
         if (prev.get("ood_sha256") == pool_hash and _evidence_config(saved_cfg)
                 == _evidence_config(_config_dict(base)) and prev.get("accel", "torch") == accel):
             # the same searches: keep their evidence, and decide it again if the decision settings differ
