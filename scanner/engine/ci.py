@@ -316,7 +316,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)
             for fam in families:
                 # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean
-                runs = [_measured(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
+                runs = [measure_trigger(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
                                   float(natural[t]), float(twin_natural[t]), cfg.bf16)
                         for _ in range(cfg.restarts if fam in scoring else 1)]
                 evidence[t].update({key: sum(ev[key] for ev, _ in runs) / len(runs) for key in runs[0][0]})
@@ -335,7 +335,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
 
 
-def _measured(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,
+def measure_trigger(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,
               natural: float, twin_natural: float, bf16: bool) -> tuple[dict[str, float], Trigger]:
     """What ``trig`` does to class ``t`` on the held-out images, as evidence keys of family ``fam``; ``natural``
     and ``twin_natural`` are the class's clean shares in the suspect and the twin."""
