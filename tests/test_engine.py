@@ -442,6 +442,31 @@ def test_search_settings_out_of_range_are_refused_with_their_name(bad: dict[str,
         DetectorConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_a_search_leaves_nothing_behind(model: PromptedCLIP, pool: torch.Tensor) -> None:
+    from scanner.engine.ci import invert_for, measure_trigger, split_pool, trusted_twin
+    from scanner.engine.invert import frozen_learner, panel_logits, shares
+
+    # a later search must not score differently because an earlier one ran: same seed, same evidence, and the
+    # pool, the suspect and the twin unchanged
+    cfg = replace(SMALL, search_all_families=False)
+    opt_x, hold_x = split_pool(pool, cfg)
+    before = pool.clone()
+    with frozen_learner(model):
+        ref, _ = trusted_twin(model, opt_x, cfg)
+        z0 = panel_logits(model, (ref,), None, hold_x, cfg.bf16)  # 2 x (N, C)
+        natural, twin_natural = (shares(z) for z in z0)
+        evidence = []
+        for _ in range(2):
+            trig = invert_for(model, ref, 0, "patch", opt_x, cfg, torch.Generator().manual_seed(0))
+            ev, _ = measure_trigger(model, ref, trig, 0, "patch", hold_x, float(natural[0]), float(twin_natural[0]),
+                                    cfg.bf16)
+            evidence.append(ev)
+            z1 = panel_logits(model, (ref,), None, hold_x, cfg.bf16)
+            assert all(torch.equal(a, b) for a, b in zip(z0, z1, strict=True))
+    assert evidence[0] == evidence[1]
+    assert torch.equal(pool, before)
+
+
 def test_the_settings_help_states_cis_default_line() -> None:
     from dataclasses import fields
 
