@@ -81,7 +81,9 @@ class DetectorConfig:
     # dormancy channel's class, unweighed), when it is not among the drift candidates. A Blended prompt that half
     # fires on clean photos can drift less than clean classes do: on the seed-10 p7 zoo polygons/blended and
     # digits/blended (target drift rank 3 and 2) sent 0.43 / 0.56 of clean OOD images to their target, the most
-    # of any class. Costs one more candidate's search when that class is not the most drifted
+    # of any class. Costs one more candidate's search when that class is not the most drifted. Off: pre-registered
+    # with the patch searched alone and its own line (docs/preregistrations.md), it scored 0.750 on the seed-12
+    # zoo against the default's 0.818 (FPR 0.045 both): it found one more target, but its patch draws scored lower
     awake_candidate: bool = False
     # image-conditioned learners (CoCoOp): rank candidates by universal reach over the twin's
     # (engine/reach.py) instead of prompt drift, and confirm with these families besides ``families``. Drift named
