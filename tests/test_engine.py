@@ -410,6 +410,13 @@ def test_restarts_average_the_scored_family_over_fresh_searches(model: PromptedC
     expected = e2["margin_patch"] if e2["gain_patch"] > 0 else min(e2["margin_patch"], 0.0)
     assert r2.classes[k].anomaly_score == pytest.approx(expected)  # scored from the mean evidence
     assert k in r2.raw_triggers  # one of the two triggers is kept for the report and repair
+    # "best": the evidence of the restart whose trigger scored highest, whole
+    rb = detect(model, pool, replace(two, restart_rule="best"), seed=0)
+    eb = rb.classes[k].evidence
+    assert eb["margin_patch"] == pytest.approx(max(e1["margin_patch"], second_margin), abs=1e-4)
+    assert eb["asr_patch"] in (pytest.approx(e1["asr_patch"]), pytest.approx(second_share, abs=1e-4))
+    with pytest.raises(ConfigError, match="restart_rule"):
+        DetectorConfig(restart_rule="median")
     with pytest.raises(ConfigError, match="restarts"):
         DetectorConfig(restarts=0)
 

@@ -169,6 +169,10 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
 @click.option("--kappa", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="CI: the logit margin its trigger searches ask for (default: the detector's, 1)")
+@click.option("--restarts", type=click.IntRange(1), default=None,
+              help="CI: searches of each scored trigger family per candidate (default: the detector's, 1)")
+@click.option("--restart-rule", type=click.Choice(["mean", "best"]), default=None,
+              help="CI: a candidate's evidence from its restarts: their mean, or the best one's (default: mean)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",
@@ -189,7 +193,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="evaluate only the models tuned by these learners (coop, coop-csc, cocoop)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, kappa: float | None,
-          awake_candidate: bool, families: str | None,
+          restarts: int | None, restart_rule: str | None, awake_candidate: bool, families: str | None,
           conditioned_ranking: str | None, conditioned_families: str | None, trigger_score: str | None,
           scored_families_only: bool, device: str, shard: str | None, learners: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
@@ -216,6 +220,10 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, awake_candidate=True)
         if kappa is not None:
             cfg = replace(cfg, kappa=kappa)
+        if restarts is not None:
+            cfg = replace(cfg, restarts=restarts)
+        if restart_rule is not None:
+            cfg = replace(cfg, restart_rule=restart_rule)
         if families is not None:
             cfg = replace(cfg, families=tuple(csv_list(families) or ()))
         if conditioned_ranking is not None:

@@ -319,11 +319,16 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 runs = [measure_trigger(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
                                   float(natural[t]), float(twin_natural[t]), cfg.bf16)
                         for _ in range(cfg.restarts if fam in scoring else 1)]
-                evidence[t].update({key: sum(ev[key] for ev, _ in runs) / len(runs) for key in runs[0][0]})
+                # the restart whose trigger did best on its own: kept for the report and repair, and with
+                # restart_rule "best" its evidence is the family's
+                top_ev, trig = max(runs, key=lambda run: family_value({**evidence[t], **run[0]}, fam,
+                                                                     cfg.trigger_score))
+                if cfg.restart_rule == "best":
+                    evidence[t].update(top_ev)
+                else:
+                    evidence[t].update({key: sum(ev[key] for ev, _ in runs) / len(runs) for key in runs[0][0]})
                 if fam in scoring:
                     value = family_value(evidence[t], fam, cfg.trigger_score)
-                    # the class keeps (for the report and repair) the restart whose trigger did best on its own
-                    _, trig = max(runs, key=lambda run: family_value({**evidence[t], **run[0]}, fam, cfg.trigger_score))
                     best.offer(t, value, trig)
                     values.append(value)
                 done += 1

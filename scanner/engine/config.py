@@ -37,6 +37,7 @@ MARGIN_THRESHOLD = 12.7069
 # / 0.091, AUROC 0.889)
 PATCH_MARGIN_THRESHOLD = 5.96875
 TRIGGER_SCORES = ("share", "margin", "patch-margin")
+RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
 # the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
 PATCH_MARGIN_FAMILY = "patch"
 
@@ -128,6 +129,11 @@ class DetectorConfig:
     # `benchmarks/search_spread.py --restarts`). The shipped line was fitted at 1: refit it (`scanner calibrate`)
     # before trusting another count
     restarts: int = 1
+    # how the restarts make the evidence: "mean" (above), or "best": the restart whose trigger scores highest, all
+    # its evidence. Session 21 (`runs/s21/init_probe.py`, 6 models x 4 seeds, patch alone): a clean class's natural
+    # trigger is found at every draw (counts/clean-0 2.95-3.66), a planted one is missed at some (positions/badnets
+    # 3.34-8.62), so the best of several draws may separate better than their mean. Not yet judged on a zoo
+    restart_rule: str = "mean"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
@@ -163,6 +169,8 @@ class DetectorConfig:
             raise ConfigError(f"trigger_score must be one of {', '.join(TRIGGER_SCORES)}; got {self.trigger_score!r}")
         if not self.kappa > 0:
             raise ConfigError(f"kappa must be > 0 (the logit margin a trigger search asks for); got {self.kappa}")
+        if self.restart_rule not in RESTART_RULES:
+            raise ConfigError(f"restart_rule must be one of {', '.join(RESTART_RULES)}; got {self.restart_rule!r}")
         if self.restarts < 1:
             raise ConfigError(f"restarts must be >= 1; got {self.restarts}")
         if self.candidates < 1:
