@@ -130,7 +130,7 @@ class DetectorConfig:
     # before trusting another count
     restarts: int = 1
     # how the restarts make the evidence: "mean" (above), or "best": the restart whose trigger scores highest, all
-    # its evidence. Session 21 (`runs/s21/init_probe.py`, 6 models x 4 seeds, patch alone): a clean class's natural
+    # its evidence. Session 21 (`benchmarks/draw_probe.py`, 6 models x 4 seeds, patch alone): a clean class's natural
     # trigger is found at every draw (counts/clean-0 2.95-3.66), a planted one is missed at some (positions/badnets
     # 3.34-8.62), so the best of several draws may separate better than their mean. Not yet judged on a zoo
     restart_rule: str = "mean"
