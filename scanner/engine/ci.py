@@ -315,9 +315,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         for t in cands:
             values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)
             for fam in families:
-                # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean
+                # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean or the
+                # best one's (``restart_rule``)
                 runs = [measure_trigger(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
-                                  float(natural[t]), float(twin_natural[t]), cfg.bf16)
+                                        float(natural[t]), float(twin_natural[t]), cfg.bf16)
                         for _ in range(cfg.restarts if fam in scoring else 1)]
                 # the restart whose trigger did best on its own: kept for the report and repair, and with
                 # restart_rule "best" its evidence is the family's
@@ -341,7 +342,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
 
 
 def measure_trigger(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,
-              natural: float, twin_natural: float, bf16: bool) -> tuple[dict[str, float], Trigger]:
+                    natural: float, twin_natural: float, bf16: bool) -> tuple[dict[str, float], Trigger]:
     """What ``trig`` does to class ``t`` on the held-out images, as evidence keys of family ``fam``; ``natural``
     and ``twin_natural`` are the class's clean shares in the suspect and the twin."""
     zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, bf16)  # 2 x (N, C)
