@@ -30,17 +30,21 @@ from dataclasses import replace
 import torch
 
 from scanner.clip.backbone import load_bundled
-from scanner.engine import DetectorConfig, detect
+from scanner.engine import DetectionResult, DetectorConfig, detect
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.prompting.learners import CoOpLearner
 from scanner.zoo.datasets import get_spec
 from scanner.zoo.ood import default_ood_pool
 
 
-def _time(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig) -> float:
+def _timed(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig) -> tuple[float, DetectionResult]:
     t0 = time.perf_counter()
-    detect(model, pool, cfg, seed=0)
-    return time.perf_counter() - t0
+    res = detect(model, pool, cfg, seed=0)
+    return time.perf_counter() - t0, res
+
+
+def _time(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig) -> float:
+    return _timed(model, pool, cfg)[0]
 
 
 def main() -> None:
@@ -62,10 +66,7 @@ def main() -> None:
     small = models["10"]
     scored_cfg = replace(cfg, search_all_families=False)
     scored = _time(small, pool, scored_cfg)
-    awake_cfg = replace(scored_cfg, awake_candidate=True)
-    t0 = time.perf_counter()
-    awake_res = detect(small, pool, awake_cfg, seed=0)
-    awake = time.perf_counter() - t0
+    awake, awake_res = _timed(small, pool, replace(scored_cfg, awake_candidate=True))
     n_awake = sum(int(c.evidence["candidate"]) for c in awake_res.classes)
     k = min(args.plain_classes, small.n_cls)
     sub = PromptedCLIP(bb, CoOpLearner(bb, list(small.classnames[:k]), csc=True, seed=0))

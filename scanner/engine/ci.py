@@ -306,9 +306,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             for k in range(C):
                 evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
         cands = [int(k) for k in torch.argsort(rank, descending=True, stable=True)[:m]]
+        excess = natural - zero_shot  # (C,) clean-image share beyond plain prompts: the dormancy check's input
         if cfg.awake_candidate:
             # the class clean photos fall into most beyond plain prompts (not weighed: ``awake_excess``)
-            awake_top = int(torch.argmax(natural - zero_shot))
+            awake_top = int(torch.argmax(excess))
             cands += [awake_top] if awake_top not in cands else []
         total = len(cands) * len(families)  # progress counts families; one searched several times counts once
         scoring = scoring_families(families, cfg.trigger_score)
@@ -338,7 +339,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             best.settle(t, candidate_score(values, cfg.family_bonus, cfg.trigger_score))
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
-    return _decide_ci(model, cfg, best, natural, evidence, seed, start, natural - zero_shot, drift_anomaly)
+    return _decide_ci(model, cfg, best, natural, evidence, seed, start, excess, drift_anomaly)
 
 
 def measure_trigger(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,

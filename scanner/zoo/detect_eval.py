@@ -373,10 +373,10 @@ def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[s
     rank = torch.tensor([float(e[key]) for e in ev])  # (C,)
     keep = {int(k) for k in torch.argsort(rank, descending=True, stable=True)[:c]}
     if awake:
-        # float32 as the engine computed it, so ties break alike
-        excess = torch.tensor([float(e["natural_share"]) for e in ev]) - torch.tensor(
-            [float(e["zero_shot_share"]) for e in ev])
-        keep.add(int(torch.argmax(excess)))
+        inputs = _dormancy_inputs(row)
+        if inputs is None:
+            raise ConfigError(f"row {row.get('id')!r} records no clean-image shares to find its awake class by")
+        keep.add(int(torch.argmax(inputs[0])))  # the clean-image excess, as the engine picks the awake class
         if not all(ev[k].get("candidate") for k in keep):
             raise ConfigError(f"row {row.get('id')!r} did not confirm the classes asked for: run it with "
                               f"--candidates {c} --awake-candidate or more")
