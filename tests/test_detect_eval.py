@@ -302,6 +302,26 @@ def test_an_awake_candidate_run_answers_for_the_drift_candidates_alone(zoo: Path
     assert again.exit_code == 0 and json.loads(old.read_text())["rows"] == data["rows"]
 
 
+def test_a_best_of_restarts_run_answers_for_every_smaller_count(zoo: Path, bundled_backbone: ClipBackbone) -> None:
+    from scanner.zoo.detect_eval import first_restarts
+
+    base = replace(SMALL, search_all_families=False)
+    one = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=base, accel="torch")
+    three = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(base, restarts=3, restart_rule="best"),
+                         accel="torch")
+    lifted = 0
+    for a, row in zip(one, three, strict=True):
+        cut = first_restarts(row, 1, base.family_bonus, base.trigger_score)
+        assert cut["class_scores"] == pytest.approx(a["class_scores"])  # one candidate: its first draw is the same
+        assert first_restarts(row, 3, base.family_bonus, base.trigger_score)["class_scores"] == \
+            pytest.approx(row["class_scores"])
+        lifted += max(row["class_scores"][k] - a["class_scores"][k] for k, e in enumerate(row["evidence"])
+                      if e["candidate"]) > 0
+        with pytest.raises(ConfigError, match="--restarts 4"):
+            first_restarts(row, 4, base.family_bonus, base.trigger_score)
+    assert lifted > 0  # a later restart did better somewhere: the cut is not the whole run
+
+
 def test_shards_split_a_zoo_and_report_joins_them_as_one_run(zoo: Path, bundled_backbone: ClipBackbone,
                                                              tmp_path: Path) -> None:
     from scanner.zoo.detect_eval import load_manifest

@@ -12,7 +12,7 @@ import torch
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
-from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text
+from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text, restart_key
 from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
@@ -415,6 +415,11 @@ def test_restarts_average_the_scored_family_over_fresh_searches(model: PromptedC
     eb = rb.classes[k].evidence
     assert eb["margin_patch"] == pytest.approx(max(e1["margin_patch"], second_margin), abs=1e-4)
     assert eb["asr_patch"] in (pytest.approx(e1["asr_patch"]), pytest.approx(second_share, abs=1e-4))
+    # each restart's own value is recorded (the first is the single search's), and "best" scores their best
+    v1 = e1["margin_patch"] if e1["gain_patch"] > 0 else min(e1["margin_patch"], 0.0)
+    assert restart_key("patch", 0) not in e1 and eb[restart_key("patch", 0)] == pytest.approx(v1)
+    assert e2[restart_key("patch", 1)] == eb[restart_key("patch", 1)]  # the rule does not change what was drawn
+    assert rb.classes[k].anomaly_score == pytest.approx(max(eb[restart_key("patch", i)] for i in range(2)))
     with pytest.raises(ConfigError, match="restart_rule"):
         DetectorConfig(restart_rule="median")
     with pytest.raises(ConfigError, match="restarts"):

@@ -118,6 +118,11 @@ def confirmed_families(evidence: dict[str, float]) -> list[str]:
     return [key[5:] for key in evidence if key.startswith("gain_")]
 
 
+def restart_key(family: str, i: int) -> str:
+    """The evidence key of restart ``i``'s (0-based) value for ``family`` (recorded when ``restarts`` > 1)."""
+    return f"restart{i}_{family}"
+
+
 def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``), the
     margin lift (``"margin"``: ``trigger_gain`` of the median margins) or the median margin itself
@@ -329,6 +334,12 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                     evidence[t].update(top_ev)
                 else:
                     evidence[t].update({key: sum(ev[key] for ev, _ in runs) / len(runs) for key in runs[0][0]})
+                if len(runs) > 1:
+                    # each restart's own value, in search order, so that a saved run can be cut to fewer restarts
+                    # (``first_restarts``: the first candidate's restart i draws the same numbers at any count)
+                    evidence[t].update({restart_key(fam, i): family_value({**evidence[t], **ev}, fam,
+                                                                          cfg.trigger_score)
+                                        for i, (ev, _) in enumerate(runs)})
                 if fam in scoring:
                     value = family_value(evidence[t], fam, cfg.trigger_score)
                     best.offer(t, value, trig)

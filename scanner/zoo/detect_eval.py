@@ -386,6 +386,33 @@ def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[s
     return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
 
 
+def first_restarts(row: dict[str, Any], r: int, family_bonus: float, trigger_score: str) -> dict[str, Any]:
+    """A CI row of a ``restart_rule = "best"`` run with R >= ``r`` restarts, as a run with ``r`` restarts would
+    have scored it: each confirmed class's scoring families take the best of their first ``r`` restart values
+    (``restart_key``), and the engine's ``candidate_score`` makes the class's score. Exact for the first
+    candidate, whose restart i draws the same numbers at any restart count; a later candidate's searches drew
+    other numbers than an r-restart run would have given it (same distribution). Only a "best" run's rows cut
+    this way (a "mean" run's evidence is no restart's): the caller checks the run's config. ConfigError for
+    rows recording fewer than ``r`` restarts."""
+    from scanner.engine.ci import candidate_score, confirmed_families, restart_key, scoring_families
+
+    if row["detector"] != "ci":
+        return row
+    scores = [float(x) for x in row["class_scores"]]
+    evidence = []
+    for k, e in enumerate(row.get("evidence") or []):
+        fams = scoring_families(confirmed_families(e), trigger_score)
+        if fams and e.get("candidate", 1.0):
+            if any(restart_key(f, r - 1) not in e for f in fams):
+                raise ConfigError(f"row {row.get('id')!r} records fewer than {r} restarts for class {k}: run it "
+                                  f"with --restarts {r} --restart-rule best or more")
+            values = [max(float(e[restart_key(f, i)]) for i in range(r)) for f in fams]
+            scores[k] = candidate_score(values, family_bonus, trigger_score)
+            e = {**e, "score": scores[k]}
+        evidence.append(e)
+    return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
+
+
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
     """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
     from the row's recorded evidence by the engine's own rule (``ci_verdict`` for CI rows; the anomaly index
