@@ -426,6 +426,27 @@ def test_restarts_average_the_scored_family_over_fresh_searches(model: PromptedC
         DetectorConfig(restarts=0)
 
 
+def test_flat_models_confirm_more_candidates(model: PromptedCLIP, pool: torch.Tensor,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from scanner.engine import ci
+
+    base = replace(SMALL, search_all_families=False, candidates=1, flat_candidates=3)
+    ranked = detect(model, pool, base, seed=0)
+    top = max(c.evidence["drift_anomaly"] for c in ranked.classes)
+    # a drift anomaly above the cut names a suspect: one candidate, as without the option
+    monkeypatch.setattr(ci, "FLAT_ANOMALY", top - 1e-3)
+    named = detect(model, pool, base, seed=0)
+    assert sum(c.evidence["candidate"] for c in named.classes) == 1
+    # under it nothing stands out: the three most drifted classes are confirmed, the first as a one-candidate run
+    monkeypatch.setattr(ci, "FLAT_ANOMALY", top + 1e-3)
+    flat = detect(model, pool, base, seed=0)
+    order = sorted(range(model.n_cls), key=lambda k: -flat.classes[k].evidence["drift_anomaly"])
+    assert {k for k, c in enumerate(flat.classes) if c.evidence["candidate"]} == set(order[:3])
+    assert flat.classes[order[0]].evidence["margin_patch"] == named.classes[order[0]].evidence["margin_patch"]
+    with pytest.raises(ConfigError, match="flat_candidates"):
+        DetectorConfig(flat_candidates=-1)
+
+
 def test_the_awake_candidate_is_the_class_clean_images_fall_into_most(model: PromptedCLIP,
                                                                       pool: torch.Tensor) -> None:
     base = replace(SMALL, search_all_families=False, candidates=1)

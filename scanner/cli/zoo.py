@@ -167,6 +167,8 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
 @click.option("--candidates", type=click.IntRange(1), default=None,
               help="classes CI confirms with trigger inversion, most drifted first (default: the detector's, 1)")
+@click.option("--flat-candidates", type=click.IntRange(0), default=None,
+              help="CI: classes confirmed when no class's ranking anomaly reaches 2 (default: the detector's, 0 = off)")
 @click.option("--kappa", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="CI: the logit margin its trigger searches ask for (default: the detector's, 1)")
 @click.option("--restarts", type=click.IntRange(1), default=None,
@@ -192,7 +194,8 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--learners", default=None, metavar="L1,L2",
               help="evaluate only the models tuned by these learners (coop, coop-csc, cocoop)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
-          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None, kappa: float | None,
+          threshold: float | None, accel: str, accel_int8: bool, candidates: int | None,
+          flat_candidates: int | None, kappa: float | None,
           restarts: int | None, restart_rule: str | None, awake_candidate: bool, families: str | None,
           conditioned_ranking: str | None, conditioned_families: str | None, trigger_score: str | None,
           scored_families_only: bool, device: str, shard: str | None, learners: str | None) -> None:
@@ -216,6 +219,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, threshold=threshold)
         if candidates is not None:
             cfg = replace(cfg, candidates=candidates)
+        if flat_candidates is not None:
+            cfg = replace(cfg, flat_candidates=flat_candidates)
         if awake_candidate:
             cfg = replace(cfg, awake_candidate=True)
         if kappa is not None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scanner.engine.config import PATCH_MARGIN_FAMILY, DetectorConfig, scoring_families
+from scanner.engine.config import FLAT_ANOMALY, PATCH_MARGIN_FAMILY, DetectorConfig, scoring_families
 from scanner.engine.drift import prompt_drift
 from scanner.engine.invert import (
     InversionSchedule,
@@ -280,7 +280,6 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     gen = torch.Generator().manual_seed(seed)
     opt_x, hold_x = split_pool(pool, cfg)
     C = model.n_cls
-    m = min(cfg.candidates, C)
     conditioned = model.learner.image_conditioned
     families = cfg.search_families(conditioned)
     done = 0
@@ -310,6 +309,9 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             rank = anomaly_index(reach, floor=DRIFT_FLOOR)
             for k in range(C):
                 evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
+        m = min(cfg.candidates, C)
+        if cfg.flat_candidates and float(rank.max()) < FLAT_ANOMALY:
+            m = max(m, min(cfg.flat_candidates, C))  # no class stands out: confirm more of them
         cands = [int(k) for k in torch.argsort(rank, descending=True, stable=True)[:m]]
         excess = natural - zero_shot  # (C,) clean-image share beyond plain prompts: the dormancy check's input
         if cfg.awake_candidate:

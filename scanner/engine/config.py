@@ -37,6 +37,7 @@ MARGIN_THRESHOLD = 12.7069
 # / 0.091, AUROC 0.889)
 PATCH_MARGIN_THRESHOLD = 5.96875
 TRIGGER_SCORES = ("share", "margin", "patch-margin")
+FLAT_ANOMALY = 2.0  # a top ranking anomaly under this names no suspect (DetectorConfig.flat_candidates)
 RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
 # the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
 PATCH_MARGIN_FAMILY = "patch"
@@ -78,6 +79,12 @@ class DetectorConfig:
     # at the same accuracy (0.765) and FPR 0.045 -> 0.061, and cost 2.4x (45 s for a 10-class model on 2 cores,
     # past the 30 s bar): 1 stays the default, `candidates = 3` buys the ranking
     candidates: int = 1
+    # when no class's prompt stands out (the top drift anomaly, or reach anomaly for image-conditioned learners, is
+    # under FLAT_ANOMALY: the published MAD cut), the ranking names no suspect, so confirm this many classes instead
+    # (0: off). Session 22, p7 zoos of seeds 10-13 on a GPU: 11 of the 17 backdoors missed by the default were
+    # ranking misses, 9 of them on such flat models (7 of the 8 real-digits backdoors: CoOp moves every class's
+    # prompt on real photos, so drift names none). Not yet judged on a zoo
+    flat_candidates: int = 0
     # also confirm the class that takes the largest share of clean OOD images beyond plain zero-shot prompts (the
     # dormancy channel's class, unweighed), when it is not among the drift candidates. A Blended prompt that half
     # fires on clean photos can drift less than clean classes do: on the seed-10 p7 zoo polygons/blended and
@@ -175,6 +182,8 @@ class DetectorConfig:
             raise ConfigError(f"restarts must be >= 1; got {self.restarts}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
+        if self.flat_candidates < 0:
+            raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
 
     def families_for(self, image_conditioned: bool) -> tuple[str, ...]:
         """The trigger families CI confirms with for a learner of that kind (``families`` first)."""
