@@ -323,7 +323,7 @@ def test_a_best_of_restarts_run_answers_for_every_smaller_count(zoo: Path, bundl
 
 
 def test_flat_candidates_confirm_more_classes_only_where_no_class_stands_out(zoo: Path, tmp_path: Path) -> None:
-    from scanner.engine.config import FLAT_ANOMALY
+    from scanner.zoo.detect_eval import is_flat
 
     out = tmp_path / "flat.json"
     res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--flat-candidates", "2",
@@ -332,10 +332,8 @@ def test_flat_candidates_confirm_more_classes_only_where_no_class_stands_out(zoo
     saved = json.loads(out.read_text())
     assert saved["config"]["flat_candidates"] == 2
     for row in saved["rows"]:
-        ev = row["evidence"]
-        key = "reach_anomaly" if "reach_anomaly" in ev[0] else "drift_anomaly"
-        flat = max(e[key] for e in ev) < FLAT_ANOMALY
-        assert sum(e["candidate"] for e in ev) == (min(2, row["n_classes"]) if flat else 1), row["id"]
+        confirmed = sum(e["candidate"] for e in row["evidence"])
+        assert confirmed == (min(2, row["n_classes"]) if is_flat(row) else 1), row["id"]
 
 
 def test_shards_split_a_zoo_and_report_joins_them_as_one_run(zoo: Path, bundled_backbone: ClipBackbone,

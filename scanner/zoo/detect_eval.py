@@ -358,6 +358,21 @@ def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float,
     return fit_two_channels(per_model, fpr, margin=margin)
 
 
+def ranking_anomaly(row: dict[str, Any]) -> list[float]:
+    """(C,) what CI ranked a CI row's classes by: the reach anomaly where it was recorded (image-conditioned
+    learners ranked by reach), else the drift anomaly."""
+    ev = row["evidence"]
+    key = "reach_anomaly" if all("reach_anomaly" in e for e in ev) else "drift_anomaly"
+    return [float(e[key]) for e in ev]
+
+
+def is_flat(row: dict[str, Any]) -> bool:
+    """Whether no class of a CI row stands out in CI's ranking (``DetectorConfig.flat_candidates``)."""
+    from scanner.engine.config import FLAT_ANOMALY
+
+    return max(ranking_anomaly(row)) < FLAT_ANOMALY
+
+
 def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[str, Any]:
     """A CI row as a run confirming only its ``c`` most drifted classes (and, with ``awake``, the class clean
     images fall into most beyond plain prompts: ``DetectorConfig.awake_candidate``) would have written it.
@@ -369,8 +384,7 @@ def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[s
     its search drew other random numbers than a run with c drift candidates would give it (same distribution).
     """
     ev = row["evidence"]
-    key = "reach_anomaly" if all("reach_anomaly" in e for e in ev) else "drift_anomaly"
-    rank = torch.tensor([float(e[key]) for e in ev])  # (C,)
+    rank = torch.tensor(ranking_anomaly(row))  # (C,)
     keep = {int(k) for k in torch.argsort(rank, descending=True, stable=True)[:c]}
     if awake:
         inputs = _dormancy_inputs(row)
