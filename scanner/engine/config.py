@@ -139,7 +139,10 @@ class DetectorConfig:
     # how the restarts make the evidence: "mean" (above), or "best": the restart whose trigger scores highest, all
     # its evidence. Session 21 (`benchmarks/draw_probe.py`, 6 models x 4 seeds, patch alone): a clean class's natural
     # trigger is found at every draw (counts/clean-0 2.95-3.66), a planted one is missed at some (positions/badnets
-    # 3.34-8.62), so the best of several draws may separate better than their mean. Not yet judged on a zoo
+    # 3.34-8.62), so the best of several draws may separate better than their mean. Session 22 (GPU, p7 zoos of
+    # seeds 10-13, `benchmarks/restarts_cv.py`): with every family searched, the best of 2-4 patch searches holds
+    # out at 0.852-0.858 against one search's 0.847; the pre-registered best of 2 (line 6.59375) beat the default on
+    # seed 13 (0.818 vs 0.795) but at FPR 0.182, over the bar, so it is not the default (docs/preregistrations.md)
     restart_rule: str = "mean"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
