@@ -82,8 +82,8 @@ class DetectorConfig:
     # when no class's prompt stands out (the top drift anomaly, or reach anomaly for image-conditioned learners, is
     # under FLAT_ANOMALY: the published MAD cut), the ranking names no suspect, so confirm this many classes instead
     # (0: off). Session 22, p7 zoos of seeds 10-13 on a GPU: 11 of the 17 backdoors missed by the default were
-    # ranking misses, 9 of them on such flat models (7 of the 8 real-digits backdoors: CoOp moves every class's
-    # prompt on real photos, so drift names none). Not yet judged on a zoo
+    # ranking misses, 7 of them on such flat models; 7 of the 8 real-digits backdoors were ranking misses (CoOp
+    # moves every class's prompt on real photos, so drift names none), 5 of them flat
     flat_candidates: int = 0
     # also confirm the class that takes the largest share of clean OOD images beyond plain zero-shot prompts (the
     # dormancy channel's class, unweighed), when it is not among the drift candidates. A Blended prompt that half
