@@ -83,7 +83,9 @@ class DetectorConfig:
     # under FLAT_ANOMALY: the published MAD cut), the ranking names no suspect, so confirm this many classes instead
     # (0: off). Session 22, p7 zoos of seeds 10-13 on a GPU: 11 of the 17 backdoors missed by the default were
     # ranking misses, 7 of them on such flat models; 7 of the 8 real-digits backdoors were ranking misses (CoOp
-    # moves every class's prompt on real photos, so drift names none), 5 of them flat
+    # moves every class's prompt on real photos, so drift names none), 5 of them flat. K = 5, pre-registered at the
+    # shipped line and judged on the seed-14 zoo: 0.932 against the default's 0.955 (all 7 flat models there were
+    # clean, and one gained a natural trigger over the line), so it stays off (docs/preregistrations.md)
     flat_candidates: int = 0
     # also confirm the class that takes the largest share of clean OOD images beyond plain zero-shot prompts (the
     # dormancy channel's class, unweighed), when it is not among the drift candidates. A Blended prompt that half
