@@ -328,20 +328,20 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                 runs = [measure_trigger(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
                                         float(natural[t]), float(twin_natural[t]), cfg.bf16)
                         for _ in range(cfg.restarts if fam in scoring else 1)]
-                # the restart whose trigger did best on its own: kept for the report and repair, and with
-                # restart_rule "best" its evidence is the family's
-                top_ev, trig = max(runs, key=lambda run: family_value({**evidence[t], **run[0]}, fam,
-                                                                     cfg.trigger_score))
+                # each restart's own value (a run's keys are all of this family's, so the class keys it also reads
+                # are the same before and after the family's evidence is written below)
+                own = [family_value({**evidence[t], **ev}, fam, cfg.trigger_score) for ev, _ in runs]
+                # the restart whose trigger did best on its own (the first of equals): kept for the report and
+                # repair, and with restart_rule "best" its evidence is the family's
+                top_ev, trig = runs[max(range(len(runs)), key=own.__getitem__)]
                 if cfg.restart_rule == "best":
                     evidence[t].update(top_ev)
                 else:
                     evidence[t].update({key: sum(ev[key] for ev, _ in runs) / len(runs) for key in runs[0][0]})
                 if len(runs) > 1:
-                    # each restart's own value, in search order, so that a saved run can be cut to fewer restarts
-                    # (``first_restarts``: the first candidate's restart i draws the same numbers at any count)
-                    evidence[t].update({restart_key(fam, i): family_value({**evidence[t], **ev}, fam,
-                                                                          cfg.trigger_score)
-                                        for i, (ev, _) in enumerate(runs)})
+                    # in search order, so that a saved run can be cut to fewer restarts (``first_restarts``: the
+                    # first candidate's restart i draws the same numbers at any count)
+                    evidence[t].update({restart_key(fam, i): v for i, v in enumerate(own)})
                 if fam in scoring:
                     value = family_value(evidence[t], fam, cfg.trigger_score)
                     best.offer(t, value, trig)

@@ -256,30 +256,42 @@ def held_out_figures(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, mar
             "auroc_both_all": _auroc(y, [combined_score(r, t_all, m_all) for r in every])}
 
 
-def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "share") -> dict[str, Any]:
-    """A CI row with each confirmed class's score recomputed from its recorded per-family values (gains, or
-    margin lifts with ``trigger_score="margin"``, the patch trigger's median margin with "patch-margin": the
-    engine's ``family_value``) by the engine's ``candidate_score``; other classes keep their score (-1: not
-    confirmed, or cut away by ``first_candidates``). Rows of other detectors come back unchanged; ConfigError
-    for rows that do not record margins (written before session 16) when a margin score is asked for."""
-    from scanner.engine.ci import candidate_score, confirmed_families, family_value, scoring_families
+def _rescored(row: dict[str, Any], family_bonus: float, trigger_score: str,
+              value_of: Callable[[int, dict[str, Any], str], float]) -> dict[str, Any]:
+    """A CI row with each confirmed candidate's score remade by the engine's ``candidate_score`` from
+    ``value_of(k, evidence, family)`` over its scoring families; other classes, and rows of other detectors, are
+    left as they are (-1: not confirmed, or cut away by ``first_candidates``)."""
+    from scanner.engine.ci import candidate_score, confirmed_families, scoring_families
 
     if row["detector"] != "ci":
         return row
     scores = [float(x) for x in row["class_scores"]]
     evidence = []
     for k, e in enumerate(row.get("evidence") or []):
-        try:
-            gains = [family_value(e, f, trigger_score)
-                     for f in scoring_families(confirmed_families(e), trigger_score)]
-        except KeyError as exc:
-            raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
-                              f"margins; re-run it to score it by {trigger_score!r}") from None
-        if gains and e.get("candidate", 1.0):
-            scores[k] = candidate_score(gains, family_bonus, trigger_score)
+        fams = scoring_families(confirmed_families(e), trigger_score)
+        if fams and e.get("candidate", 1.0):
+            scores[k] = candidate_score([value_of(k, e, f) for f in fams], family_bonus, trigger_score)
             e = {**e, "score": scores[k]}
         evidence.append(e)
     return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
+
+
+def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "share") -> dict[str, Any]:
+    """A CI row with each confirmed class's score recomputed from its recorded per-family values (gains, or
+    margin lifts with ``trigger_score="margin"``, the patch trigger's median margin with "patch-margin": the
+    engine's ``family_value``) by the engine's ``candidate_score``; other classes keep their score (-1: not
+    confirmed, or cut away by ``first_candidates``). Rows of other detectors come back unchanged; ConfigError
+    for rows that do not record margins (written before session 16) when a margin score is asked for."""
+    from scanner.engine.ci import family_value
+
+    def value(k: int, e: dict[str, Any], family: str) -> float:
+        try:
+            return family_value(e, family, trigger_score)
+        except KeyError as exc:
+            raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
+                              f"margins; re-run it to score it by {trigger_score!r}") from None
+
+    return _rescored(row, family_bonus, trigger_score, value)
 
 
 def _config_dict(cfg: DetectorConfig) -> dict[str, Any]:
@@ -408,23 +420,15 @@ def first_restarts(row: dict[str, Any], r: int, family_bonus: float, trigger_sco
     other numbers than an r-restart run would have given it (same distribution). Only a "best" run's rows cut
     this way (a "mean" run's evidence is no restart's): the caller checks the run's config. ConfigError for
     rows recording fewer than ``r`` restarts."""
-    from scanner.engine.ci import candidate_score, confirmed_families, restart_key, scoring_families
+    from scanner.engine.ci import restart_key
 
-    if row["detector"] != "ci":
-        return row
-    scores = [float(x) for x in row["class_scores"]]
-    evidence = []
-    for k, e in enumerate(row.get("evidence") or []):
-        fams = scoring_families(confirmed_families(e), trigger_score)
-        if fams and e.get("candidate", 1.0):
-            if any(restart_key(f, r - 1) not in e for f in fams):
-                raise ConfigError(f"row {row.get('id')!r} records fewer than {r} restarts for class {k}: run it "
-                                  f"with --restarts {r} --restart-rule best or more")
-            values = [max(float(e[restart_key(f, i)]) for i in range(r)) for f in fams]
-            scores[k] = candidate_score(values, family_bonus, trigger_score)
-            e = {**e, "score": scores[k]}
-        evidence.append(e)
-    return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
+    def value(k: int, e: dict[str, Any], family: str) -> float:
+        if restart_key(family, r - 1) not in e:
+            raise ConfigError(f"row {row.get('id')!r} records fewer than {r} restarts for class {k}: run it "
+                              f"with --restarts {r} --restart-rule best or more")
+        return max(float(e[restart_key(family, i)]) for i in range(r))
+
+    return _rescored(row, family_bonus, trigger_score, value)
 
 
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
