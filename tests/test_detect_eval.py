@@ -20,7 +20,7 @@ from scanner.errors import ConfigError
 from scanner.prompting.train import TrainConfig
 from scanner.zoo import detect_eval
 from scanner.zoo.build import ZooPlan, build_zoo
-from scanner.zoo.detect_eval import evaluate_zoo, metrics, redecide
+from scanner.zoo.detect_eval import combined_score, evaluate_zoo, metrics, redecide
 
 SMALL = DetectorConfig(n_images=48, batch_size=12, holdout=0.25, candidates=1,
                        families=("additive", "patch"))
@@ -53,6 +53,10 @@ def test_redecide_follows_the_engine_rule() -> None:
     for e, a in zip(half["evidence"], [0.0, 5.0, 1.0], strict=True):
         e["drift_anomaly"] = a
     assert redecide(half, 0.6, 0.8) == (True, 1)
+    # weighed up past 1 (0.55 / DRIFTED_BAR = 0.92 -> with 0.7 beyond zero-shot, 1.17): margin 1 is still off
+    half["evidence"][1]["natural_share"] = 0.75
+    assert redecide(half, 0.6, 0.99) == (True, 1) and redecide(half, 0.6, 1.0) == (False, None)
+    assert combined_score(half, 0.6, 1.0) < 1.0 < combined_score(half, 0.6, 0.99)
     # the plain protocol's rows: an anomaly index, and a trigger that must move half the images
     plain = {**_row([9.0, 0.4, 0.3], [0.3, 0.1, 0.1], [0.3, 0.3, 0.4], [0.3, 0.3, 0.4], truth=None),
              "detector": "ci-plain"}
@@ -111,6 +115,10 @@ def test_two_channel_calibration_spends_the_budget_once() -> None:
     assert fit_two_channels(clean, fpr=0.1, margin=0.82) == (16.0, 0.82)
     # none over 0.99: two of the working scores (18, 16, 14, ...) may pass the line
     assert fit_two_channels(clean, fpr=0.1, margin=0.99) == (14.0, 0.99)
+    # clean excesses past 1 (a drifted class's weighed excess): the fitted margin stops at 1, which switches the
+    # channel off, and the threshold gets the whole budget (two of 18, 16, 14, ... above it)
+    high = [(a, w, 1.2 + e) for a, w, e in clean]
+    assert fit_two_channels(high, fpr=0.1) == (14.0, 1.0)
 
 
 @pytest.fixture(scope="module")

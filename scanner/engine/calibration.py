@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from scanner.engine.config import DORMANCY_OFF
+
 
 def threshold_for_fpr(clean_scores: Sequence[float], fpr: float, *, minimum: float = 0.0) -> float:
     """The smallest threshold t (flag when score > t) whose false-positive rate on ``clean_scores`` is
@@ -38,8 +40,11 @@ def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: flo
     n = len(clean)
     excesses = [e for _, _, e in clean if e is not None]
     if margin is None and excesses:
-        margin = threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor)
-    awake = [e is not None and margin is not None and e > margin for _, _, e in clean]
+        # a clean model's weighed excess can pass 1 (a drifted class's is divided by DRIFTED_BAR): a fitted margin
+        # that high cannot be kept under the budget and switches the channel off (DORMANCY_OFF)
+        margin = min(threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor), DORMANCY_OFF)
+    on = margin is not None and margin < DORMANCY_OFF
+    awake = [on and e is not None and margin is not None and e > margin for _, _, e in clean]
     left = max(0, math.floor(fpr * n) - sum(awake))
     rest = sorted((a for (a, works, _), up in zip(clean, awake, strict=True) if works and not up), reverse=True)
     threshold = rest[left] if left < len(rest) else 0.0

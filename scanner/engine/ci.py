@@ -54,7 +54,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scanner.engine.config import FLAT_ANOMALY, PATCH_MARGIN_FAMILY, DetectorConfig, scoring_families
+from scanner.engine.config import (
+    DORMANCY_OFF,
+    FLAT_ANOMALY,
+    PATCH_MARGIN_FAMILY,
+    DetectorConfig,
+    scoring_families,
+)
 from scanner.engine.drift import prompt_drift
 from scanner.engine.invert import (
     InversionSchedule,
@@ -175,7 +181,7 @@ def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.T
     ``gains`` (C,): best confirmed trigger gain per class (-1 where not confirmed); ``excess`` (C,): clean
     share minus plain zero-shot share; ``drift_anomaly`` (C,) or None; ``confirmed`` (C,) bool or None: the
     classes a trigger was searched for. The trigger channel comes first: the best confirmed class's gain above
-    ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin``.
+    ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin`` (off at 1).
     """
     if confirmed is not None and bool(confirmed.any()):
         # a margin score can fall below the -1 that marks unconfirmed classes: those never stand for the trigger
@@ -186,7 +192,9 @@ def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.T
     awake = int(torch.argmax(weighed))
     if float(gains[top]) > threshold:
         return CIVerdict(True, top, "trigger", top, awake, weighed)
-    if float(weighed[awake]) > dormant_margin:
+    # a margin of 1 switches the channel off: the weighed excess of an anomalously drifted class can pass 1
+    # (``awake_excess`` divides it by DRIFTED_BAR), so "above 1" is not "never"
+    if dormant_margin < DORMANCY_OFF and float(weighed[awake]) > dormant_margin:
         return CIVerdict(True, awake, "awake", top, awake, weighed)
     return CIVerdict(False, None, None, top, awake, weighed)
 

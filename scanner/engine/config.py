@@ -37,6 +37,7 @@ MARGIN_THRESHOLD = 12.7069
 # / 0.091, AUROC 0.889)
 PATCH_MARGIN_THRESHOLD = 5.96875
 TRIGGER_SCORES = ("share", "margin", "patch-margin")
+DORMANCY_OFF = 1.0  # a dormant margin this high switches CI's dormancy channel off (``ci_verdict``)
 FLAT_ANOMALY = 2.0  # a top ranking anomaly under this names no suspect (DetectorConfig.flat_candidates)
 RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
 # the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)

@@ -18,6 +18,7 @@ import torch
 
 from scanner.clip.backbone import ClipBackbone
 from scanner.engine import DetectorConfig, detect
+from scanner.engine.config import DORMANCY_OFF
 from scanner.errors import ConfigError
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
@@ -454,7 +455,7 @@ def combined_score(row: dict[str, Any], threshold: float, dormant_margin: float 
     _, anomaly, works = trigger_check(row)
     score = anomaly / threshold if works and threshold > 0 else 0.0
     awake = clean_excess(row) if dormant_margin is not None else None
-    if awake is not None and dormant_margin:
+    if awake is not None and dormant_margin and dormant_margin < DORMANCY_OFF:
         score = max(score, awake[0] / dormant_margin)
     return score
 
