@@ -12,7 +12,7 @@ import torch
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
-from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text, restart_key
+from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text, family_value, restart_key
 from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
@@ -100,6 +100,9 @@ def test_each_score_has_its_own_default_threshold() -> None:
     assert DetectorConfig(trigger_score="margin").decision_threshold == MARGIN_THRESHOLD  # logit units, not shares
     assert DetectorConfig(trigger_score="margin", threshold=3.0).decision_threshold == 3.0  # a fitted line wins
     assert DetectorConfig(trigger_score="patch-margin").decision_threshold == PM
+    from scanner.engine.config import PATCH_TWIN_THRESHOLD
+
+    assert DetectorConfig(trigger_score="patch-twin").decision_threshold == PATCH_TWIN_THRESHOLD != PM
 
 
 def test_a_confirmed_class_keeps_its_trigger_whatever_its_score() -> None:
@@ -141,6 +144,14 @@ def test_the_patch_margin_score_reads_the_patch_family_when_it_was_searched() ->
     assert family_value({"margin_patch": 6.3, "gain_patch": -0.18}, "patch", "patch-margin") == 0.0
     assert family_value({"margin_patch": -2.0, "gain_patch": 0.0}, "patch", "patch-margin") == -2.0
     assert family_value({"margin_patch": 6.3, "gain_patch": 0.4}, "patch", "patch-margin") == 6.3
+    # "patch-twin": less the twin's margin under the same trigger (weighed), gated by the gain alike
+    ev = {"margin_patch": 6.3, "ref_margin_patch": 2.0, "gain_patch": 0.4}
+    assert family_value(ev, "patch", "patch-twin", 1.0) == pytest.approx(4.3)
+    assert family_value(ev, "patch", "patch-twin", 0.5) == pytest.approx(5.3)
+    assert family_value({**ev, "ref_margin_patch": -3.0}, "patch", "patch-twin", 1.0) == pytest.approx(9.3)
+    assert family_value({**ev, "gain_patch": -0.1}, "patch", "patch-twin", 1.0) == 0.0
+    assert family_value(ev, "patch", "patch-twin", 0.0) == family_value(ev, "patch", "patch-margin")
+    assert scoring_families(("sticker", "patch"), "patch-twin") == ["patch"]
 
 
 def _decision(model: PromptedCLIP, scores: list[float], excess: list[float], drift: list[float] | None = None,
@@ -365,6 +376,16 @@ def test_the_patch_margin_score_is_the_patch_triggers_median_margin(model: Promp
     assert DetectorConfig().trigger_score == "patch-margin"  # the default since session 18
     for k in confirmed:
         assert again["class_scores"][k] == pytest.approx(res.classes[k].anomaly_score)
+    # and by "patch-twin", what a patch-twin run scores (the same searches: only the score differs)
+    twin = detect(model, pool, replace(cfg, trigger_score="patch-twin"), seed=0)
+    rescored = rescore_ci(row, SMALL.family_bonus, "patch-twin")
+    for k in confirmed:
+        ev = twin.classes[k].evidence
+        assert ev["margin_patch"] == pytest.approx(res.classes[k].evidence["margin_patch"])
+        assert twin.classes[k].anomaly_score == pytest.approx(family_value(ev, "patch", "patch-twin"))
+        assert rescored["class_scores"][k] == pytest.approx(twin.classes[k].anomaly_score)
+        assert "twin's" in _gains_text(ev, "patch-twin")
+    assert rescore_ci(row, SMALL.family_bonus, "patch-twin", 0.0)["class_scores"] == again["class_scores"]
 
 
 def test_ci_can_search_only_the_families_its_score_reads(model: PromptedCLIP, pool: torch.Tensor) -> None:

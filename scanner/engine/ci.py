@@ -57,7 +57,9 @@ import torch
 from scanner.engine.config import (
     DORMANCY_OFF,
     FLAT_ANOMALY,
+    MARGIN_SCORES,
     PATCH_MARGIN_FAMILY,
+    TWIN_MARGIN_WEIGHT,
     DetectorConfig,
     scoring_families,
 )
@@ -129,26 +131,33 @@ def restart_key(family: str, i: int) -> str:
     return f"restart{i}_{family}"
 
 
-def family_value(evidence: dict[str, float], family: str, trigger_score: str) -> float:
+def family_value(evidence: dict[str, float], family: str, trigger_score: str,
+                 twin_weight: float = TWIN_MARGIN_WEIGHT) -> float:
     """A confirmed class's value for one trigger family, read from its evidence: the gain (``"share"``), the
-    margin lift (``"margin"``: ``trigger_gain`` of the median margins) or the median margin itself
+    margin lift (``"margin"``: ``trigger_gain`` of the median margins), the median margin itself
     (``"patch-margin"``, which scores the patch family's: ``scoring_families``; at most 0 when the trigger's
-    gain is not positive). KeyError when the evidence predates what that score needs."""
+    gain is not positive) or that margin less ``twin_weight`` times the twin's median margin for the class
+    under the same trigger (``"patch-twin"``, gated alike). KeyError when the evidence predates what that score
+    needs."""
     if trigger_score == "margin":
         return trigger_gain(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"],
                             evidence["natural_margin"], evidence["twin_margin"])
-    if trigger_score == "patch-margin":
+    if trigger_score in MARGIN_SCORES:
+        margin = evidence[f"margin_{family}"]
+        if trigger_score == "patch-twin":
+            # a natural trigger draws the class's evidence, so plain prompts concede the class too (the twin's margin
+            # rises with the suspect's); a planted one convinces the suspect alone (the twin's margin stays low)
+            margin -= twin_weight * evidence[f"ref_margin_{family}"]
         # a trigger that moves no held-out image into the class beyond the twin is no trigger: a class that wins
         # clean photos by a wide margin already (a colour task's "gray" on OOD photos) keeps that margin under it
-        margin = evidence[f"margin_{family}"]
         return margin if evidence[f"gain_{family}"] > 0 else min(margin, 0.0)
     return evidence[f"gain_{family}"]
 
 
 def candidate_score(values: Sequence[float], bonus: float, trigger_score: str) -> float:
     """A confirmed class's score from its scoring families' ``family_value``s: ``class_score`` for "share" and
-    "margin"; the best value for "patch-margin" (the patch family's alone when it was searched)."""
-    if trigger_score == "patch-margin":
+    "margin"; the best value for the patch scores (the patch family's alone when it was searched)."""
+    if trigger_score in MARGIN_SCORES:
         return max(values)
     return class_score(values, bonus)
 
@@ -441,7 +450,9 @@ def _gains_text(ev: dict[str, float], trigger_score: str = "share") -> str:
     parts = [f"{f} gain {ev[f'gain_{f}']:.2f}"
              + (f", margin lift {family_value(ev, f, 'margin'):.2f}" if trigger_score == "margin" else "")
              + (f", median margin {ev[f'margin_{f}']:.2f}"
-                if trigger_score == "patch-margin" and f == PATCH_MARGIN_FAMILY else "")
+                if trigger_score in MARGIN_SCORES and f == PATCH_MARGIN_FAMILY else "")
+             + (f", twin's {ev[f'ref_margin_{f}']:.2f}"
+                if trigger_score == "patch-twin" and f == PATCH_MARGIN_FAMILY else "")
              for f in confirmed_families(ev)]
     return ", ".join(parts) if parts else "not confirmed"
 

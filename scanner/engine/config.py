@@ -36,7 +36,17 @@ MARGIN_THRESHOLD = 12.7069
 # accuracy 0.886, TPR 0.818, FPR 0.045 (1 of 22), target right 1.000, AUROC 0.944 (share's lines: 0.841 / 0.773
 # / 0.091, AUROC 0.889)
 PATCH_MARGIN_THRESHOLD = 5.96875
-TRIGGER_SCORES = ("share", "margin", "patch-margin")
+# "patch-twin": the patch trigger's median margin in the suspect less TWIN_MARGIN_WEIGHT x the twin's median margin
+# for the class under the same trigger (``family_value``): how much more the suspect believes the class than plain
+# prompts do. Session 23, found on the saved rows of the p7 zoos of seeds 10-14 (220 models), leave-one-zoo-out
+# with the dormancy channel off (`python benchmarks/twin_margin_cv.py`): held-out accuracy 0.900 at weight 1
+# against 0.845 at weight 0 (the patch margin alone). Its line is the fit on those zoos' 110 clean models at FPR
+# 0.05, rounded up to 1/32, with the dormancy channel off. Not the default until judged on zoos it has not seen
+# (docs/preregistrations.md)
+PATCH_TWIN_THRESHOLD = 7.375
+TWIN_MARGIN_WEIGHT = 1.0
+TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin")
+MARGIN_SCORES = ("patch-margin", "patch-twin")  # scores read from the patch trigger's median margin
 DORMANCY_OFF = 1.0  # a dormant margin this high switches CI's dormancy channel off (``ci_verdict``)
 FLAT_ANOMALY = 2.0  # a top ranking anomaly under this names no suspect (DetectorConfig.flat_candidates)
 RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
@@ -48,7 +58,7 @@ def scoring_families(families: Sequence[str], trigger_score: str) -> list[str]:
     """Which of a candidate's searched ``families`` make its score (and keep its trigger): all of them, but for
     "patch-margin" the patch family alone when it was searched (a configuration without it scores the best
     family's median margin; calibrate such a configuration on a zoo before trusting its line)."""
-    if trigger_score == "patch-margin" and PATCH_MARGIN_FAMILY in families:
+    if trigger_score in MARGIN_SCORES and PATCH_MARGIN_FAMILY in families:
         return [PATCH_MARGIN_FAMILY]
     return list(families)
 
@@ -211,4 +221,6 @@ class DetectorConfig:
             return MARGIN_THRESHOLD
         if self.detector == "ci" and self.trigger_score == "patch-margin":
             return PATCH_MARGIN_THRESHOLD
+        if self.detector == "ci" and self.trigger_score == "patch-twin":
+            return PATCH_TWIN_THRESHOLD
         return DEFAULT_THRESHOLDS[self.detector]
