@@ -56,7 +56,7 @@ PATCH_MARGIN_FAMILY = "patch"
 
 def scoring_families(families: Sequence[str], trigger_score: str) -> list[str]:
     """Which of a candidate's searched ``families`` make its score (and keep its trigger): all of them, but for
-    "patch-margin" the patch family alone when it was searched (a configuration without it scores the best
+    the patch scores ("patch-margin", "patch-twin") the patch family alone when it was searched (a configuration without it scores the best
     family's median margin; calibrate such a configuration on a zoo before trusting its line)."""
     if trigger_score in MARGIN_SCORES and PATCH_MARGIN_FAMILY in families:
         return [PATCH_MARGIN_FAMILY]
