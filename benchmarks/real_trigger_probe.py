@@ -1,0 +1,132 @@
+"""Can CI's patch search find a planted patch trigger, and would finding it be enough? A diagnostic per model.
+
+    python benchmarks/real_trigger_probe.py ZOO:MODEL [ZOO:MODEL ...] [--seeds 2]
+
+For each backdoored model (``ZOO`` a zoo folder, ``MODEL`` its id in the manifest) of a patch-shaped attack
+(BadNets), the zoo's real trigger is rebuilt from the manifest and written as a patch trigger (mask 1 on the
+pixels the attack sets, 0 elsewhere). Printed for the planted target:
+
+* the real trigger's own evidence on CI's held-out OOD photos: its patch-margin score, the share it moves into the
+  target in the suspect and in the twin. A score under the line means even a perfect search would miss it;
+* CI's patch search from its random initial trigger (as ``zoo eval`` runs it) at ``--seeds`` search seeds;
+* the same search started *at* the real trigger: whether the objective keeps a planted trigger once it has it.
+
+Each trigger is described by its mask: mean cover, pixels over 0.5 and the mask's centroid (row, column).
+Session 23, digits BadNets (8 px checker, bottom-right): on seed 10 the real trigger scores 7.56, the search from
+random 3.72 / 2.88 with a diffuse mask (cover 0.057, centroid at the image centre, 9 pixels over 0.5), the search
+started at the real trigger 9.17 / 9.48. On seed 12 the real trigger itself scores 1.97: a weak planted margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from scanner.clip import load_bundled
+from scanner.engine import DetectorConfig
+from scanner.engine.ci import family_value, make_trigger, measure_trigger, split_pool, trusted_twin
+from scanner.engine.invert import (
+    InversionSchedule,
+    differential_margin,
+    frozen_learner,
+    optimise_pair,
+    panel_logits,
+    shares,
+)
+from scanner.engine.triggers import PatchTrigger, ShiftedTrigger, Trigger
+from scanner.prompting.checkpoints import load_checkpoint
+from scanner.prompting.classifier import PromptedCLIP
+from scanner.zoo.attacks.base import Attack
+from scanner.zoo.detect_eval import EVAL_SEED_OFFSET
+from scanner.zoo.ood import default_ood_pool
+from scanner.zoo.repair_eval import real_attack
+
+SURE = 12.0  # mask logit of a pixel the attack sets (sigmoid 1 - 6e-6), minus it elsewhere
+
+
+def as_patch(attack: Attack, size: int) -> PatchTrigger:
+    """The attack's trigger as a patch trigger: a pixel is in the mask when the attack sets it whatever the image
+    (stamped on black and on white images alike), and the pattern is what it sets it to."""
+    on_black = attack.apply(torch.zeros(1, 3, size, size))[0]  # (3, S, S)
+    on_white = attack.apply(torch.ones(1, 3, size, size))[0]
+    mask = (on_white - on_black).abs().sum(dim=0, keepdim=True) < 1e-6  # (1, S, S)
+    if not bool(mask.any()):
+        raise SystemExit(f"the {attack.name} trigger sets no pixel whatever the image: not a patch trigger")
+    trig = PatchTrigger(size, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trig.m.copy_(torch.where(mask, SURE, -SURE))
+        trig.p.copy_(torch.logit(on_black.clamp(1e-4, 1 - 1e-4)))
+    return trig
+
+
+def describe(trig: Trigger) -> str:
+    """Mask cover, pixels over 0.5 and centroid (row, column) of a patch trigger."""
+    inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
+    assert isinstance(inner, PatchTrigger)
+    m = inner.mask().detach()[0]  # (S, S)
+    rows, cols = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
+    w = m / m.sum()
+    return (f"cover {float(m.mean()):.3f}, {int((m > 0.5).sum())} px over 0.5, centroid "
+            f"({float((w * rows).sum()):.1f}, {float((w * cols).sum()):.1f})")
+
+
+def probe(spec: str, model: PromptedCLIP, attack: Attack, t: int, cfg: DetectorConfig, opt_x: torch.Tensor,
+          hold_x: torch.Tensor, seeds: int) -> None:
+    """Print the real trigger's evidence for target ``t``, then each search's (see the module docstring)."""
+    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
+    size = opt_x.shape[-1]
+    with frozen_learner(model):
+        ref, _ = trusted_twin(model, opt_x, cfg)
+        natural, twin_natural = (shares(z) for z in panel_logits(model, (ref,), None, hold_x, cfg.bf16))
+
+        def judged(trig: Trigger) -> str:
+            ev, _ = measure_trigger(model, ref, trig, t, "patch", hold_x, float(natural[t]),
+                                    float(twin_natural[t]), cfg.bf16)
+            return (f"score {family_value(ev, 'patch', 'patch-margin'):6.2f}, share {ev['asr_patch']:.2f} "
+                    f"(twin {ev['ref_asr_patch']:.2f}); {describe(trig)}")
+
+        real = as_patch(attack, size)
+        print(f"{spec} (target {t}): real trigger {judged(real)}", flush=True)
+        for s in range(seeds):
+            for start in ("random", "real"):
+                gen = torch.Generator().manual_seed(s)
+                trig = make_trigger("patch", size, cfg, gen)
+                if start == "real":
+                    inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
+                    assert isinstance(inner, PatchTrigger)
+                    with torch.no_grad():
+                        inner.m.copy_(real.m)
+                        inner.p.copy_(real.p)
+                optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
+                              sched, gen, cfg.patch_weight)
+                print(f"  seed {s}, search from {start:6s}: {judged(trig)}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", help="ZOO:MODEL, a zoo folder and a backdoored model's id in it")
+    ap.add_argument("--seeds", type=int, default=2)
+    args = ap.parse_args()
+    bb = load_bundled()
+    cfg = DetectorConfig()
+    pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # `zoo eval --seed 0`'s pool
+    opt_x, hold_x = split_pool(pool, cfg)
+    for spec in args.models:
+        zoo_dir, mid = spec.split(":", 1)
+        zoo = Path(zoo_dir)
+        manifest = json.loads((zoo / "manifest.json").read_text())
+        entry = next((m for m in manifest["models"] if m["id"] == mid), None)
+        if entry is None or entry["target_index"] is None:
+            raise SystemExit(f"{spec}: not a backdoored model of that zoo's manifest")
+        attack, why = real_attack(entry, int(manifest["zoo"].get("seed", 0)), bb)
+        if attack is None:
+            raise SystemExit(f"{spec}: cannot rebuild its trigger: {why}")
+        model = PromptedCLIP(bb, load_checkpoint(zoo / entry["path"], bb).learner)
+        probe(spec, model, attack, int(entry["target_index"]), cfg, opt_x, hold_x, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
