@@ -41,7 +41,9 @@ PATCH_MARGIN_THRESHOLD = 5.96875
 # prompts do. Session 23, found on the saved rows of the p7 zoos of seeds 10-14 (220 models), leave-one-zoo-out
 # with the dormancy channel off (`python benchmarks/twin_margin_cv.py`): held-out accuracy 0.900 at weight 1
 # against 0.845 at weight 0 (the patch margin alone). Its line is the fit on those zoos' 110 clean models at FPR
-# 0.05, rounded up to 1/32, with the dormancy channel off. Not the default until judged on zoos it has not seen
+# 0.05, rounded up to 1/32, with the dormancy channel off. Pre-registered and judged on a new p7 zoo with WaNet
+# (seed 15, 55 models): accuracy 0.673 against the default's 0.745 (FPR 0.000 vs 0.045, AUROC 0.840 vs 0.793): it
+# ranks better, but its line, fitted on the other five zoos, was too high there; so it is not the default
 # (docs/preregistrations.md)
 PATCH_TWIN_THRESHOLD = 7.375
 TWIN_MARGIN_WEIGHT = 1.0
