@@ -1,6 +1,6 @@
 """Can CI's patch search find a planted patch trigger, and would finding it be enough? A diagnostic per model.
 
-    python benchmarks/real_trigger_probe.py ZOO:MODEL [ZOO:MODEL ...] [--seeds 2]
+    python benchmarks/real_trigger_probe.py ZOO:MODEL[:CLASS] [...] [--seeds 2] [--starts random,real,grid]
 
 For each backdoored model (``ZOO`` a zoo folder, ``MODEL`` its id in the manifest) of a patch-shaped attack
 (BadNets), the zoo's real trigger is rebuilt from the manifest and written as a patch trigger (mask 1 on the
@@ -9,9 +9,13 @@ pixels the attack sets, 0 elsewhere). Printed for the planted target:
 * the real trigger's own evidence on CI's held-out OOD photos: its patch-margin score, the share it moves into the
   target in the suspect and in the twin. A score under the line means even a perfect search would miss it;
 * CI's patch search from its random initial trigger (as ``zoo eval`` runs it) at ``--seeds`` search seeds;
-* the same search started *at* the real trigger: whether the objective keeps a planted trigger once it has it.
+* the same search started *at* the real trigger: whether the objective keeps a planted trigger once it has it;
+* with ``--starts ...,grid``, started from a 3 x 3 grid of opaque squares of the sticker family's side spread over
+  the image (``DetectorConfig.patch_start = "grid"``): whether a localised start finds a small patch anywhere.
 
-Each trigger is described by its mask: mean cover, pixels over 0.5 and the mask's centroid (row, column).
+A clean model (or any model, with ``:CLASS``) is searched for that class instead, without a real trigger: what
+CI would find for a clean model's confirmed class (its natural trigger). Each trigger is described by its mask:
+mean cover, pixels over 0.5 and the mask's centroid (row, column).
 Session 23, digits BadNets (8 px checker, bottom-right): on seed 10 the real trigger scores 7.56, the search from
 random 3.72 / 2.88 with a diffuse mask (cover 0.057, centroid at the image centre, 9 pixels over 0.5), the search
 started at the real trigger 9.17 / 9.48. On seed 12 the real trigger itself scores 1.97: a weak planted margin.
@@ -36,15 +40,13 @@ from scanner.engine.invert import (
     panel_logits,
     shares,
 )
-from scanner.engine.triggers import PatchTrigger, ShiftedTrigger, Trigger
+from scanner.engine.triggers import SURE_LOGIT, PatchTrigger, ShiftedTrigger, Trigger, grid_mask_logits
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.zoo.attacks.base import Attack
 from scanner.zoo.detect_eval import EVAL_SEED_OFFSET
 from scanner.zoo.ood import default_ood_pool
 from scanner.zoo.repair_eval import real_attack
-
-SURE = 12.0  # mask logit of a pixel the attack sets (sigmoid 1 - 6e-6), minus it elsewhere
 
 
 def as_patch(attack: Attack, size: int) -> PatchTrigger:
@@ -57,7 +59,7 @@ def as_patch(attack: Attack, size: int) -> PatchTrigger:
         raise SystemExit(f"the {attack.name} trigger sets no pixel whatever the image: not a patch trigger")
     trig = PatchTrigger(size, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        trig.m.copy_(torch.where(mask, SURE, -SURE))
+        trig.m.copy_(torch.where(mask, SURE_LOGIT, -SURE_LOGIT))
         trig.p.copy_(torch.logit(on_black.clamp(1e-4, 1 - 1e-4)))
     return trig
 
@@ -73,9 +75,10 @@ def describe(trig: Trigger) -> str:
             f"({float((w * rows).sum()):.1f}, {float((w * cols).sum()):.1f})")
 
 
-def probe(spec: str, model: PromptedCLIP, attack: Attack, t: int, cfg: DetectorConfig, opt_x: torch.Tensor,
-          hold_x: torch.Tensor, seeds: int) -> None:
-    """Print the real trigger's evidence for target ``t``, then each search's (see the module docstring)."""
+def probe(spec: str, model: PromptedCLIP, attack: Attack | None, t: int, cfg: DetectorConfig, opt_x: torch.Tensor,
+          hold_x: torch.Tensor, seeds: int, starts: list[str]) -> None:
+    """Print the real trigger's evidence for class ``t`` (when there is one), then each search's (see the module
+    docstring)."""
     sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     size = opt_x.shape[-1]
     with frozen_learner(model):
@@ -88,18 +91,21 @@ def probe(spec: str, model: PromptedCLIP, attack: Attack, t: int, cfg: DetectorC
             return (f"score {family_value(ev, 'patch', 'patch-margin'):6.2f}, share {ev['asr_patch']:.2f} "
                     f"(twin {ev['ref_asr_patch']:.2f}); {describe(trig)}")
 
-        real = as_patch(attack, size)
-        print(f"{spec} (target {t}): real trigger {judged(real)}", flush=True)
+        real = as_patch(attack, size) if attack is not None else None
+        print(f"{spec} (class {t}): " + (f"real trigger {judged(real)}" if real is not None else "no real trigger"),
+              flush=True)
         for s in range(seeds):
-            for start in ("random", "real"):
+            for start in (x for x in starts if real is not None or x != "real"):
                 gen = torch.Generator().manual_seed(s)
                 trig = make_trigger("patch", size, cfg, gen)
-                if start == "real":
-                    inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
-                    assert isinstance(inner, PatchTrigger)
-                    with torch.no_grad():
+                inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
+                assert isinstance(inner, PatchTrigger)
+                with torch.no_grad():
+                    if start == "real" and real is not None:
                         inner.m.copy_(real.m)
                         inner.p.copy_(real.p)
+                    elif start == "grid":
+                        inner.start_at(grid_mask_logits(size, max(1, round(cfg.sticker * size))))
                 optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
                               sched, gen, cfg.patch_weight)
                 print(f"  seed {s}, search from {start:6s}: {judged(trig)}", flush=True)
@@ -109,23 +115,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="ZOO:MODEL, a zoo folder and a backdoored model's id in it")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--starts", default="random,real", help="comma-separated: random, real, grid")
     args = ap.parse_args()
+    starts = args.starts.split(",")
+    if not starts or any(x not in ("random", "real", "grid") for x in starts):
+        ap.error(f"--starts takes random, real and grid; got {args.starts!r}")
     bb = load_bundled()
     cfg = DetectorConfig()
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # `zoo eval --seed 0`'s pool
     opt_x, hold_x = split_pool(pool, cfg)
     for spec in args.models:
-        zoo_dir, mid = spec.split(":", 1)
+        zoo_dir, mid, *cls = spec.split(":")
         zoo = Path(zoo_dir)
         manifest = json.loads((zoo / "manifest.json").read_text())
         entry = next((m for m in manifest["models"] if m["id"] == mid), None)
-        if entry is None or entry["target_index"] is None:
-            raise SystemExit(f"{spec}: not a backdoored model of that zoo's manifest")
-        attack, why = real_attack(entry, int(manifest["zoo"].get("seed", 0)), bb)
-        if attack is None:
-            raise SystemExit(f"{spec}: cannot rebuild its trigger: {why}")
+        if entry is None or (entry["target_index"] is None and not cls):
+            raise SystemExit(f"{spec}: not a model of that zoo's manifest, or a clean one without :CLASS")
+        attack = None
+        if entry["target_index"] is not None and not cls:
+            attack, why = real_attack(entry, int(manifest["zoo"].get("seed", 0)), bb)
+            if attack is None:
+                raise SystemExit(f"{spec}: cannot rebuild its trigger: {why}")
+        t = int(cls[0]) if cls else int(entry["target_index"])
         model = PromptedCLIP(bb, load_checkpoint(zoo / entry["path"], bb).learner)
-        probe(spec, model, attack, int(entry["target_index"]), cfg, opt_x, hold_x, args.seeds)
+        probe(spec, model, attack, t, cfg, opt_x, hold_x, args.seeds, starts)
 
 
 if __name__ == "__main__":

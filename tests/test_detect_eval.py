@@ -278,11 +278,12 @@ def test_an_awake_candidate_run_answers_for_the_drift_candidates_alone(zoo: Path
 
     res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--awake-candidate", "--kappa", "8",
                                     "--restarts", "2", "--restart-rule", "best", "--n-images", "48", "--accel", "torch",
-                                    "--json", str(tmp_path / "awake.json")])
+                                    "--patch-start", "grid", "--json", str(tmp_path / "awake.json")])
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "awake.json").read_text())
     assert saved["config"]["awake_candidate"] is True and saved["config"]["kappa"] == 8.0
     assert saved["config"]["restarts"] == 2 and saved["config"]["restart_rule"] == "best"
+    assert saved["config"]["patch_start"] == "grid"
     one = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=SMALL, accel="torch")
     rows = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(SMALL, awake_candidate=True), accel="torch")
     for a, row in zip(one, rows, strict=True):

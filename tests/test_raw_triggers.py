@@ -64,6 +64,28 @@ def test_a_sticker_changes_one_small_square_only() -> None:
     assert list(trig.parameters()) == [trig.p]  # the square is fixed: only its pattern is learned
 
 
+def test_a_grid_start_puts_nine_opaque_squares_and_keeps_the_soft_starts_pattern() -> None:
+    from scanner.engine.ci import make_trigger
+    from scanner.errors import ConfigError
+
+    logits = T.grid_mask_logits(64, 6)
+    assert logits.shape == (1, 64, 64)
+    on = logits[0] > 0  # (64, 64)
+    assert int(on.sum()) == 9 * 36
+    rows, cols = on.any(dim=1).nonzero()[:, 0], on.any(dim=0).nonzero()[:, 0]
+    assert len(rows) == len(cols) == 18  # three bands of 6 px each way, one square per ninth of the image
+    assert {int(r) // 22 for r in rows} == {int(c) // 22 for c in cols} == {0, 1, 2}
+    cfg = DetectorConfig(max_shift=0)
+    soft = make_trigger("patch", 64, cfg, torch.Generator().manual_seed(5))
+    grid = make_trigger("patch", 64, DetectorConfig(max_shift=0, patch_start="grid"), torch.Generator().manual_seed(5))
+    assert isinstance(soft, T.PatchTrigger) and isinstance(grid, T.PatchTrigger)
+    assert torch.equal(soft.p, grid.p)  # the same draws: only the mask's start differs
+    assert float(soft.mask().mean()) == pytest.approx(0.05, abs=0.01)
+    assert torch.equal(grid.mask() > 0.5, on[None]) and float(grid.mask()[on[None]].min()) > 0.999
+    with pytest.raises(ConfigError, match="patch_start"):
+        DetectorConfig(patch_start="corner")
+
+
 @pytest.mark.parametrize("detector", ["ci", "nc"])
 def test_detectors_return_reapplicable_raw_triggers(random_backbone: ClipBackbone, detector: str) -> None:
     model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, ["circle", "square", "star"], csc=True))

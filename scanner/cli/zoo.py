@@ -175,6 +175,8 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="CI: searches of each scored trigger family per candidate (default: the detector's, 1)")
 @click.option("--restart-rule", type=click.Choice(["mean", "best"]), default=None,
               help="CI: a candidate's evidence from its restarts: their mean, or the best one's (default: mean)")
+@click.option("--patch-start", type=click.Choice(["soft", "grid"]), default=None,
+              help="CI: start the patch search from a soft 5% mask, or from nine opaque squares (default: soft)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",
@@ -196,9 +198,10 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None,
           flat_candidates: int | None, kappa: float | None,
-          restarts: int | None, restart_rule: str | None, awake_candidate: bool, families: str | None,
-          conditioned_ranking: str | None, conditioned_families: str | None, trigger_score: str | None,
-          scored_families_only: bool, device: str, shard: str | None, learners: str | None) -> None:
+          restarts: int | None, restart_rule: str | None, patch_start: str | None, awake_candidate: bool,
+          families: str | None, conditioned_ranking: str | None, conditioned_families: str | None,
+          trigger_score: str | None, scored_families_only: bool, device: str, shard: str | None,
+          learners: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -229,6 +232,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, restarts=restarts)
         if restart_rule is not None:
             cfg = replace(cfg, restart_rule=restart_rule)
+        if patch_start is not None:
+            cfg = replace(cfg, patch_start=patch_start)
         if families is not None:
             cfg = replace(cfg, families=tuple(csv_list(families) or ()))
         if conditioned_ranking is not None:

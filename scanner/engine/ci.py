@@ -89,6 +89,7 @@ from scanner.engine.triggers import (
     StickerTrigger,
     Trigger,
     WarpTrigger,
+    grid_mask_logits,
 )
 from scanner.prompting.classifier import PromptedCLIP
 
@@ -223,7 +224,10 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
     if family == "additive":
         inner = AdditiveTrigger(size, cfg.eps, gen)
     elif family == "patch":
-        inner = PatchTrigger(size, gen)
+        patch = PatchTrigger(size, gen)
+        if cfg.patch_start == "grid":
+            patch.start_at(grid_mask_logits(size, max(1, round(cfg.sticker * size))))
+        inner = patch
     elif family == "sticker":
         inner = StickerTrigger(size, max(1, round(cfg.sticker * size)), gen)
     elif family == "blend":

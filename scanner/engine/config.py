@@ -52,14 +52,16 @@ MARGIN_SCORES = ("patch-margin", "patch-twin")  # scores read from the patch tri
 DORMANCY_OFF = 1.0  # a dormant margin this high switches CI's dormancy channel off (``ci_verdict``)
 FLAT_ANOMALY = 2.0  # a top ranking anomaly under this names no suspect (DetectorConfig.flat_candidates)
 RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
+PATCH_STARTS = ("soft", "grid")  # where CI's patch search starts (DetectorConfig.patch_start)
 # the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
 PATCH_MARGIN_FAMILY = "patch"
 
 
 def scoring_families(families: Sequence[str], trigger_score: str) -> list[str]:
     """Which of a candidate's searched ``families`` make its score (and keep its trigger): all of them, but for
-    the patch scores ("patch-margin", "patch-twin") the patch family alone when it was searched (a configuration without it scores the best
-    family's median margin; calibrate such a configuration on a zoo before trusting its line)."""
+    the patch scores ("patch-margin", "patch-twin") the patch family alone when it was searched (a configuration
+    without it scores the best family's median margin; calibrate such a configuration on a zoo before trusting its
+    line)."""
     if trigger_score in MARGIN_SCORES and PATCH_MARGIN_FAMILY in families:
         return [PATCH_MARGIN_FAMILY]
     return list(families)
@@ -159,6 +161,12 @@ class DetectorConfig:
     # out at 0.852-0.858 against one search's 0.847; the pre-registered best of 2 (line 6.59375) beat the default on
     # seed 13 (0.818 vs 0.795) but at FPR 0.182, over the bar, so it is not the default (docs/preregistrations.md)
     restart_rule: str = "mean"
+    # where CI's patch search starts: "soft", a mask of 5% opacity everywhere (with a little noise), or "grid", nine
+    # opaque squares of the sticker's side, one in each ninth of the image (``grid_mask_logits``). In one epoch the
+    # soft mask stays diffuse and does not settle on a small planted patch: session 23 (`python
+    # benchmarks/real_trigger_probe.py`), the seed-10 digits BadNets target scored 3.72 / 2.88 from the soft start,
+    # 8.44 / 11.88 from the grid, 9.17 / 9.48 from the real trigger itself. Off until calibrated and judged on a zoo
+    patch_start: str = "soft"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
@@ -200,6 +208,8 @@ class DetectorConfig:
             raise ConfigError(f"restarts must be >= 1; got {self.restarts}")
         if self.candidates < 1:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
+        if self.patch_start not in PATCH_STARTS:
+            raise ConfigError(f"patch_start must be one of {', '.join(PATCH_STARTS)}; got {self.patch_start!r}")
         if self.flat_candidates < 0:
             raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
 

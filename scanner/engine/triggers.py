@@ -121,6 +121,20 @@ class MaskedPatternTrigger(Trigger):
         return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
 
 
+SURE_LOGIT = 12.0  # a mask logit that the search keeps at 1 - 6e-6 (or 6e-6 negated) over one epoch of Adam steps
+
+
+def grid_mask_logits(size: int, side: int) -> torch.Tensor:
+    """Mask logits (1, S, S) of a 3 x 3 grid of opaque squares of ``side`` px, one centred in each ninth of the
+    image, transparent elsewhere (``PatchTrigger.start_at``)."""
+    m = torch.full((1, size, size), -SURE_LOGIT)
+    for i in range(3):
+        for j in range(3):
+            y, x = (2 * i + 1) * size // 6 - side // 2, (2 * j + 1) * size // 6 - side // 2
+            m[:, max(0, y):y + side, max(0, x):x + side] = SURE_LOGIT
+    return m
+
+
 class PatchTrigger(MaskedPatternTrigger):
     """x' = (1 - m) x + m p with a soft mask m (1, S, S) and a pattern p (3, S, S) (Neural-Cleanse form).
 
@@ -138,6 +152,12 @@ class PatchTrigger(MaskedPatternTrigger):
 
     def mask(self) -> torch.Tensor:
         return torch.sigmoid(self.m)
+
+    def start_at(self, mask_logits: torch.Tensor) -> None:
+        """Replace the initial mask logits (1, S, S), keeping the pattern drawn at construction (so a start differs
+        from the soft one in its mask alone, and draws the same random numbers)."""
+        with torch.no_grad():
+            self.m.copy_(mask_logits.to(self.m))
 
 
 class StickerTrigger(MaskedPatternTrigger):

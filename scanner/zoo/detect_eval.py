@@ -32,7 +32,7 @@ INT8_GATE_IMAGES = 256  # scanner.accel.features.INT8_GATE_IMAGES (not imported:
 # detector settings added after evaluation files were first written, at the value that gives the behaviour from
 # before they existed: a saved run without the field resumes as a run with this value (whatever the default is now)
 FIELD_ADDED: dict[str, Any] = {"search_all_families": True, "restarts": 1, "awake_candidate": False,
-                               "restart_rule": "mean", "flat_candidates": 0}
+                               "restart_rule": "mean", "flat_candidates": 0, "patch_start": "soft"}
 EVAL_SEED_OFFSET = 12345  # the detector's OOD pool is drawn apart from the zoo's ASR pool
 
 
