@@ -121,7 +121,9 @@ class MaskedPatternTrigger(Trigger):
         return torch.cat([self.pattern(), self.mask()]).detach()  # (4, S, S)
 
 
-SURE_LOGIT = 12.0  # a mask logit that the search keeps at 1 - 6e-6 (or 6e-6 negated) over one epoch of Adam steps
+# a mask logit so far out (sigmoid 1 - 6e-6; 6e-6 when negative) that one epoch of Adam steps (50 at lr 0.1) leaves
+# the pixel opaque (transparent)
+SURE_LOGIT = 12.0
 
 
 def grid_mask_logits(size: int, side: int) -> torch.Tensor:
