@@ -165,8 +165,10 @@ class DetectorConfig:
     # opaque squares of the sticker's side, one in each ninth of the image (``grid_mask_logits``). In one epoch the
     # soft mask stays diffuse and does not settle on a small planted patch: session 23 (`python
     # benchmarks/real_trigger_probe.py`), the seed-10 digits BadNets target scored 3.72 / 2.88 from the soft start,
-    # 8.44 / 11.88 from the grid, 9.17 / 9.48 from the real trigger itself. "soft" stays the default until "grid"
-    # has passed the test pre-registered for it at the shipped lines (docs/preregistrations.md)
+    # 8.44 / 11.88 from the grid, 9.17 / 9.48 from the real trigger itself. Pre-registered at the shipped lines and
+    # judged on the p7 seed-15 zoo: 0.709 against the soft start's 0.745 (FPR 0.045 both): the grid lifts planted
+    # patches (counts/badnets 4.91 -> 17.12) and loses whole-image blends (letters/blended 9.36 -> 4.62), so "soft"
+    # stays the default (docs/preregistrations.md)
     patch_start: str = "soft"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
