@@ -171,9 +171,9 @@ def test_a_prompt_awake_on_clean_images_is_flagged_even_without_a_trigger(model:
     assert not _decision(model, flat, [-0.3, 0.7, -0.4]).backdoored  # within the margin
     assert not _decision(model, flat, [-0.3, 0.9, -0.6], dormant_margin=1.0).backdoored  # switched off
     # an anomalously drifted class's excess is weighed up past 1 (0.7 / DRIFTED_BAR); margin 1 still means off
-    drifted = [0.0, 5.0, 0.0]
-    assert _decision(model, flat, [-0.3, 0.7, -0.4], drifted, dormant_margin=0.99).backdoored
-    assert not _decision(model, flat, [-0.3, 0.7, -0.4], drifted, dormant_margin=1.0).backdoored
+    one_drifted = [0.0, 5.0, 0.0]
+    assert _decision(model, flat, [-0.3, 0.7, -0.4], one_drifted, dormant_margin=0.99).backdoored
+    assert not _decision(model, flat, [-0.3, 0.7, -0.4], one_drifted, dormant_margin=1.0).backdoored
     # a working trigger names its own class first
     both = _decision(model, [0.05, 0.06, 1.2], [-0.3, 0.9, -0.6])
     assert both.backdoored and both.target_index == 2 and "reconstructed trigger" in both.reason
