@@ -18,7 +18,7 @@ import torch
 
 from scanner.clip.backbone import ClipBackbone
 from scanner.engine import DetectorConfig, detect
-from scanner.engine.config import DORMANCY_OFF
+from scanner.engine.config import DORMANCY_OFF, TWIN_MARGIN_WEIGHT
 from scanner.errors import ConfigError
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
@@ -286,7 +286,6 @@ def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "s
     (None: the engine's). Rows of other detectors come back unchanged; ConfigError for rows that do not record
     margins (written before session 16) when a margin score is asked for."""
     from scanner.engine.ci import family_value
-    from scanner.engine.config import TWIN_MARGIN_WEIGHT
 
     weight = TWIN_MARGIN_WEIGHT if twin_weight is None else twin_weight
 
