@@ -19,15 +19,8 @@ import torch
 
 from scanner.clip import load_bundled
 from scanner.engine import DetectorConfig
-from scanner.engine.ci import family_value, make_trigger, measure_trigger, split_pool, trusted_twin
-from scanner.engine.invert import (
-    InversionSchedule,
-    differential_margin,
-    frozen_learner,
-    optimise_pair,
-    panel_logits,
-    shares,
-)
+from scanner.engine.ci import family_value, invert_for, make_trigger, measure_trigger, split_pool, trusted_twin
+from scanner.engine.invert import frozen_learner, panel_logits, shares
 from scanner.engine.triggers import PatchTrigger, ShiftedTrigger
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
@@ -47,7 +40,6 @@ def main() -> None:
     cfg = DetectorConfig(search_all_families=False)
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # `zoo eval --seed 0`'s pool
     opt_x, hold_x = split_pool(pool, cfg)
-    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     for spec in args.models:
         path, cls = spec.rsplit(":", 1)
         t = int(cls)
@@ -65,8 +57,7 @@ def main() -> None:
                         with torch.no_grad():
                             trig.inner.p.zero_()  # sigmoid(0): a grey pattern
                             trig.inner.m.fill_(float(torch.logit(torch.tensor(INIT_COVER))))
-                    optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
-                                  sched, gen, cfg.patch_weight)
+                    invert_for(model, ref, t, "patch", opt_x, cfg, gen, trig)
                     ev, _ = measure_trigger(model, ref, trig, t, "patch", hold_x, float(natural[t]),
                                             float(twin_natural[t]), cfg.bf16)
                     out.append(family_value(ev, "patch", "patch-margin"))

@@ -25,22 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from scanner.clip import load_bundled
 from scanner.engine import DetectorConfig
-from scanner.engine.ci import family_value, make_trigger, measure_trigger, split_pool, trusted_twin
-from scanner.engine.invert import (
-    InversionSchedule,
-    differential_margin,
-    frozen_learner,
-    optimise_pair,
-    panel_logits,
-    shares,
-)
-from scanner.engine.triggers import SURE_LOGIT, PatchTrigger, ShiftedTrigger, Trigger, grid_mask_logits
+from scanner.engine.ci import family_value, invert_for, make_trigger, measure_trigger, split_pool, trusted_twin
+from scanner.engine.invert import frozen_learner, panel_logits, shares
+from scanner.engine.triggers import SURE_LOGIT, PatchTrigger, ShiftedTrigger, Trigger
 from scanner.prompting.checkpoints import load_checkpoint
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.zoo.attacks.base import Attack
@@ -79,7 +73,6 @@ def probe(spec: str, model: PromptedCLIP, attack: Attack | None, t: int, cfg: De
           hold_x: torch.Tensor, seeds: int, starts: list[str]) -> None:
     """Print the real trigger's evidence for class ``t`` (when there is one), then each search's (see the module
     docstring)."""
-    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     size = opt_x.shape[-1]
     with frozen_learner(model):
         ref, _ = trusted_twin(model, opt_x, cfg)
@@ -97,17 +90,17 @@ def probe(spec: str, model: PromptedCLIP, attack: Attack | None, t: int, cfg: De
         for s in range(seeds):
             for start in (x for x in starts if real is not None or x != "real"):
                 gen = torch.Generator().manual_seed(s)
-                trig = make_trigger("patch", size, cfg, gen)
-                inner = trig.inner if isinstance(trig, ShiftedTrigger) else trig
-                assert isinstance(inner, PatchTrigger)
-                with torch.no_grad():
-                    if start == "real" and real is not None:
-                        inner.m.copy_(real.m)
+                # the soft and grid starts are the engine's own (``patch_start``); the real one is set by hand
+                run_cfg = replace(cfg, patch_start="grid" if start == "grid" else "soft")
+                at_real = None
+                if start == "real" and real is not None:
+                    at_real = make_trigger("patch", size, run_cfg, gen)
+                    inner = at_real.inner if isinstance(at_real, ShiftedTrigger) else at_real
+                    assert isinstance(inner, PatchTrigger)
+                    inner.start_at(real.m.detach())
+                    with torch.no_grad():
                         inner.p.copy_(real.p)
-                    elif start == "grid":
-                        inner.start_at(grid_mask_logits(size, max(1, round(cfg.sticker * size))))
-                optimise_pair(model, ref, trig, opt_x, differential_margin(t, cfg.kappa, cfg.reference_weight),
-                              sched, gen, cfg.patch_weight)
+                trig = invert_for(model, ref, t, "patch", opt_x, run_cfg, gen, at_real)
                 print(f"  seed {s}, search from {start:6s}: {judged(trig)}", flush=True)
 
 

@@ -268,10 +268,11 @@ def _size_weight(family: str, cfg: DetectorConfig) -> float:
 
 
 def invert_for(model: PromptedCLIP, twin: ReferenceModel, target: int, family: str, x: torch.Tensor,
-               cfg: DetectorConfig, gen: torch.Generator) -> Trigger:
+               cfg: DetectorConfig, gen: torch.Generator, trigger: Trigger | None = None) -> Trigger:
     """A ``family`` trigger optimised on clean images ``x`` (N, 3, S, S) to send them into ``target`` in
-    ``model`` while keeping ``twin`` unmoved (CI's differential margin, one schedule of ``cfg``)."""
-    trig = make_trigger(family, x.shape[-1], cfg, gen, x.device)
+    ``model`` while keeping ``twin`` unmoved (CI's differential margin, one schedule of ``cfg``). ``trigger``, when
+    given, is optimised instead of a fresh one (a probe's own start, made with ``make_trigger`` from ``gen``)."""
+    trig = trigger if trigger is not None else make_trigger(family, x.shape[-1], cfg, gen, x.device)
     optimise_pair(model, twin, trig, x, differential_margin(target, cfg.kappa, cfg.reference_weight),
                   InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16), gen, _size_weight(family, cfg))
     return trig
