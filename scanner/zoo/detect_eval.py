@@ -278,20 +278,18 @@ def _rescored(row: dict[str, Any], family_bonus: float, trigger_score: str,
 
 
 def rescore_ci(row: dict[str, Any], family_bonus: float, trigger_score: str = "share",
-               twin_weight: float | None = None) -> dict[str, Any]:
+               twin_weight: float = TWIN_MARGIN_WEIGHT) -> dict[str, Any]:
     """A CI row with each confirmed class's score recomputed from its recorded per-family values (gains, or
     margin lifts with ``trigger_score="margin"``, the patch trigger's median margin with "patch-margin": the
     engine's ``family_value``) by the engine's ``candidate_score``; other classes keep their score (-1: not
-    confirmed, or cut away by ``first_candidates``); "patch-twin" weighs the twin's margin by ``twin_weight``
-    (None: the engine's). Rows of other detectors come back unchanged; ConfigError for rows that do not record
+    confirmed, or cut away by ``first_candidates``); "patch-twin" weighs the twin's margin by ``twin_weight``.
+    Rows of other detectors come back unchanged; ConfigError for rows that do not record
     margins (written before session 16) when a margin score is asked for."""
     from scanner.engine.ci import family_value
 
-    weight = TWIN_MARGIN_WEIGHT if twin_weight is None else twin_weight
-
     def value(k: int, e: dict[str, Any], family: str) -> float:
         try:
-            return family_value(e, family, trigger_score, weight)
+            return family_value(e, family, trigger_score, twin_weight)
         except KeyError as exc:
             raise ConfigError(f"row {row.get('id')!r} records no {exc.args[0]!r}: it was written before CI recorded "
                               f"margins; re-run it to score it by {trigger_score!r}") from None
