@@ -331,6 +331,27 @@ def test_a_best_of_restarts_run_answers_for_every_smaller_count(zoo: Path, bundl
     assert lifted > 0  # a later restart did better somewhere: the cut is not the whole run
 
 
+def test_soft_and_grid_runs_combine_into_the_both_starts_run(zoo: Path, bundled_backbone: ClipBackbone) -> None:
+    from scanner.zoo.detect_eval import combine_starts
+
+    soft, grid, both = (evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(SMALL, patch_start=s),
+                                     accel="torch") for s in ("soft", "grid", "both"))
+    for a, b, row in zip(soft, grid, both, strict=True):
+        combined = combine_starts(a, b)
+        assert combined["class_scores"] == pytest.approx(row["class_scores"])
+        assert (combined["flagged"], combined["target"]) == (row["flagged"], row["target"])
+        for e, want in zip(combined["evidence"], row["evidence"], strict=True):
+            assert {k: v for k, v in e.items() if k.endswith("_start_patch")} == pytest.approx(
+                {k: v for k, v in want.items() if k.endswith("_start_patch")})
+    # rows of two different searches (another seed) are refused, not merged
+    other = evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(SMALL, patch_start="grid"), seed=1,
+                         accel="torch")
+    with pytest.raises(ConfigError, match="--patch-start alone"):
+        combine_starts(soft[0], other[0])
+    with pytest.raises(ConfigError, match="not one model"):
+        combine_starts(soft[0], grid[1])
+
+
 def test_flat_candidates_confirm_more_classes_only_where_no_class_stands_out(zoo: Path, tmp_path: Path) -> None:
     from scanner.zoo.detect_eval import is_flat
 

@@ -451,6 +451,32 @@ def test_restarts_average_the_scored_family_over_fresh_searches(model: PromptedC
         DetectorConfig(restarts=0)
 
 
+def test_both_patch_starts_decide_what_a_soft_and_a_grid_run_decide_combined(model: PromptedCLIP,
+                                                                             pool: torch.Tensor) -> None:
+    base = replace(SMALL, families=("sticker", "patch"), candidates=2)
+    soft, grid, both = (detect(model, pool, replace(base, patch_start=s), seed=0) for s in ("soft", "grid", "both"))
+    confirmed = [c.index for c in both.classes if c.evidence["candidate"]]
+    assert len(confirmed) == 2 and confirmed == [c.index for c in soft.classes if c.evidence["candidate"]]
+    for k in confirmed:
+        es, eg, eb = soft.classes[k].evidence, grid.classes[k].evidence, both.classes[k].evidence
+        # each start's value is the separate run's score for the class, and the class keeps the better one
+        assert eb["soft_start_patch"] == pytest.approx(soft.classes[k].anomaly_score)
+        assert eb["grid_start_patch"] == pytest.approx(grid.classes[k].anomaly_score)
+        assert both.classes[k].anomaly_score == pytest.approx(max(soft.classes[k].anomaly_score,
+                                                                  grid.classes[k].anomaly_score))
+        better = eg if grid.classes[k].anomaly_score > soft.classes[k].anomaly_score else es
+        assert eb["size_patch"] == pytest.approx(better["size_patch"])  # the whole evidence of the better start
+        # the starts draw the same numbers: the sticker searched before them, and the next candidate's searches
+        # after them, are what the single-start runs found
+        assert eb["margin_sticker"] == es["margin_sticker"] == eg["margin_sticker"]
+        assert "soft_start_patch" not in es and "grid_start_patch" not in eg
+    assert soft.classes[confirmed[0]].evidence["size_patch"] != grid.classes[confirmed[0]].evidence["size_patch"]
+    # the model's score is its best class's: the better of the two runs' model scores
+    assert both.anomaly_score == pytest.approx(max(soft.anomaly_score, grid.anomaly_score))
+    with pytest.raises(ConfigError, match="patch_start"):
+        DetectorConfig(patch_start="all")
+
+
 def test_flat_models_confirm_more_candidates(model: PromptedCLIP, pool: torch.Tensor,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from scanner.engine import ci

@@ -216,16 +216,25 @@ def confirmed_mask(evidence: Mapping[int, Mapping[str, float]] | Sequence[Mappin
     return torch.tensor(flags) if any(flags) else None
 
 
+def patch_starts(family: str, cfg: DetectorConfig) -> tuple[str, ...]:
+    """Where ``family``'s searches start: the patch family's ``cfg.patch_start`` ("both": soft, then grid), one
+    start for every other family ("soft": no other family has a choice)."""
+    if family != "patch":
+        return ("soft",)
+    return ("soft", "grid") if cfg.patch_start == "both" else (cfg.patch_start,)
+
+
 def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generator,
-                 device: torch.device | None = None) -> Trigger:
+                 device: torch.device | None = None, start: str | None = None) -> Trigger:
     """A fresh trigger of ``family``, drawn from ``gen`` (a CPU generator, so a seed gives the same
-    initial trigger on every device) and then moved to ``device``."""
+    initial trigger on every device) and then moved to ``device``. ``start`` ("soft" or "grid", default
+    ``cfg.patch_start``; "both" reads as "soft") is where a patch trigger's mask begins."""
     inner: Trigger
     if family == "additive":
         inner = AdditiveTrigger(size, cfg.eps, gen)
     elif family == "patch":
         patch = PatchTrigger(size, gen)
-        if cfg.patch_start == "grid":
+        if (start or cfg.patch_start) == "grid":
             patch.start_at(grid_mask_logits(size, max(1, round(cfg.sticker * size))))
         inner = patch
     elif family == "sticker":
@@ -347,8 +356,8 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             for fam in families:
                 # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean or the
                 # best one's (``restart_rule``)
-                runs = [measure_trigger(model, ref, invert_for(model, ref, t, fam, opt_x, cfg, gen), t, fam, hold_x,
-                                        float(natural[t]), float(twin_natural[t]), cfg.bf16)
+                runs = [_search_from_starts(model, ref, t, fam, opt_x, hold_x, cfg, gen, evidence[t],
+                                            (float(natural[t]), float(twin_natural[t])))
                         for _ in range(cfg.restarts if fam in scoring else 1)]
                 # each restart's own value (a run's keys are all of this family's, so the class keys it also reads
                 # are the same before and after the family's evidence is written below)
@@ -375,6 +384,32 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
     return _decide_ci(model, cfg, best, natural, evidence, seed, start, excess, drift_anomaly)
+
+
+def _search_from_starts(model: PromptedCLIP, ref: ReferenceModel, t: int, fam: str, opt_x: torch.Tensor,
+                        hold_x: torch.Tensor, cfg: DetectorConfig, gen: torch.Generator, known: dict[str, float],
+                        shares_t: tuple[float, float]) -> tuple[dict[str, float], Trigger]:
+    """One search of ``fam``'s trigger for class ``t``: from each of the family's starts (``patch_starts``), the
+    measured trigger whose value is highest (the first of equals), with every start's value recorded as
+    ``<start>_start_<fam>`` when there are several. ``known``: the class's evidence so far (what a value reads
+    besides the family's own keys); ``shares_t``: the class's clean shares in the suspect and the twin."""
+    starts = patch_starts(fam, cfg)
+    fork = gen.get_state()
+    tried: list[tuple[dict[str, float], Trigger]] = []
+    for i, start in enumerate(starts):
+        if i:
+            # every start draws the same numbers (the pattern, the batches, the shifts): the starts differ in the
+            # mask they begin from alone, so a "both" run decides what a soft and a grid run combined decide, and
+            # the generator leaves in the same state whichever start ran last
+            gen.set_state(fork)
+        trig = make_trigger(fam, opt_x.shape[-1], cfg, gen, opt_x.device, start)
+        invert_for(model, ref, t, fam, opt_x, cfg, gen, trig)
+        tried.append(measure_trigger(model, ref, trig, t, fam, hold_x, *shares_t, cfg.bf16))
+    if len(tried) == 1:
+        return tried[0]
+    own = [family_value({**known, **ev}, fam, cfg.trigger_score) for ev, _ in tried]
+    top_ev, trig = tried[max(range(len(tried)), key=own.__getitem__)]
+    return {**top_ev, **{f"{start}_start_{fam}": v for start, v in zip(starts, own, strict=True)}}, trig
 
 
 def measure_trigger(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,

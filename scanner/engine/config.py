@@ -52,7 +52,7 @@ MARGIN_SCORES = ("patch-margin", "patch-twin")  # scores read from the patch tri
 DORMANCY_OFF = 1.0  # a dormant margin this high switches CI's dormancy channel off (``ci_verdict``)
 FLAT_ANOMALY = 2.0  # a top ranking anomaly under this names no suspect (DetectorConfig.flat_candidates)
 RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
-PATCH_STARTS = ("soft", "grid")  # where CI's patch search starts (DetectorConfig.patch_start)
+PATCH_STARTS = ("soft", "grid", "both")  # where CI's patch search starts (DetectorConfig.patch_start)
 # the family whose trigger's median margin is the "patch-margin" score (DetectorConfig.trigger_score)
 PATCH_MARGIN_FAMILY = "patch"
 
@@ -168,7 +168,9 @@ class DetectorConfig:
     # 8.44 / 11.88 from the grid, 9.17 / 9.48 from the real trigger itself. Pre-registered at the shipped lines and
     # judged on the p7 seed-15 zoo: 0.709 against the soft start's 0.745 (FPR 0.045 both): the grid lifts planted
     # patches (counts/badnets 4.91 -> 17.12) and loses whole-image blends (letters/blended 9.36 -> 4.62), so "soft"
-    # stays the default (docs/preregistrations.md)
+    # stays the default (docs/preregistrations.md). "both" searches from each start with the same draws and keeps
+    # the better (``patch_starts``): one more patch search per candidate, and what saved soft and grid runs of one
+    # zoo decide exactly when combined (``benchmarks/patch_starts_cv.py``)
     patch_start: str = "soft"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images

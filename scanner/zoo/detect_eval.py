@@ -434,6 +434,39 @@ def first_restarts(row: dict[str, Any], r: int, family_bonus: float, trigger_sco
     return _rescored(row, family_bonus, trigger_score, value)
 
 
+def combine_starts(soft: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]:
+    """A CI row as a ``patch_start = "both"`` run would have written it, from the same model's rows of a soft and
+    a grid run (same seed, same settings but the start; cut alike: ``first_candidates``).
+
+    The starts draw the same random numbers, so the runs differ in the patch family's evidence alone and each
+    confirmed class keeps the start whose score is higher (soft on ties), recording both as the engine does
+    (``<start>_start_patch``). Exact for a patch-margin run, whose class score is the patch family's value.
+    ConfigError when the rows are not two starts of one search (another model, other candidates, other evidence
+    outside the patch family). ``seconds`` is both runs' (more than one "both" run takes: ranking and the other
+    families' searches ran twice)."""
+    def fixed(e: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in e.items() if not k.endswith("_patch") and k != "score"}
+
+    if soft["id"] != grid["id"] or len(soft["evidence"]) != len(grid["evidence"]):
+        raise ConfigError(f"rows {soft['id']!r} and {grid['id']!r} are not one model's")
+    if any(fixed(a) != fixed(b) for a, b in zip(soft["evidence"], grid["evidence"], strict=True)):
+        raise ConfigError(f"row {soft['id']!r}: the two runs differ outside the patch search (another seed, pool, "
+                          "candidate count or setting); combine runs that differ in --patch-start alone")
+    scores: list[float] = []
+    evidence: list[dict[str, Any]] = []
+    for k, (a, b) in enumerate(zip(soft["evidence"], grid["evidence"], strict=True)):
+        sa, sb = float(soft["class_scores"][k]), float(grid["class_scores"][k])
+        if not a.get("candidate") or "margin_patch" not in a:
+            scores.append(sa)
+            evidence.append(a)
+            continue
+        scores.append(max(sa, sb))
+        evidence.append({**(b if sb > sa else a), "soft_start_patch": sa, "grid_start_patch": sb})
+    row = {**soft, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence,
+           "seconds": float(soft["seconds"]) + float(grid["seconds"])}
+    return decided_at(row, float(row["threshold"]), row.get("dormant_margin"))
+
+
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
     """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
     from the row's recorded evidence by the engine's own rule (``ci_verdict`` for CI rows; the anomaly index
