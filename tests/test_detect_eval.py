@@ -268,6 +268,9 @@ def test_a_run_with_more_candidates_holds_every_smaller_runs_evidence(zoo: Path,
         cut = first_candidates(b, 1)
         assert cut["class_scores"] == a["class_scores"] and cut["anomaly_score"] == a["anomaly_score"]
         assert [e["candidate"] for e in cut["evidence"]] == [e["candidate"] for e in a["evidence"]]
+        # the cut row's evidence is the one-candidate run's, key for key: a class it no longer confirms keeps no
+        # trigger search's keys (so the runs of two starts, cut alike, combine: combine_starts)
+        assert [set(e) for e in cut["evidence"]] == [set(e) for e in a["evidence"]]
         # re-scored with another bonus, the cut row still scores only its one confirmed class
         assert rescore_ci(cut, 0.0)["class_scores"] == rescore_ci(a, 0.0)["class_scores"]
 

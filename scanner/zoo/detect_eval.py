@@ -410,9 +410,18 @@ def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[s
             raise ConfigError(f"row {row.get('id')!r} did not confirm the classes asked for: run it with "
                               f"--candidates {c} --awake-candidate or more")
     scores = [float(s) if k in keep else -1.0 for k, s in enumerate(row["class_scores"])]
-    evidence = [{**e, "candidate": float(k in keep), **({} if k in keep else {"score": -1.0})}
+    evidence = [{**e, "candidate": 1.0} if k in keep else {**_unsearched(e), "candidate": 0.0, "score": -1.0}
                 for k, e in enumerate(ev)]
     return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
+
+
+def _unsearched(evidence: dict[str, Any]) -> dict[str, Any]:
+    """A class's evidence without its trigger searches' keys (every key of a family it was confirmed with ends in
+    ``_<family>``): what a run that did not confirm the class wrote for it."""
+    from scanner.engine.ci import confirmed_families
+
+    ends = tuple(f"_{fam}" for fam in confirmed_families(evidence))
+    return {k: v for k, v in evidence.items() if not ends or not k.endswith(ends)}
 
 
 def first_restarts(row: dict[str, Any], r: int, family_bonus: float, trigger_score: str) -> dict[str, Any]:
