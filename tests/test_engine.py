@@ -103,6 +103,12 @@ def test_each_score_has_its_own_default_threshold() -> None:
     from scanner.engine.config import PATCH_TWIN_THRESHOLD
 
     assert DetectorConfig(trigger_score="patch-twin").decision_threshold == PATCH_TWIN_THRESHOLD != PM
+    from scanner.engine.config import BOTH_STARTS_THRESHOLD
+
+    # the patch search from both starts scores higher than from one: its line was fitted on runs of both
+    assert DetectorConfig(patch_start="both").decision_threshold == BOTH_STARTS_THRESHOLD > PM
+    assert DetectorConfig(patch_start="grid").decision_threshold == PM
+    assert DetectorConfig(patch_start="both", threshold=4.0).decision_threshold == 4.0
 
 
 def test_a_confirmed_class_keeps_its_trigger_whatever_its_score() -> None:

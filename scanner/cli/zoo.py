@@ -177,7 +177,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="CI: a candidate's evidence from its restarts: their mean, or the best one's (default: mean)")
 @click.option("--patch-start", type=click.Choice(["soft", "grid", "both"]), default=None,
               help="CI: start the patch search from a soft 5% mask, from nine opaque squares, or from both keeping the "
-                   "better (default: soft)")
+                   "better (default: soft; both has its own default line, 6.09375)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",

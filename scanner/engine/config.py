@@ -36,6 +36,11 @@ MARGIN_THRESHOLD = 12.7069
 # accuracy 0.886, TPR 0.818, FPR 0.045 (1 of 22), target right 1.000, AUROC 0.944 (share's lines: 0.841 / 0.773
 # / 0.091, AUROC 0.889)
 PATCH_MARGIN_THRESHOLD = 5.96875
+# CI's patch-margin threshold when the patch search starts from both the soft mask and the grid of squares
+# (``patch_start = "both"``): `python benchmarks/patch_starts_cv.py --fit` on the seed-14 and seed-15 p7 zoos' runs
+# of both starts (44 clean models, FPR 0.05, dormant margin 0.89; session 24, pre-registered as rule B). The same
+# fit puts the soft start's line at 5.28125, under the shipped one: compare starts at lines of one fit
+BOTH_STARTS_THRESHOLD = 6.09375
 # "patch-twin": the patch trigger's median margin in the suspect less TWIN_MARGIN_WEIGHT x the twin's median margin
 # for the class under the same trigger (``family_value``): how much more the suspect believes the class than plain
 # prompts do. Session 23, found on the saved rows of the p7 zoos of seeds 10-14 (220 models), leave-one-zoo-out
@@ -237,7 +242,7 @@ class DetectorConfig:
         if self.detector == "ci" and self.trigger_score == "margin":
             return MARGIN_THRESHOLD
         if self.detector == "ci" and self.trigger_score == "patch-margin":
-            return PATCH_MARGIN_THRESHOLD
+            return BOTH_STARTS_THRESHOLD if self.patch_start == "both" else PATCH_MARGIN_THRESHOLD
         if self.detector == "ci" and self.trigger_score == "patch-twin":
             return PATCH_TWIN_THRESHOLD
         return DEFAULT_THRESHOLDS[self.detector]
