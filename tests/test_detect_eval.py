@@ -340,7 +340,8 @@ def test_soft_and_grid_runs_combine_into_the_both_starts_run(zoo: Path, bundled_
     soft, grid, both = (evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(SMALL, patch_start=s),
                                      accel="torch") for s in ("soft", "grid", "both"))
     for a, b, row in zip(soft, grid, both, strict=True):
-        combined = combine_starts(a, b)
+        combined = combine_starts(a, b, threshold=row["threshold"])  # a "both" run's own line (BOTH_STARTS_THRESHOLD)
+        assert combined["threshold"] == row["threshold"] != a["threshold"]
         assert combined["class_scores"] == pytest.approx(row["class_scores"])
         assert (combined["flagged"], combined["target"]) == (row["flagged"], row["target"])
         for e, want in zip(combined["evidence"], row["evidence"], strict=True):

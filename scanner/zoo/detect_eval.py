@@ -443,7 +443,7 @@ def first_restarts(row: dict[str, Any], r: int, family_bonus: float, trigger_sco
     return _rescored(row, family_bonus, trigger_score, value)
 
 
-def combine_starts(soft: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]:
+def combine_starts(soft: dict[str, Any], grid: dict[str, Any], threshold: float | None = None) -> dict[str, Any]:
     """A CI row as a ``patch_start = "both"`` run would have written it, from the same model's rows of a soft and
     a grid run (same seed, same settings but the start; cut alike: ``first_candidates``).
 
@@ -452,7 +452,8 @@ def combine_starts(soft: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]
     (``<start>_start_patch``). Exact for a patch-margin run, whose class score is the patch family's value.
     ConfigError when the rows are not two starts of one search (another model, other candidates, other evidence
     outside the patch family). ``seconds`` is both runs' (more than one "both" run takes: ranking and the other
-    families' searches ran twice)."""
+    families' searches ran twice). The row is decided at ``threshold`` (default: the soft row's line; a "both" run
+    with no line configured decides at ``BOTH_STARTS_THRESHOLD``) and the soft row's dormant margin."""
     def fixed(e: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in e.items() if not k.endswith("_patch") and k != "score"}
 
@@ -473,7 +474,7 @@ def combine_starts(soft: dict[str, Any], grid: dict[str, Any]) -> dict[str, Any]
         evidence.append({**(b if sb > sa else a), "soft_start_patch": sa, "grid_start_patch": sb})
     row = {**soft, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence,
            "seconds": float(soft["seconds"]) + float(grid["seconds"])}
-    return decided_at(row, float(row["threshold"]), row.get("dormant_margin"))
+    return decided_at(row, float(row["threshold"] if threshold is None else threshold), row.get("dormant_margin"))
 
 
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
