@@ -91,7 +91,7 @@ def main() -> None:
     if not args.judge:
         return
     judged = [load_pair(s) for s in args.judge]
-    groups = [(label, z) for label, z in judged]
+    groups = list(judged)
     if len(judged) > 1:
         groups.append(("pooled", {rule: [r for _, z in judged for r in z[rule]] for rule in RULES}))
     decisions = [("shipped default (soft start)", "soft", shipped.decision_threshold)]
