@@ -360,11 +360,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
                                             (float(natural[t]), float(twin_natural[t])))
                         for _ in range(cfg.restarts if fam in scoring else 1)]
                 # each restart's own value (a run's keys are all of this family's, so the class keys it also reads
-                # are the same before and after the family's evidence is written below)
-                own = [family_value({**evidence[t], **ev}, fam, cfg.trigger_score) for ev, _ in runs]
-                # the restart whose trigger did best on its own (the first of equals): kept for the report and
-                # repair, and with restart_rule "best" its evidence is the family's
-                top_ev, trig = runs[max(range(len(runs)), key=own.__getitem__)]
+                # are the same before and after the family's evidence is written below), and the restart whose
+                # trigger did best on its own: kept for the report and repair, and with restart_rule "best" its
+                # evidence is the family's
+                own, (top_ev, trig) = _best_search(runs, evidence[t], fam, cfg.trigger_score)
                 if cfg.restart_rule == "best":
                     evidence[t].update(top_ev)
                 else:
@@ -407,9 +406,16 @@ def _search_from_starts(model: PromptedCLIP, ref: ReferenceModel, t: int, fam: s
         tried.append(measure_trigger(model, ref, trig, t, fam, hold_x, *shares_t, cfg.bf16))
     if len(tried) == 1:
         return tried[0]
-    own = [family_value({**known, **ev}, fam, cfg.trigger_score) for ev, _ in tried]
-    top_ev, trig = tried[max(range(len(tried)), key=own.__getitem__)]
+    own, (top_ev, trig) = _best_search(tried, known, fam, cfg.trigger_score)
     return {**top_ev, **{f"{start}_start_{fam}": v for start, v in zip(starts, own, strict=True)}}, trig
+
+
+def _best_search(searches: Sequence[tuple[dict[str, float], Trigger]], known: dict[str, float], fam: str,
+                 trigger_score: str) -> tuple[list[float], tuple[dict[str, float], Trigger]]:
+    """Each measured search's own ``family_value`` (read with the class's evidence so far, ``known``) and the
+    search whose value is highest (the first of equals)."""
+    own = [family_value({**known, **ev}, fam, trigger_score) for ev, _ in searches]
+    return own, searches[max(range(len(searches)), key=own.__getitem__)]
 
 
 def measure_trigger(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,
