@@ -410,17 +410,18 @@ def first_candidates(row: dict[str, Any], c: int, awake: bool = False) -> dict[s
             raise ConfigError(f"row {row.get('id')!r} did not confirm the classes asked for: run it with "
                               f"--candidates {c} --awake-candidate or more")
     scores = [float(s) if k in keep else -1.0 for k, s in enumerate(row["class_scores"])]
-    evidence = [{**e, "candidate": 1.0} if k in keep else {**_unsearched(e), "candidate": 0.0, "score": -1.0}
+    from scanner.engine.ci import confirmed_families
+
+    # a class no longer confirmed loses its trigger searches' keys: what a run that did not confirm it wrote
+    evidence = [{**e, "candidate": 1.0} if k in keep
+                else {**_without_families(e, confirmed_families(e)), "candidate": 0.0, "score": -1.0}
                 for k, e in enumerate(ev)]
     return {**row, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence}
 
 
-def _unsearched(evidence: dict[str, Any]) -> dict[str, Any]:
-    """A class's evidence without its trigger searches' keys (every key of a family it was confirmed with ends in
-    ``_<family>``): what a run that did not confirm the class wrote for it."""
-    from scanner.engine.ci import confirmed_families
-
-    ends = tuple(f"_{fam}" for fam in confirmed_families(evidence))
+def _without_families(evidence: dict[str, Any], families: Sequence[str]) -> dict[str, Any]:
+    """A class's evidence without the keys of these trigger families' searches (every one ends in ``_<family>``)."""
+    ends = tuple(f"_{fam}" for fam in families)
     return {k: v for k, v in evidence.items() if not ends or not k.endswith(ends)}
 
 
@@ -455,7 +456,7 @@ def combine_starts(soft: dict[str, Any], grid: dict[str, Any], threshold: float 
     families' searches ran twice). The row is decided at ``threshold`` (default: the soft row's line; a "both" run
     with no line configured decides at ``BOTH_STARTS_THRESHOLD``) and the soft row's dormant margin."""
     def fixed(e: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in e.items() if not k.endswith("_patch") and k != "score"}
+        return {k: v for k, v in _without_families(e, ("patch",)).items() if k != "score"}
 
     if soft["id"] != grid["id"] or len(soft["evidence"]) != len(grid["evidence"]):
         raise ConfigError(f"rows {soft['id']!r} and {grid['id']!r} are not one model's")
