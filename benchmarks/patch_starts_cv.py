@@ -2,6 +2,7 @@
 figures on others.
 
     python benchmarks/patch_starts_cv.py --fit S14.json:G14.json S15.json:G15.json [--judge S16.json:G16.json ...]
+    python benchmarks/patch_starts_cv.py --lines soft=5.28125,grid=5.5,both=6.09375 --judge S17.json:G17.json
 
 Each argument pairs one zoo's ``scanner zoo eval --detectors ci --json`` runs made with ``--patch-start soft`` (the
 default) and ``--patch-start grid``, everything else equal. Runs with more candidates are cut to one
@@ -11,7 +12,8 @@ default) and ``--patch-start grid``, everything else equal. Runs with more candi
 For each rule (soft, grid, both), printed: the score line fitted as ``scanner calibrate`` fits it (FPR ``--fpr``
 on the ``--fit`` zoos' clean models, the dormant margin kept at the shipped one), rounded up to 1/32 of a logit
 (what a pre-registration fixes); every ``--fit`` zoo's figures at it and, with two or more, the leave-one-zoo-out
-held-out figures. Then every ``--judge`` zoo (and their pool), decided by the shipped default (soft start, shipped
+held-out figures. ``--lines`` gives the lines instead (a pre-registration's recorded lines, when the fitting runs are
+not at hand), and nothing is fitted. Then every ``--judge`` zoo (and their pool), decided by the shipped default (soft start, shipped
 line) and by each rule at its fitted line, with per-attack counts of backdoors found with their target.
 """
 
@@ -50,6 +52,23 @@ def load_pair(spec: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
     return Path(soft_p).stem, {"soft": soft, "grid": grid, "both": both}
 
 
+def parse_lines(text: str) -> dict[str, float]:
+    """``soft=5.28125,grid=5.5,both=6.09375`` -> a line per rule; every rule must be given once."""
+    lines: dict[str, float] = {}
+    for part in text.split(","):
+        rule, sep, value = part.partition("=")
+        rule = rule.strip()
+        if not sep or rule not in RULES or rule in lines:
+            raise argparse.ArgumentTypeError(f"{part!r}: give each of {', '.join(RULES)} once, as RULE=LINE")
+        try:
+            lines[rule] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the line must be a number") from None
+    if set(lines) != set(RULES):
+        raise argparse.ArgumentTypeError(f"give a line for each of {', '.join(RULES)}")
+    return lines
+
+
 def found(rows: list[dict[str, Any]], line: float, margin: float | None) -> str:
     """Per attack: backdoors flagged with their true target at these lines, of all."""
     attacks = sorted({str(r["attack"]) for r in rows if r["truth_backdoored"]})
@@ -68,17 +87,23 @@ def line_of(m: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fit", nargs="+", required=True, metavar="SOFT:GRID", help="the zoos the lines are fitted on")
+    given = ap.add_mutually_exclusive_group(required=True)
+    given.add_argument("--fit", nargs="+", metavar="SOFT:GRID", help="the zoos the lines are fitted on")
+    given.add_argument("--lines", type=parse_lines, metavar="soft=L,grid=L,both=L",
+                       help="the lines, as recorded (nothing is fitted)")
     ap.add_argument("--judge", nargs="*", default=[], metavar="SOFT:GRID", help="zoos judged at the fitted lines")
     ap.add_argument("--fpr", type=float, default=0.05)
     args = ap.parse_args()
     shipped = DetectorConfig()
     margin = shipped.dormant_margin
-    fit = [load_pair(s) for s in args.fit]
-    print(f"lines fitted at FPR {args.fpr} on {', '.join(label for label, _ in fit)} "
-          f"({sum(len(z['soft']) for _, z in fit)} models); dormant margin {margin}")
-    lines: dict[str, float] = {}
-    for rule in RULES:
+    lines: dict[str, float] = dict(args.lines or {})
+    fit = [load_pair(s) for s in args.fit or []]
+    if lines:
+        print(f"lines as given: {', '.join(f'{rule} {lines[rule]:g}' for rule in RULES)}; dormant margin {margin}")
+    else:
+        print(f"lines fitted at FPR {args.fpr} on {', '.join(label for label, _ in fit)} "
+              f"({sum(len(z['soft']) for _, z in fit)} models); dormant margin {margin}")
+    for rule in RULES if fit else ():
         every = [r for _, z in fit for r in z[rule]]
         t = fit_ci_lines(every, args.fpr, margin)[0]
         lines[rule] = math.ceil(t * 32) / 32  # a pre-registered line: rounded up to 1/32 of a logit
