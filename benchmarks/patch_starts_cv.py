@@ -12,9 +12,9 @@ default) and ``--patch-start grid``, everything else equal. Runs with more candi
 For each rule (soft, grid, both), printed: the score line fitted as ``scanner calibrate`` fits it (FPR ``--fpr``
 on the ``--fit`` zoos' clean models, the dormant margin kept at the shipped one), rounded up to 1/32 of a logit
 (what a pre-registration fixes); every ``--fit`` zoo's figures at it and, with two or more, the leave-one-zoo-out
-held-out figures. ``--lines`` gives the lines instead (a pre-registration's recorded lines, when the fitting runs are
-not at hand), and nothing is fitted. Then every ``--judge`` zoo (and their pool), decided by the shipped default (soft start, shipped
-line) and by each rule at its fitted line, with per-attack counts of backdoors found with their target.
+held-out figures. ``--lines`` gives the lines instead (a pre-registration's recorded lines, when the fitting runs
+are not at hand), and nothing is fitted. Then every ``--judge`` zoo (and their pool), decided by the shipped default
+(soft start, shipped line) and by each rule at its line, with per-attack counts of backdoors found with their target.
 """
 
 from __future__ import annotations

@@ -512,3 +512,18 @@ def test_eval_picks_models_by_learner(zoo: Path) -> None:
         shard_models(models, None, {"maple"})
     res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--learners", "maple"])
     assert res.exit_code == 2 and "no model of this zoo was tuned by ['maple']" in res.output, res.output
+
+
+def test_eval_picks_models_by_attack(zoo: Path) -> None:
+    from scanner.errors import ConfigError
+    from scanner.zoo.detect_eval import shard_models
+
+    models = [{"id": f"m{i}", "learner": lr, "attack": a}
+              for i, (lr, a) in enumerate([("coop-csc", "none"), ("cocoop", "none"), ("coop-csc", "wanet"),
+                                           ("coop-csc", "badnets")])]
+    assert [m["id"] for m in shard_models(models, None, None, {"none", "wanet"})] == ["m0", "m1", "m2"]
+    assert [m["id"] for m in shard_models(models, None, {"coop-csc"}, {"none", "wanet"})] == ["m0", "m2"]
+    with pytest.raises(ConfigError, match="no model of this zoo was of the attacks"):
+        shard_models(models, None, None, {"trojan"})
+    res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--attacks", "trojan"])
+    assert res.exit_code == 2 and "of the attacks ['trojan']; its attacks:" in res.output, res.output

@@ -196,13 +196,15 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="evaluate only every N-th model from the K-th (parallel runs; join them with `scanner zoo report`)")
 @click.option("--learners", default=None, metavar="L1,L2",
               help="evaluate only the models tuned by these learners (coop, coop-csc, cocoop)")
+@click.option("--attacks", "attack_names", default=None, metavar="A1,A2",
+              help="evaluate only the models of these attacks (none: the clean models)")
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None,
           flat_candidates: int | None, kappa: float | None,
           restarts: int | None, restart_rule: str | None, patch_start: str | None, awake_candidate: bool,
           families: str | None, conditioned_ranking: str | None, conditioned_families: str | None,
           trigger_score: str | None, scored_families_only: bool, device: str, shard: str | None,
-          learners: str | None) -> None:
+          learners: str | None, attack_names: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -247,7 +249,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, search_all_families=False)
         manifest = load_manifest(zoo_dir)
         chosen = set(csv_list(learners) or ()) if learners is not None else None
-        n = len(shard_models(manifest["models"], part, chosen)) * len(dets)
+        picked = set(csv_list(attack_names) or ()) if attack_names is not None else None
+        n = len(shard_models(manifest["models"], part, chosen, picked)) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")
 
         def on_result(r: dict[str, Any]) -> None:
@@ -258,7 +261,7 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
 
         rows = evaluate_zoo(zoo_dir, load_bundled(), dets, out=json_out, config=cfg, seed=seed, on_result=on_result,
                             accel=accel, accel_int8=accel_int8, device=device, shard=part,
-                            learners=chosen)
+                            learners=chosen, attacks=picked)
         bar.close()
     except ScannerError as exc:
         _fail(exc)

@@ -55,17 +55,20 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 
 def shard_models(models: Sequence[dict[str, Any]], shard: tuple[int, int] | None,
-                 learners: Collection[str] | None = None) -> list[dict[str, Any]]:
+                 learners: Collection[str] | None = None,
+                 attacks: Collection[str] | None = None) -> list[dict[str, Any]]:
     """The manifest models of ``shard`` (K, N): every N-th model from the K-th, so that each slice mixes
     datasets, attacks and learners as the whole zoo does (and a slice cut short still says something);
-    with ``learners``, only the models tuned by one of them (e.g. ``{"cocoop"}``; ConfigError when no model
-    of ``models`` was)."""
-    if learners is not None:
-        known = {m["learner"] for m in models}
-        if not set(learners) & known:
-            raise ConfigError(f"no model of this zoo was tuned by {sorted(learners)}; its learners: "
+    with ``learners``, only the models tuned by one of them (e.g. ``{"cocoop"}``), with ``attacks`` only the
+    models of one of those attacks ("none": the clean ones). ConfigError when no model of ``models`` is kept."""
+    for field, wanted, what in (("learner", learners, "tuned by"), ("attack", attacks, "of the attacks")):
+        if wanted is None:
+            continue
+        known = {m[field] for m in models}
+        if not set(wanted) & known:
+            raise ConfigError(f"no model of this zoo was {what} {sorted(wanted)}; its {field}s: "
                               f"{', '.join(sorted(known))}")
-        models = [m for m in models if m["learner"] in learners]
+        models = [m for m in models if m[field] in wanted]
     if shard is None:
         return list(models)
     k, n = shard
@@ -76,8 +79,8 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
                  config: DetectorConfig | None = None, seed: int = 0, ood: torch.Tensor | None = None,
                  on_result: Callable[[dict[str, Any]], None] | None = None, accel: str = "auto",
                  accel_int8: bool = False, cache_dir: Path | None = None, device: str = "cpu",
-                 shard: tuple[int, int] | None = None,
-                 learners: Collection[str] | None = None) -> list[dict[str, Any]]:
+                 shard: tuple[int, int] | None = None, learners: Collection[str] | None = None,
+                 attacks: Collection[str] | None = None) -> list[dict[str, Any]]:
     """Per (model, detector) rows: verdict, suspected target, anomaly score, seconds, ground truth.
 
     ``accel`` ("auto" | "onnx" | "torch") picks what does the forward-only encoder work, as in a scan
@@ -85,8 +88,8 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
     ``cache_dir`` is the ONNX cache folder (default ``scanner.accel.default_cache_dir()``).
     ``device`` runs the searches there (the backbone is moved there for the run and back to the CPU
     after); ``shard`` (K, N) evaluates only that slice of the models (``shard_models``), so that several
-    processes or machines can share a zoo and ``merge_rows`` can join their files; ``learners`` keeps only
-    the models tuned by those learners.
+    processes or machines can share a zoo and ``merge_rows`` can join their files; ``learners`` and
+    ``attacks`` keep only the models tuned by those learners, or of those attacks ("none": clean).
     """
     manifest = load_manifest(zoo)
     base = config or DetectorConfig()
@@ -109,7 +112,7 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
               "device": device, "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
     pool = pool.to(device)
     try:
-        for m in shard_models(manifest["models"], shard, learners):
+        for m in shard_models(manifest["models"], shard, learners, attacks):
             ckpt = None
             for det in detectors:
                 if (m["id"], det) in done:
