@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.engine import DetectorConfig
+from scanner.engine.config import PATCH_MARGIN_THRESHOLD
 from scanner.zoo.detect_eval import combine_starts, first_candidates, fit_ci_lines, held_out_figures, metrics, redecide
 
 RULES = ("soft", "grid", "both")
@@ -119,7 +120,8 @@ def main() -> None:
     groups = list(judged)
     if len(judged) > 1:
         groups.append(("pooled", {rule: [r for _, z in judged for r in z[rule]] for rule in RULES}))
-    decisions = [("shipped default (soft start)", "soft", shipped.decision_threshold)]
+    decisions = [(f"shipped default ({shipped.patch_start} start)", shipped.patch_start, shipped.decision_threshold),
+                 ("former default (soft start)", "soft", PATCH_MARGIN_THRESHOLD)]
     decisions += [(f"{rule} at its fitted line", rule, lines[rule]) for rule in RULES]
     for name, rule, line in decisions:
         print(f"{name}, line {line:g}:")

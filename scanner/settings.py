@@ -63,7 +63,7 @@ class Settings:
     threshold: float | None = field(
         default=None, metadata={"doc": "decision threshold (flag when score > it): CI a confirmed class's trigger "
                                       "score (by default the median logit margin of its patch trigger), the others "
-                                      "an anomaly index k; unset = the detector's default (CI 5.96875, others 2)"}
+                                      "an anomaly index k; unset = the detector's default (CI 6.09375, others 2)"}
     )
     detector_options: Mapping[str, Any] = field(
         default_factory=dict, metadata={"doc": "extra DetectorConfig fields, e.g. steps = 200"}

@@ -92,19 +92,18 @@ def test_config_is_validated() -> None:
 
 
 def test_each_score_has_its_own_default_threshold() -> None:
-    from scanner.engine.config import DEFAULT_THRESHOLDS, MARGIN_THRESHOLD
+    from scanner.engine.config import BOTH_STARTS_THRESHOLD, DEFAULT_THRESHOLDS, MARGIN_THRESHOLD
     from scanner.engine.config import PATCH_MARGIN_THRESHOLD as PM
 
-    assert DetectorConfig().decision_threshold == PM  # the default score
+    # the default: the patch margin, its patch searched from both starts (session 25)
+    assert DetectorConfig().decision_threshold == BOTH_STARTS_THRESHOLD
     assert DetectorConfig(trigger_score="share").decision_threshold == DEFAULT_THRESHOLDS["ci"]
     assert DetectorConfig(trigger_score="margin").decision_threshold == MARGIN_THRESHOLD  # logit units, not shares
     assert DetectorConfig(trigger_score="margin", threshold=3.0).decision_threshold == 3.0  # a fitted line wins
-    assert DetectorConfig(trigger_score="patch-margin").decision_threshold == PM
+    assert DetectorConfig(trigger_score="patch-margin", patch_start="soft").decision_threshold == PM
     from scanner.engine.config import PATCH_TWIN_THRESHOLD
 
     assert DetectorConfig(trigger_score="patch-twin").decision_threshold == PATCH_TWIN_THRESHOLD != PM
-    from scanner.engine.config import BOTH_STARTS_THRESHOLD
-
     # the patch search from both starts scores higher than from one: its line was fitted on runs of both
     assert DetectorConfig(patch_start="both").decision_threshold == BOTH_STARTS_THRESHOLD > PM
     assert DetectorConfig(patch_start="grid").decision_threshold == PM

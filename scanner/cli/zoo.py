@@ -161,7 +161,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True)
 @click.option("--threshold", type=float, default=None,
-              help="decision threshold (default: the detector's own; CI: patch margin 5.96875, others: anomaly k 2)")
+              help="decision threshold (default: the detector's own; CI: patch margin 6.09375, others: anomaly k 2)")
 @click.option("--accel", type=click.Choice(["auto", "onnx", "torch"]), default="auto", show_default=True,
               help="forward-only encoder work: onnxruntime (torch fallback), torch, or onnx when installed")
 @click.option("--int8", "accel_int8", is_flag=True, help="int8 image encoder where it keeps >= 99% top-1 agreement")
@@ -177,7 +177,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="CI: a candidate's evidence from its restarts: their mean, or the best one's (default: mean)")
 @click.option("--patch-start", type=click.Choice(["soft", "grid", "both"]), default=None,
               help="CI: start the patch search from a soft 5% mask, from nine opaque squares, or from both keeping the "
-                   "better (default: soft; both has its own default line, 6.09375)")
+                   "better (default: both, line 6.09375; soft or grid alone: 5.96875)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",

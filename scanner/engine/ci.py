@@ -33,7 +33,8 @@ Design (ours; the paper's details are not public), cost independent of the class
    natural trigger to one. With ``trigger_score = "margin"`` a family's value is its margin lift instead of its
    gain (``family_value``): shares saturate at 1.0, margins do not. With ``"patch-margin"`` the candidate's
    score is the median logit margin its patch trigger gives it over the held-out images (``candidate_score``).
-   The default score since session 18 is ``"patch-margin"`` (``PATCH_MARGIN_THRESHOLD``; share's line is
+   The default score since session 18 is ``"patch-margin"``, its patch searched from two starts since session 25
+   (``BOTH_STARTS_THRESHOLD``; one start's line is ``PATCH_MARGIN_THRESHOLD``, share's
    ``DEFAULT_THRESHOLDS["ci"]``). The model is flagged when the best score passes the threshold (refitted by
    ``scanner calibrate``); ``ci_verdict``.
 5. *Dormancy.* A backdoor should sleep on clean inputs. A prompt that sends a far larger share of the
@@ -252,7 +253,7 @@ def make_trigger(family: str, size: int, cfg: DetectorConfig, gen: torch.Generat
 
 @dataclass
 class _BestTriggers:
-    """Per class: the best score so far (C,) and the trigger that earned it (report image, raw form)."""
+    """Per class: the best score so far (C,) float64 and the trigger that earned it (report image, raw form)."""
 
     score: torch.Tensor
     images: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -315,7 +316,9 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     families = cfg.search_families(conditioned)
     done = 0
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
-    best = _BestTriggers(torch.full((C,), -1.0))  # per class: best confirmed gain; -1 = not confirmed
+    # per class: best confirmed score; -1 = not confirmed. float64 holds candidate_score's Python float as it is, so a
+    # saved row re-scored from its evidence (``rescore_ci``) gets the very score the engine recorded
+    best = _BestTriggers(torch.full((C,), -1.0, dtype=torch.float64))
     with frozen_learner(model):
         ref, feats = trusted_twin(model, opt_x, cfg)
         plain = ref.zero_shot()
@@ -445,7 +448,7 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
     C = model.n_cls
     sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
-    best = _BestTriggers(torch.full((C,), -1.0))
+    best = _BestTriggers(torch.full((C,), -1.0, dtype=torch.float64))  # as in ``run_ci``
     with frozen_learner(model):
         natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
         for t in range(C):

@@ -39,7 +39,8 @@ PATCH_MARGIN_THRESHOLD = 5.96875
 # CI's patch-margin threshold when the patch search starts from both the soft mask and the grid of squares
 # (``patch_start = "both"``): `python benchmarks/patch_starts_cv.py --fit` on the seed-14 and seed-15 p7 zoos' runs
 # of both starts (44 clean models, FPR 0.05, dormant margin 0.89; session 24, pre-registered as rule B). The same
-# fit puts the soft start's line at 5.28125, under the shipped one: compare starts at lines of one fit
+# fit puts the soft start's line at 5.28125, under the soft start's 5.96875: compare starts at lines of one fit.
+# The default line since session 25 (``DetectorConfig.patch_start``)
 BOTH_STARTS_THRESHOLD = 6.09375
 # "patch-twin": the patch trigger's median margin in the suspect less TWIN_MARGIN_WEIGHT x the twin's median margin
 # for the class under the same trigger (``family_value``): how much more the suspect believes the class than plain
@@ -172,11 +173,13 @@ class DetectorConfig:
     # benchmarks/real_trigger_probe.py`), the seed-10 digits BadNets target scored 3.72 / 2.88 from the soft start,
     # 8.44 / 11.88 from the grid, 9.17 / 9.48 from the real trigger itself. Pre-registered at the shipped lines and
     # judged on the p7 seed-15 zoo: 0.709 against the soft start's 0.745 (FPR 0.045 both): the grid lifts planted
-    # patches (counts/badnets 4.91 -> 17.12) and loses whole-image blends (letters/blended 9.36 -> 4.62), so "soft"
-    # stays the default (docs/preregistrations.md). "both" searches from each start with the same draws and keeps
-    # the better (``patch_starts``): one more patch search per candidate, and what saved soft and grid runs of one
-    # zoo decide exactly when combined (``benchmarks/patch_starts_cv.py``)
-    patch_start: str = "soft"
+    # patches (counts/badnets 4.91 -> 17.12) and loses whole-image blends (letters/blended 9.36 -> 4.62). "both"
+    # (the default since session 25) searches from each start with the same draws and keeps the better
+    # (``patch_starts``): one more patch search per candidate, and what saved soft and grid runs of one zoo decide
+    # exactly when combined (``benchmarks/patch_starts_cv.py``). Pre-registered as rule B at its own line
+    # (BOTH_STARTS_THRESHOLD) and judged against the soft start at 5.96875 on two new zoos: seed 16 0.782 vs 0.764,
+    # seed 17 0.764 vs 0.709, FPR 0.091 vs 0.136 (docs/preregistrations.md)
+    patch_start: str = "both"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives

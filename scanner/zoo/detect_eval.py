@@ -489,7 +489,9 @@ def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None
 
     inputs = _dormancy_inputs(row) if row["detector"] == "ci" and dormant_margin is not None else None
     if inputs is not None and dormant_margin is not None:
-        v = ci_verdict(torch.tensor([float(x) for x in row["class_scores"]]), *inputs, threshold, dormant_margin,
+        # float64, as the engine holds scores: a score a hair over the line stays over it
+        scores = torch.tensor([float(x) for x in row["class_scores"]], dtype=torch.float64)
+        v = ci_verdict(scores, *inputs, threshold, dormant_margin,
                        confirmed_mask(row["evidence"]))
         return v.flagged, v.target
     top, anomaly, works = trigger_check(row)
