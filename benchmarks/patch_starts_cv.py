@@ -5,7 +5,7 @@ figures on others.
     python benchmarks/patch_starts_cv.py --lines soft=5.28125,grid=5.5,both=6.09375 --judge S17.json:G17.json
 
 Each argument pairs one zoo's ``scanner zoo eval --detectors ci --json`` runs made with ``--patch-start soft`` (the
-default) and ``--patch-start grid``, everything else equal. Runs with more candidates are cut to one
+default until session 25) and ``--patch-start grid``, everything else equal. Runs with more candidates are cut to one
 (``first_candidates``, exact for the first candidate). The "both" rows are the two runs combined
 (``combine_starts``): exactly what ``--patch-start both`` decides, since the starts draw the same numbers.
 
@@ -14,7 +14,8 @@ on the ``--fit`` zoos' clean models, the dormant margin kept at the shipped one)
 (what a pre-registration fixes); every ``--fit`` zoo's figures at it and, with two or more, the leave-one-zoo-out
 held-out figures. ``--lines`` gives the lines instead (a pre-registration's recorded lines, when the fitting runs
 are not at hand), and nothing is fitted. Then every ``--judge`` zoo (and their pool), decided by the shipped default
-(soft start, shipped line) and by each rule at its line, with per-attack counts of backdoors found with their target.
+(its start and line), the former one (soft start, 5.96875) and each rule at its line, with per-attack counts of
+backdoors found with their target.
 """
 
 from __future__ import annotations
