@@ -26,6 +26,11 @@ def csv_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def csv_set(value: str | None) -> set[str] | None:
+    """The items of a comma-separated filter option as a set; None when the option was not given (no filter)."""
+    return None if value is None else set(csv_list(value) or ())
+
+
 def families_or_none(value: str) -> tuple[str, ...]:
     """Trigger families from an ``F1,F2|none`` option: ``none`` is the empty tuple (the step is skipped)."""
     return () if value == "none" else tuple(csv_list(value) or ())

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from scanner.cli import main
-from scanner.cli._shared import csv_list, fail, families_or_none, model_source_options, settings_or_exit
+from scanner.cli._shared import csv_set, fail, families_or_none, model_source_options, settings_or_exit
 from scanner.cli.zoo import zoo
 from scanner.errors import ConfigError, DatasetError, ScannerError
 from scanner.report import ExitCode
@@ -142,7 +142,7 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
         rep = RepairConfig(mode=mode, twin_anchor=twin_anchor)
         if reinvert is not None:
             rep = replace(rep, reinvert_families=families_or_none(reinvert))
-        chosen = set(csv_list(models) or ()) if models is not None else None
+        chosen = csv_set(models)
         det = DetectorConfig(n_images=n_images)
         rep_det = replace(det, candidates=candidates) if candidates is not None else None
         rows = evaluate_repairs(zoo_dir, load_bundled(), out=json_out, config=det, repair=rep, seed=seed,

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from scanner.cli import main
-from scanner.cli._shared import csv_list, device_option, fail, families_or_none, trigger_score_option
+from scanner.cli._shared import csv_list, csv_set, device_option, fail, families_or_none, trigger_score_option
 from scanner.errors import ScannerError
 
 
@@ -248,8 +248,7 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
         if scored_families_only:
             cfg = replace(cfg, search_all_families=False)
         manifest = load_manifest(zoo_dir)
-        chosen = set(csv_list(learners) or ()) if learners is not None else None
-        picked = set(csv_list(attack_names) or ()) if attack_names is not None else None
+        chosen, picked = csv_set(learners), csv_set(attack_names)
         n = len(shard_models(manifest["models"], part, chosen, picked)) * len(dets)
         bar = tqdm(total=n, desc="eval", unit="run")
 
