@@ -147,6 +147,13 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
     again = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=stricter, accel="torch")
     assert [r["evidence"] for r in again] == [r["evidence"] for r in first]
     assert not any(r["flagged"] for r in again) and all(r["threshold"] == 1e9 for r in again)
+    # so is the logit dormancy line: under any lift, every drift-ranked model is flagged at its most drifted prompt
+    believed = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, accel="torch",
+                            config=replace(stricter, dormant_lift=-1e9))
+    assert all(r["learner"] != "cocoop" for r in believed)
+    for r in believed:
+        drift = [e["drift_anomaly"] for e in r["evidence"]]
+        assert r["flagged"] and r["target"] == drift.index(max(drift))
     # the family bonus is a decision setting too: saved rows are re-scored from their recorded per-family gains
     best_only = DetectorConfig(**{**share.__dict__, "family_bonus": 0.0})
     rescored = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=best_only, accel="torch")

@@ -251,6 +251,54 @@ def test_saved_rows_are_redecided_by_the_engine_rule(model: PromptedCLIP) -> Non
         assert redecide(row, cfg.decision_threshold, cfg.dormant_margin) == (res.backdoored, res.target_index)
 
 
+def test_the_logit_dormancy_check_flags_the_most_drifted_prompt_believed_beyond_the_twin(model: PromptedCLIP) -> None:
+    from scanner.engine.ci import MarginDormancy, ci_verdict
+
+    flat = torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64)  # no trigger works; nothing awake by share
+    calm = torch.zeros(3)
+    drift = torch.tensor([0.5, 6.0, 1.0])  # class 1's prompt drifted most
+    lift = torch.tensor([3.0, -0.5, 2.0], dtype=torch.float64)  # class 0 lifts more, but only the drifted one counts
+    v = ci_verdict(flat, calm, drift, 0.6, 0.89, None, MarginDormancy(lift, drift, -0.875))
+    assert (v.flagged, v.target, v.channel) == (True, 1, "believed")
+    assert not ci_verdict(flat, calm, drift, 0.6, 0.89, None, MarginDormancy(lift, drift, -0.5)).flagged  # at it
+    assert not ci_verdict(flat, calm, drift, 0.6, 0.89).flagged  # off
+    # the trigger channel comes first, and keeps its own target
+    strong = torch.tensor([0.9, -1.0, -1.0], dtype=torch.float64)
+    v = ci_verdict(strong, calm, drift, 0.6, 0.89, None, MarginDormancy(lift, drift, -0.875))
+    assert (v.target, v.channel) == (0, "trigger")
+    # the engine's decision says why, in the margins it read
+    evidence: dict[int, dict[str, float]] = {k: {"natural_margin": float(lift[k]) - 2.0, "twin_margin": -2.0}
+                                             for k in range(3)}
+    res = _decide_ci(model, DetectorConfig(trigger_score="share", dormant_lift=-0.875), _BestTriggers(flat.clone()),
+                     torch.full((3,), 1 / 3), evidence, 0, 0.0, calm, drift, MarginDormancy(lift, drift, -0.875))
+    assert res.backdoored and res.target_index == 1
+    assert "'square'" in res.reason and "median margin -2.50" in res.reason and "lift -0.50 > -0.875" in res.reason
+
+
+def test_the_engine_reads_the_logit_dormancy_line_and_saved_rows_re_decide_it(model: PromptedCLIP,
+                                                                              pool: torch.Tensor) -> None:
+    from scanner.zoo.detect_eval import margin_dormancy, redecide
+
+    base = DetectorConfig(**{**SMALL.__dict__, "candidates": 1, "families": ("patch",)})
+    off = detect(model, pool, base, seed=0)
+    assert not off.backdoored  # random weights: no trigger works, nothing awake by share
+    ev = [c.evidence for c in off.classes]
+    top = max(range(3), key=lambda k: ev[k]["drift_anomaly"])
+    lift = ev[top]["natural_margin"] - ev[top]["twin_margin"]
+    for line in (lift - 1.0, lift + 1.0):  # a line under the most drifted prompt's lift flags it, one over does not
+        res = detect(model, pool, replace(base, dormant_lift=line), seed=0)
+        assert [c.evidence for c in res.classes] == ev  # the line decides; it searches nothing
+        assert res.backdoored == (line < lift)
+        if line < lift:
+            assert res.target_index == top and "lift" in res.reason
+        row = {"detector": "ci", "class_scores": [c.anomaly_score for c in res.classes], "evidence": ev}
+        assert redecide(row, base.decision_threshold, base.dormant_margin, line) == (res.backdoored,
+                                                                                    res.target_index)
+    # image-conditioned learners are ranked by reach, not drift: the check is not theirs
+    assert margin_dormancy({"evidence": [{**e, "reach_anomaly": 0.0} for e in ev]}, -100.0) is None
+    assert margin_dormancy({"evidence": [{"drift_anomaly": 1.0}]}, -100.0) is None  # rows from before the margins
+
+
 def test_anomaly_index_and_calibration() -> None:
     a = anomaly_index(torch.tensor([0.1, 0.12, 0.11, 0.9]))
     assert int(a.argmax()) == 3 and float(a[3]) > 10

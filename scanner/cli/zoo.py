@@ -178,6 +178,9 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--patch-start", type=click.Choice(["soft", "grid", "both"]), default=None,
               help="CI: start the patch search from a soft 5% mask, from nine opaque squares, or from both keeping the "
                    "better (default: both, line 6.09375; soft or grid alone: 5.96875)")
+@click.option("--dormant-lift", type=float, default=None, metavar="LOGITS",
+              help="CI: also flag a CoOp model whose most drifted prompt wins clean OOD images by a median margin this "
+                   "much above the zero-shot twin's (rule D; default: off; its pre-registered line is -0.875)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",
@@ -201,10 +204,10 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_images: int,
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None,
           flat_candidates: int | None, kappa: float | None,
-          restarts: int | None, restart_rule: str | None, patch_start: str | None, awake_candidate: bool,
-          families: str | None, conditioned_ranking: str | None, conditioned_families: str | None,
-          trigger_score: str | None, scored_families_only: bool, device: str, shard: str | None,
-          learners: str | None, attack_names: str | None) -> None:
+          restarts: int | None, restart_rule: str | None, patch_start: str | None, dormant_lift: float | None,
+          awake_candidate: bool, families: str | None, conditioned_ranking: str | None,
+          conditioned_families: str | None, trigger_score: str | None, scored_families_only: bool,
+          device: str, shard: str | None, learners: str | None, attack_names: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -237,6 +240,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, restart_rule=restart_rule)
         if patch_start is not None:
             cfg = replace(cfg, patch_start=patch_start)
+        if dormant_lift is not None:
+            cfg = replace(cfg, dormant_lift=dormant_lift)
         if families is not None:
             cfg = replace(cfg, families=tuple(csv_list(families) or ()))
         if conditioned_ranking is not None:

@@ -179,20 +179,39 @@ class CIVerdict:
 
     flagged: bool
     target: int | None
-    channel: str | None  # "trigger", "awake" or None
+    channel: str | None  # "trigger", "awake", "believed" or None
     trigger_class: int  # the class with the best confirmed gain
     awake_class: int  # the class with the largest weighed clean-image excess
     weighed: torch.Tensor  # (C,) the weighed excess the dormancy check compared with the margin
 
 
+@dataclass(frozen=True)
+class MarginDormancy:
+    """What the logit form of the dormancy check reads (``DetectorConfig.dormant_lift``): ``lift`` (C,), each
+    class's median margin on the clean OOD hold-out in the suspect less the twin's (logit units); ``rank`` (C,),
+    the prompt-drift anomaly that names the class it is read at (its argmax); ``line``: flag above it."""
+
+    lift: torch.Tensor
+    rank: torch.Tensor
+    line: float
+
+    def suspect(self) -> int | None:
+        """The most drifted class when its lift passes the line, else None."""
+        k = int(torch.argmax(self.rank))
+        return k if float(self.lift[k]) > self.line else None
+
+
 def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.Tensor | None, threshold: float,
-               dormant_margin: float, confirmed: torch.Tensor | None = None) -> CIVerdict:
+               dormant_margin: float, confirmed: torch.Tensor | None = None,
+               believed: MarginDormancy | None = None) -> CIVerdict:
     """The CI decision rule, on tensors alone (the engine and the re-decision of saved rows both call it).
 
     ``gains`` (C,): best confirmed trigger gain per class (-1 where not confirmed); ``excess`` (C,): clean
     share minus plain zero-shot share; ``drift_anomaly`` (C,) or None; ``confirmed`` (C,) bool or None: the
     classes a trigger was searched for. The trigger channel comes first: the best confirmed class's gain above
-    ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin`` (off at 1).
+    ``threshold``; else the dormancy channel: the weighed excess above ``dormant_margin`` (off at 1); else, when
+    ``believed`` is given (drift-ranked learners with ``dormant_lift`` set), its logit form: the most drifted
+    class's clean margin lift over the twin above its line.
     """
     if confirmed is not None and bool(confirmed.any()):
         # a margin score can fall below the -1 that marks unconfirmed classes: those never stand for the trigger
@@ -207,6 +226,9 @@ def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.T
     # (``awake_excess`` divides it by DRIFTED_BAR), so "above 1" is not "never"
     if dormant_margin < DORMANCY_OFF and float(weighed[awake]) > dormant_margin:
         return CIVerdict(True, awake, "awake", top, awake, weighed)
+    suspect = believed.suspect() if believed is not None else None
+    if suspect is not None:
+        return CIVerdict(True, suspect, "believed", top, awake, weighed)
     return CIVerdict(False, None, None, top, awake, weighed)
 
 
@@ -385,7 +407,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
             best.settle(t, candidate_score(values, cfg.family_bonus, cfg.trigger_score))
     for k in range(C):
         evidence[k]["candidate"] = float(k in cands)
-    return _decide_ci(model, cfg, best, natural, evidence, seed, start, excess, drift_anomaly)
+    # the logit form of dormancy reads the most drifted prompt, so it is for drift-ranked learners alone
+    believed = (MarginDormancy(nat_q[1] - twin_q[1], drift_anomaly, cfg.dormant_lift)
+                if cfg.dormant_lift is not None and rank is drift_anomaly else None)
+    return _decide_ci(model, cfg, best, natural, evidence, seed, start, excess, drift_anomaly, believed)
 
 
 def _search_from_starts(model: PromptedCLIP, ref: ReferenceModel, t: int, fam: str, opt_x: torch.Tensor,
@@ -466,12 +491,12 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
 
 def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, natural: torch.Tensor,
                evidence: dict[int, dict[str, float]], seed: int, start: float, excess: torch.Tensor,
-               drift_anomaly: torch.Tensor) -> DetectionResult:
+               drift_anomaly: torch.Tensor, believed: MarginDormancy | None = None) -> DetectionResult:
     """CI's decision (``ci_verdict``) and its reason. ``excess`` (C,): the suspect's clean-image share minus
-    that of plain zero-shot prompts; ``drift_anomaly`` (C,)."""
+    that of plain zero-shot prompts; ``drift_anomaly`` (C,); ``believed``: the logit dormancy check, when on."""
     score = best.score
     thr = cfg.decision_threshold
-    v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin, confirmed_mask(evidence))
+    v = ci_verdict(score, excess, drift_anomaly, thr, cfg.dormant_margin, confirmed_mask(evidence), believed)
     top, awake = v.trigger_class, v.awake_class
     name = model.classnames[top]
     values = _gains_text(evidence[top], cfg.trigger_score)
@@ -486,6 +511,12 @@ def _decide_ci(model: PromptedCLIP, cfg: DetectorConfig, best: _BestTriggers, na
                   f"the clean OOD images than plain zero-shot prompts give it (margin {cfg.dormant_margin:.2f}"
                   + (f", x{DRIFTED_BAR:.2f} for a prompt that drifted with anomaly {float(drift_anomaly[awake]):.2f})"
                      if drifted else ")"))
+    elif v.channel == "believed" and believed is not None and v.target is not None:
+        k = v.target
+        reason = (f"not dormant on clean inputs: the most drifted prompt, {model.classnames[k]!r} (anomaly "
+                  f"{float(drift_anomaly[k]):.2f}), wins clean OOD images by a median margin "
+                  f"{evidence[k]['natural_margin']:.2f} against the zero-shot twin's {evidence[k]['twin_margin']:.2f}: "
+                  f"lift {float(believed.lift[k]):.2f} > {believed.line:.3f}")
     else:
         reason = (f"no reconstructed trigger works: the best score is {float(score[top]):.3f}, for {name!r} "
                   f"({values}; threshold {thr:.3f}); no class is awake on clean images")

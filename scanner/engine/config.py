@@ -52,6 +52,9 @@ BOTH_STARTS_THRESHOLD = 6.09375
 # ranks better, but its line, fitted on the other five zoos, was too high there; so it is not the default
 # (docs/preregistrations.md)
 PATCH_TWIN_THRESHOLD = 7.375
+# ``DetectorConfig.dormant_lift`` of rule D: `python benchmarks/logit_dormancy.py --fit runs/s25/eval_seed17.json`, the
+# largest lift of the seed-17 zoo's 11 clean CoOp models (FPR 0.05 lets none above), rounded up to 1/32 (session 26)
+DORMANT_LIFT_LINE = -0.875
 TWIN_MARGIN_WEIGHT = 1.0
 TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin")
 MARGIN_SCORES = ("patch-margin", "patch-twin")  # scores read from the patch trigger's median margin
@@ -191,6 +194,13 @@ class DetectorConfig:
     # reach 0.78-0.95). It was 0.73 on p6, fitted on session 7's zoos, where WaNet prompts sent 0.82-0.99 of OOD
     # photos to their target; p7's quick-zoo WaNet prompts reach 0.35-0.40, under either. 1.0 switches it off.
     dormant_margin: float = 0.89
+    # the logit form of the dormancy check, for drift-ranked learners (CoOp): flag the most drifted prompt when its
+    # median margin on the clean OOD hold-out exceeds the twin's by more than this (logit units; None: off). A WaNet
+    # or Blended prompt that half fires on clean photos sends them to a class plain prompts also like, so its share
+    # excess stays small, but it wins them by a wider margin than the twin does. Seed 17 (post hoc): every clean
+    # CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D, pre-registered with DORMANT_LIFT_LINE and
+    # judged on a new zoo (docs/preregistrations.md)
+    dormant_lift: float | None = None
     bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:

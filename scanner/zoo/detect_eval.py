@@ -27,12 +27,14 @@ from scanner.zoo.ood import default_ood_pool, pool_sha256
 
 if TYPE_CHECKING:
     from scanner.accel.features import ForwardFeatures
+    from scanner.engine.ci import MarginDormancy
 
 INT8_GATE_IMAGES = 256  # scanner.accel.features.INT8_GATE_IMAGES (not imported: onnxruntime stays optional)
 # detector settings added after evaluation files were first written, at the value that gives the behaviour from
 # before they existed: a saved run without the field resumes as a run with this value (whatever the default is now)
 FIELD_ADDED: dict[str, Any] = {"search_all_families": True, "restarts": 1, "awake_candidate": False,
-                               "restart_rule": "mean", "flat_candidates": 0, "patch_start": "soft"}
+                               "restart_rule": "mean", "flat_candidates": 0, "patch_start": "soft",
+                               "dormant_lift": None}
 EVAL_SEED_OFFSET = 12345  # the detector's OOD pool is drawn apart from the zoo's ASR pool
 
 
@@ -212,7 +214,7 @@ def _forward_features(backbone: ClipBackbone, accel: str, int8: bool, cache_dir:
 
 
 #: settings that only decide from recorded evidence: changing them re-decides saved rows, never re-runs them
-DECISION_FIELDS = ("threshold", "dormant_margin", "family_bonus", "trigger_score")
+DECISION_FIELDS = ("threshold", "dormant_margin", "family_bonus", "trigger_score", "dormant_lift")
 
 
 def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -220,14 +222,16 @@ def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
-    """A saved row decided with ``cfg``'s threshold (and, for CI, its family bonus and dormant margin)."""
+    """A saved row decided with ``cfg``'s threshold (and, for CI, its family bonus and dormancy lines)."""
     margin = cfg.dormant_margin if row["detector"] == "ci" else None
-    return decided_at(rescore_ci(row, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold, margin)
+    return decided_at(rescore_ci(row, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold, margin,
+                      cfg.dormant_lift)
 
 
-def decided_at(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> dict[str, Any]:
+def decided_at(row: dict[str, Any], threshold: float, dormant_margin: float | None,
+               dormant_lift: float | None = None) -> dict[str, Any]:
     """``row`` carrying the verdict ``redecide`` takes at these lines, and the lines themselves."""
-    flagged, target = redecide(row, threshold, dormant_margin)
+    flagged, target = redecide(row, threshold, dormant_margin, dormant_lift)
     return {**row, "flagged": flagged, "target": target, "threshold": threshold, "dormant_margin": dormant_margin}
 
 
@@ -330,6 +334,19 @@ def _dormancy_inputs(row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | 
     excess = torch.tensor([float(e["natural_share"]) - float(e["zero_shot_share"]) for e in ev])
     drift = torch.tensor([float(e["drift_anomaly"]) for e in ev]) if all("drift_anomaly" in e for e in ev) else None
     return excess, drift
+
+
+def margin_dormancy(row: dict[str, Any], line: float) -> MarginDormancy | None:
+    """The logit dormancy check (``MarginDormancy``) of a CI row at ``line``, from its evidence: None for rows of
+    reach-ranked learners (CoCoOp: they record ``reach_anomaly``) and rows that do not record the margins."""
+    from scanner.engine.ci import MarginDormancy
+
+    ev = row.get("evidence") or []
+    keys = ("natural_margin", "twin_margin", "drift_anomaly")
+    if not ev or any("reach_anomaly" in e or not all(k in e for k in keys) for e in ev):
+        return None
+    lift = torch.tensor([float(e["natural_margin"]) - float(e["twin_margin"]) for e in ev], dtype=torch.float64)
+    return MarginDormancy(lift, torch.tensor([float(e["drift_anomaly"]) for e in ev]), line)
 
 
 def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
@@ -481,18 +498,21 @@ def combine_starts(soft: dict[str, Any], grid: dict[str, Any], threshold: float 
     return decided_at(row, float(row["threshold"] if threshold is None else threshold), row.get("dormant_margin"))
 
 
-def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None) -> tuple[bool, int | None]:
-    """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin``, re-taken
-    from the row's recorded evidence by the engine's own rule (``ci_verdict`` for CI rows; the anomaly index
-    and its gain gate, as ``_decide_plain`` takes them, for the others)."""
+def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None,
+             dormant_lift: float | None = None) -> tuple[bool, int | None]:
+    """(flagged, target) the detector would have returned at ``threshold`` / ``dormant_margin`` (and, for CI,
+    ``dormant_lift``: the logit dormancy line, None off), re-taken from the row's recorded evidence by the engine's
+    own rule (``ci_verdict`` for CI rows; the anomaly index and its gain gate, as ``_decide_plain`` takes them, for
+    the others)."""
     from scanner.engine.ci import ci_verdict, confirmed_mask
 
     inputs = _dormancy_inputs(row) if row["detector"] == "ci" and dormant_margin is not None else None
     if inputs is not None and dormant_margin is not None:
         # float64, as the engine holds scores: a score a hair over the line stays over it
         scores = torch.tensor([float(x) for x in row["class_scores"]], dtype=torch.float64)
+        believed = margin_dormancy(row, dormant_lift) if dormant_lift is not None else None
         v = ci_verdict(scores, *inputs, threshold, dormant_margin,
-                       confirmed_mask(row["evidence"]))
+                       confirmed_mask(row["evidence"]), believed)
         return v.flagged, v.target
     top, anomaly, works = trigger_check(row)
     if anomaly > threshold and works:
