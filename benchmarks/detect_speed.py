@@ -12,6 +12,8 @@ the prompt's values), then times ``detect`` side by side in one run on the same 
   random draws its line was fitted with);
 * the same with ``awake_candidate``: the class clean OOD images fall into most beyond plain prompts is
   confirmed too (one more candidate's search when it is not the most drifted class);
+* ``ci`` on the 10-class model at the other precision than the one in force (``DetectorConfig.bf16``: bf16
+  autocast where the CPU computes bf16 natively, fp32 where it would be emulated);
 * ``ci-plain`` (one targeted inversion per class and family, one epoch each) on the 10-class model,
   timed on ``--plain-classes`` classes and scaled linearly to the class count — the plain protocol is a
   per-class loop of identical epochs, so its cost is linear by construction (printed as "extrapolated"
@@ -31,6 +33,7 @@ import torch
 
 from scanner.clip.backbone import load_bundled
 from scanner.engine import DetectionResult, DetectorConfig, detect
+from scanner.engine.invert import native_bf16
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.prompting.learners import CoOpLearner
 from scanner.zoo.datasets import get_spec
@@ -56,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     bb = load_bundled()
     pool = default_ood_pool(args.n_images, bb.image_size, seed=0)
-    cfg = DetectorConfig(n_images=args.n_images)
+    cfg = DetectorConfig(n_images=args.n_images).on("cpu")  # the precision in force on this CPU
     if args.candidates is not None:
         cfg = replace(cfg, candidates=args.candidates)
     models = {n: PromptedCLIP(bb, CoOpLearner(bb, list(get_spec(d).classnames), csc=True, seed=0))
@@ -68,14 +71,18 @@ def main() -> None:
     scored = _time(small, pool, scored_cfg)
     awake, awake_res = _timed(small, pool, replace(scored_cfg, awake_candidate=True))
     n_awake = sum(int(c.evidence["candidate"]) for c in awake_res.classes)
+    other = _time(small, pool, replace(cfg, bf16=not cfg.bf16))
     k = min(args.plain_classes, small.n_cls)
     sub = PromptedCLIP(bb, CoOpLearner(bb, list(small.classnames[:k]), csc=True, seed=0))
     plain = _time(sub, pool, replace(cfg, detector="ci-plain")) * small.n_cls / k
     tag = "" if k == small.n_cls else f" (extrapolated from {k} classes)"
     only = ", ".join(scored_cfg.search_families(False))
     print(f"OOD images {args.n_images}, families searched {', '.join(cfg.search_families(False))}, "
-          f"score {cfg.trigger_score}, candidates {cfg.candidates}, threads {torch.get_num_threads()}")
-    print(f"ci        10 classes: {ci['10']:7.1f} s")
+          f"score {cfg.trigger_score}, candidates {cfg.candidates}, threads {torch.get_num_threads()}, "
+          f"precision {'bf16' if cfg.bf16 else 'fp32'} (this CPU computes bf16 "
+          f"{'natively' if native_bf16('cpu') else 'by emulation'})")
+    print(f"ci        10 classes: {ci['10']:7.1f} s (bar <= 30 s)")
+    print(f"ci        10 classes in {'fp32' if cfg.bf16 else 'bf16'}: {other:7.1f} s   ratio {other / ci['10']:.2f}x")
     print(f"ci        10 classes, the scored families alone ({only}): {scored:7.1f} s   "
           f"ratio {scored / ci['10']:.2f}x")
     print(f"ci        10 classes, the scored families, and the awake class ({n_awake} classes confirmed): "

@@ -138,6 +138,9 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
     first = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=share, accel="torch")
     assert len(first) == 2 and all("zero_shot_share" in e for r in first for e in r["evidence"])
     assert all(r["dormant_margin"] == SMALL.dormant_margin for r in first)
+    from scanner.engine.invert import native_bf16
+
+    assert json.loads(out.read_text())["config"]["bf16"] is native_bf16("cpu")  # the precision the searches ran at
 
     def no_detect(*args: object, **kw: object) -> None:
         raise AssertionError("a saved row was searched again")

@@ -299,6 +299,37 @@ def test_the_engine_reads_the_logit_dormancy_line_and_saved_rows_re_decide_it(mo
     assert margin_dormancy({"evidence": [{"drift_anomaly": 1.0}]}, -100.0) is None  # rows from before the margins
 
 
+def test_bf16_is_used_where_the_cpu_computes_it_natively(model: PromptedCLIP, pool: torch.Tensor,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from scanner.engine import invert
+    from scanner.engine.invert import native_bf16
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None
+    if flags is not None:  # torch's probe and the kernel's flags agree
+        assert native_bf16("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert DetectorConfig().bf16 is None and DetectorConfig().on("cpu").bf16 is native_bf16("cpu")
+    assert DetectorConfig(bf16=True).on("cpu").bf16 is True and DetectorConfig(bf16=False).on("cpu").bf16 is False
+    # detect resolves the setting when it starts: a CPU said to lack bf16 runs every encoder pass in fp32
+    seen: list[bool] = []
+    real = invert.autocast
+
+    def spy(enabled: bool, device: torch.device | str = "cpu") -> Any:
+        seen.append(bool(enabled))
+        return real(enabled, device)
+
+    monkeypatch.setattr(invert, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(invert, "autocast", spy)
+    cfg = DetectorConfig(**{**SMALL.__dict__, "bf16": None, "candidates": 1, "families": ("patch",)})
+    detect(model, pool, cfg, seed=0)
+    assert seen and not any(seen)
+    seen.clear()
+    monkeypatch.setattr(invert, "native_bf16", lambda device="cpu": True)
+    detect(model, pool, cfg, seed=0)
+    assert seen and all(seen)
+
+
 def test_anomaly_index_and_calibration() -> None:
     a = anomaly_index(torch.tensor([0.1, 0.12, 0.11, 0.9]))
     assert int(a.argmax()) == 3 and float(a[3]) > 10
@@ -585,20 +616,20 @@ def test_a_search_leaves_nothing_behind(model: PromptedCLIP, pool: torch.Tensor)
 
     # a later search must not score differently because an earlier one ran: same seed, same evidence, and the
     # pool, the suspect and the twin unchanged
-    cfg = replace(SMALL, search_all_families=False)
+    cfg = replace(SMALL, search_all_families=False).on("cpu")
     opt_x, hold_x = split_pool(pool, cfg)
     before = pool.clone()
     with frozen_learner(model):
         ref, _ = trusted_twin(model, opt_x, cfg)
-        z0 = panel_logits(model, (ref,), None, hold_x, cfg.bf16)  # 2 x (N, C)
+        z0 = panel_logits(model, (ref,), None, hold_x, cfg.bf16_on)  # 2 x (N, C)
         natural, twin_natural = (shares(z) for z in z0)
         evidence = []
         for _ in range(2):
             trig = invert_for(model, ref, 0, "patch", opt_x, cfg, torch.Generator().manual_seed(0))
             ev, _ = measure_trigger(model, ref, trig, 0, "patch", hold_x, float(natural[0]), float(twin_natural[0]),
-                                    cfg.bf16)
+                                    cfg.bf16_on)
             evidence.append(ev)
-            z1 = panel_logits(model, (ref,), None, hold_x, cfg.bf16)
+            z1 = panel_logits(model, (ref,), None, hold_x, cfg.bf16_on)
             assert all(torch.equal(a, b) for a, b in zip(z0, z1, strict=True))
     assert evidence[0] == evidence[1]
     assert torch.equal(pool, before)

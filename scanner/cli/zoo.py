@@ -181,6 +181,9 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--dormant-lift", type=float, default=None, metavar="LOGITS",
               help="CI: also flag a CoOp model whose most drifted prompt wins clean OOD images by a median margin this "
                    "much above the zero-shot twin's (rule D; default: off; its pre-registered line is -0.875)")
+@click.option("--precision", type=click.Choice(["bf16", "fp32", "auto"]), default=None,
+              help="encoder passes under bf16 autocast or in fp32 (default: auto, bf16 where the device computes it "
+                   "natively: emulated bf16 is slower than fp32)")
 @click.option("--awake-candidate", is_flag=True,
               help="CI: also confirm the class clean OOD images fall into most beyond plain prompts")
 @click.option("--families", default=None, metavar="F1,F2",
@@ -205,7 +208,7 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
           threshold: float | None, accel: str, accel_int8: bool, candidates: int | None,
           flat_candidates: int | None, kappa: float | None,
           restarts: int | None, restart_rule: str | None, patch_start: str | None, dormant_lift: float | None,
-          awake_candidate: bool, families: str | None, conditioned_ranking: str | None,
+          precision: str | None, awake_candidate: bool, families: str | None, conditioned_ranking: str | None,
           conditioned_families: str | None, trigger_score: str | None, scored_families_only: bool,
           device: str, shard: str | None, learners: str | None, attack_names: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
@@ -242,6 +245,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, patch_start=patch_start)
         if dormant_lift is not None:
             cfg = replace(cfg, dormant_lift=dormant_lift)
+        if precision is not None:
+            cfg = replace(cfg, bf16=None if precision == "auto" else precision == "bf16")
         if families is not None:
             cfg = replace(cfg, families=tuple(csv_list(families) or ()))
         if conditioned_ranking is not None:

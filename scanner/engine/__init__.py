@@ -61,6 +61,7 @@ def detect(model: PromptedCLIP, ood: torch.Tensor, config: DetectorConfig | None
             f"the model has {model.n_cls} class; a backdoor target is only defined among two or more classes"
         )
     pool = validate_pool(model, ood, cfg)
+    cfg = cfg.on(pool.device)  # bf16 where the device computes it natively, unless the settings say
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

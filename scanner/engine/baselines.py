@@ -55,7 +55,7 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
     gen = torch.Generator().manual_seed(seed)
     opt_x, hold_x = split_pool(pool, cfg)
     C = model.n_cls
-    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
+    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16_on)
     sizes = torch.zeros(C)
     asrs = torch.zeros(C)
     images: dict[int, torch.Tensor] = {}
@@ -73,7 +73,7 @@ def _per_class(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, see
 
             optimise(model, trig, opt_x, objective, sched, gen, size_weight=weight)
             sizes[t] = size_of(trig)
-            asrs[t] = class_shares(model, trig, hold_x, cfg.bf16)[t]
+            asrs[t] = class_shares(model, trig, hold_x, cfg.bf16_on)[t]
             images[t] = trig.image().cpu()
             raw[t] = trig.raw().cpu()
             if progress is not None:

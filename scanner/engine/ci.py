@@ -41,7 +41,11 @@ Design (ours; the paper's details are not public), cost independent of the class
    clean OOD hold-out to one class than plain zero-shot prompts do (``dormant_margin``) is flagged too,
    with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. The most drifted
    prompt, when its drift is anomalous, is held to a lower bar (``awake_excess``). Measured per class
-   as ``natural_share`` and ``zero_shot_share`` in the evidence; no search is needed for it.
+   as ``natural_share`` and ``zero_shot_share`` in the evidence; no search is needed for it. Its logit form
+   (``DetectorConfig.dormant_lift``, off unless set; ``MarginDormancy``) reads the most drifted prompt of a
+   drift-ranked model: flagged when it wins the clean hold-out by a wider median margin than the twin gives
+   the class (``natural_margin`` - ``twin_margin``), since a half-firing planted prompt takes photos plain
+   prompts also send there, so its share excess stays small while its margin does not.
 
 The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*
 class, one epoch each, anomaly index over the per-class ASR gain.
@@ -306,7 +310,7 @@ def invert_for(model: PromptedCLIP, twin: ReferenceModel, target: int, family: s
     given, is optimised instead of a fresh one (a probe's own start, made with ``make_trigger`` from ``gen``)."""
     trig = trigger if trigger is not None else make_trigger(family, x.shape[-1], cfg, gen, x.device)
     optimise_pair(model, twin, trig, x, differential_margin(target, cfg.kappa, cfg.reference_weight),
-                  InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16), gen, _size_weight(family, cfg))
+                  InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16_on), gen, _size_weight(family, cfg))
     return trig
 
 
@@ -320,7 +324,7 @@ def split_pool(pool: torch.Tensor, cfg: DetectorConfig) -> tuple[torch.Tensor, t
 def trusted_twin(model: PromptedCLIP, x: torch.Tensor, cfg: DetectorConfig) -> tuple[ReferenceModel, torch.Tensor]:
     """The trusted twin (templates + a member distilled on clean ``x``) and the image features of ``x`` (N, E)."""
     ref = ReferenceModel(model)
-    with torch.no_grad(), autocast(cfg.bf16, x.device):
+    with torch.no_grad(), autocast(cfg.bf16_on, x.device):
         feats = model.image_features(x)
         sus = model.logits_from_features(feats).float()
     if cfg.distil_twin:
@@ -347,7 +351,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         # one pass over the clean hold-out: the suspect's shares, plain prompts' (a prompt that sends far more OOD
         # photos to a class than zero-shot does is not dormant, ``ci_verdict``) and the twin's (where each
         # trigger's effect on the twin is measured from, ``trigger_gain``)
-        z_sus, z_plain, z_twin = panel_logits(model, (plain, ref), None, hold_x, cfg.bf16)  # 3 x (N, C)
+        z_sus, z_plain, z_twin = panel_logits(model, (plain, ref), None, hold_x, cfg.bf16_on)  # 3 x (N, C)
         natural, zero_shot, twin_natural = shares(z_sus), shares(z_plain), shares(z_twin)  # 3 x (C,)
         # how decisively each class wins the clean hold-out, suspect and twin: (2, C) each (10th pct, median)
         nat_q, twin_q = margin_quantiles(class_margins(z_sus)), margin_quantiles(class_margins(z_twin))
@@ -361,7 +365,7 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         rank = drift_anomaly  # (C,) what orders the candidates
         if conditioned and cfg.conditioned_reach:
             # an image-conditioned prompt has no class-specific context to drift: rank by universal reach
-            reach = reach_ratio(model, plain, opt_x[:REACH_IMAGES], cfg.bf16)  # (C,)
+            reach = reach_ratio(model, plain, opt_x[:REACH_IMAGES], cfg.bf16_on)  # (C,)
             rank = anomaly_index(reach, floor=DRIFT_FLOOR)
             for k in range(C):
                 evidence[k].update(reach_ratio=float(reach[k]), reach_anomaly=float(rank[k]))
@@ -431,7 +435,7 @@ def _search_from_starts(model: PromptedCLIP, ref: ReferenceModel, t: int, fam: s
             gen.set_state(fork)
         trig = make_trigger(fam, opt_x.shape[-1], cfg, gen, opt_x.device, start)
         invert_for(model, ref, t, fam, opt_x, cfg, gen, trig)
-        tried.append(measure_trigger(model, ref, trig, t, fam, hold_x, *shares_t, cfg.bf16))
+        tried.append(measure_trigger(model, ref, trig, t, fam, hold_x, *shares_t, cfg.bf16_on))
     if len(tried) == 1:
         return tried[0]
     own, (top_ev, trig) = _best_search(tried, known, fam, cfg.trigger_score)
@@ -471,16 +475,16 @@ def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, s
     opt_x, hold_x = split_pool(pool, cfg)
     size = pool.shape[-1]
     C = model.n_cls
-    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16)
+    sched = InversionSchedule(cfg.batch_size, cfg.epochs, cfg.lr, cfg.bf16_on)
     evidence: dict[int, dict[str, float]] = {k: {} for k in range(C)}
     best = _BestTriggers(torch.full((C,), -1.0, dtype=torch.float64))  # as in ``run_ci``
     with frozen_learner(model):
-        natural = class_shares(model, None, hold_x, cfg.bf16)  # (C,)
+        natural = class_shares(model, None, hold_x, cfg.bf16_on)  # (C,)
         for t in range(C):
             for fam in cfg.families:
                 trig = make_trigger(fam, size, cfg, gen, pool.device)
                 optimise(model, trig, opt_x, margin_loss(t, cfg.kappa), sched, gen, _size_weight(fam, cfg))
-                asr = float(class_shares(model, trig, hold_x, cfg.bf16)[t])
+                asr = float(class_shares(model, trig, hold_x, cfg.bf16_on)[t])
                 evidence[t][f"asr_{fam}"] = asr
                 evidence[t][f"size_{fam}"] = float(trig.size().detach())
                 best.offer(t, asr - float(natural[t]), trig)

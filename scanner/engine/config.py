@@ -201,7 +201,12 @@ class DetectorConfig:
     # CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D, pre-registered with DORMANT_LIFT_LINE and
     # judged on a new zoo (docs/preregistrations.md)
     dormant_lift: float | None = None
-    bf16: bool = True  # bfloat16 autocast for encoder passes (2x on AMX/AVX512-BF16 CPUs)
+    # bfloat16 autocast for encoder passes; None (the default since session 26): where the device computes it
+    # natively (AMX/AVX512-BF16 CPUs, CUDA: about 2x fp32), fp32 elsewhere, where emulated bf16 ran 3x slower than
+    # fp32 (``engine.invert.native_bf16``). Resolved by ``on`` when a detection starts. The lines were fitted under
+    # bf16; fp32 gave the same verdict on 22 of 22 seed-17 CSC models (scores within the spread of one search's
+    # draws: -0.66 to +1.61, mean +0.02; the clean margin lifts within 0.05; `python runs/s26/compare_precision.py`)
+    bf16: bool | None = None
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
@@ -235,6 +240,22 @@ class DetectorConfig:
             raise ConfigError(f"patch_start must be one of {', '.join(PATCH_STARTS)}; got {self.patch_start!r}")
         if self.flat_candidates < 0:
             raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
+
+    @property
+    def bf16_on(self) -> bool:
+        """Whether encoder passes run under bf16 autocast (``bf16`` None, not yet resolved by ``on``: fp32)."""
+        return bool(self.bf16)
+
+    def on(self, device: object) -> DetectorConfig:
+        """These settings for work on ``device`` (a torch device or its name): ``bf16`` None becomes whether the
+        device computes bfloat16 natively."""
+        if self.bf16 is not None:
+            return self
+        from dataclasses import replace
+
+        from scanner.engine.invert import native_bf16
+
+        return replace(self, bf16=native_bf16(str(device)))
 
     def families_for(self, image_conditioned: bool) -> tuple[str, ...]:
         """The trigger families CI confirms with for a learner of that kind (``families`` first)."""

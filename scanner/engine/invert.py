@@ -11,6 +11,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,26 @@ def frozen_learner(model: PromptedCLIP) -> Iterator[None]:
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
         model.train(was_training)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively. Autocast without it is emulated, and slower than fp32: on a
+    2-core Xeon without AVX512-BF16 an encoder forward+backward of 16 images took 290 ms under bf16 autocast against
+    100 ms in fp32 (session 26), where CPUs with it run bf16 about twice as fast as fp32."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    # private probes of the CPU's instruction sets (torch 2.x); without them, the kernel's own flags
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(f) for f in probes):
+        return any(bool(f()) for f in probes if callable(f))
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(enabled: bool, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[object]:

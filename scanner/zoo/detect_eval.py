@@ -94,7 +94,8 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
     ``attacks`` keep only the models tuned by those learners, or of those attacks ("none": clean).
     """
     manifest = load_manifest(zoo)
-    base = config or DetectorConfig()
+    # resolved for the device, so that the file records the precision its searches ran at
+    base = (config or DetectorConfig()).on(device)
     pool = ood if ood is not None else default_ood_pool(base.n_images, backbone.image_size,
                                                          seed=seed + EVAL_SEED_OFFSET)
     pool_hash = pool_sha256(pool)
