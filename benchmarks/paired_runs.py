@@ -1,14 +1,16 @@
 """Two CI runs on the same models, side by side, each decided at the engine's default lines.
 
-    python benchmarks/paired_runs.py NEW.json OLD.json [NEW2.json OLD2.json ...] [--learners cocoop]
+    python benchmarks/paired_runs.py NEW.json OLD.json [NEW2.json OLD2.json ...] [--learners cocoop] [--default-lines]
 
 Pairs of ``scanner zoo eval --json`` files (the first of each pair is the run under test, the second what
 it is compared with; a pair may come from different zoos than the next pair). Only the models both files
-of a pair hold are compared (filtered by learner when asked). Every row is re-scored with the default
-``family_bonus`` and re-decided at the default threshold and dormant margin (``DEFAULT_THRESHOLDS["ci"]``,
-``DetectorConfig().dormant_margin``), so that rows saved under older lines compare fairly. Printed per
-model where the verdicts differ, then per attack for each side: models, flagged, flagged with the true
-target, and the mean detection seconds.
+of a pair hold are compared (filtered by learner when asked). Every row is decided at the lines its run recorded
+(its threshold and dormant margin); with ``--default-lines`` it is re-scored by the default trigger score and
+family bonus and re-decided at the default lines (``DetectorConfig().decision_threshold``, ``dormant_margin``), so
+that rows saved under older lines compare fairly. Printed per model where the verdicts differ, then per attack for
+each side: models, flagged, flagged with the true target, and the mean detection seconds; then how far the scores
+moved (new - old: mean, least, most) and how far the most drifted class's clean margin lift (rule D's input) did.
+Session 26 compared fp32 with bf16 searches this way (``scanner zoo eval --precision fp32``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from scanner.engine.config import DetectorConfig
-from scanner.zoo.detect_eval import decided_at, rescore_ci
+from scanner.zoo.detect_eval import decided_at, margin_dormancy, rescore_ci
 
 
-def _decided(path: Path, learners: set[str] | None) -> dict[str, dict[str, Any]]:
+def _decided(path: Path, learners: set[str] | None, default_lines: bool) -> dict[str, dict[str, Any]]:
     cfg = DetectorConfig()
-    rows = json.loads(path.read_text())["rows"]
-    return {r["id"]: decided_at(rescore_ci(r, cfg.family_bonus), cfg.decision_threshold, cfg.dormant_margin)
-            for r in rows if r["detector"] == "ci" and (learners is None or r["learner"] in learners)}
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if r["detector"] == "ci" and (learners is None or r["learner"] in learners)]
+    if not default_lines:
+        return {r["id"]: decided_at(r, float(r["threshold"]), r.get("dormant_margin")) for r in rows}
+    return {r["id"]: decided_at(rescore_ci(r, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold,
+                                cfg.dormant_margin) for r in rows}
+
+
+def _top_lift(r: dict[str, Any]) -> float | None:
+    """The most drifted class's clean margin lift over the twin, None for reach-ranked rows."""
+    check = margin_dormancy(r, 0.0)
+    return None if check is None else float(check.lift[int(check.rank.argmax())])
 
 
 def _verdict(r: dict[str, Any]) -> str:
@@ -40,16 +51,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", type=Path, help="NEW.json OLD.json pairs")
     ap.add_argument("--learners", default=None, help="compare only these learners' models (e.g. cocoop)")
+    ap.add_argument("--default-lines", action="store_true", help="decide every row at the default lines")
     args = ap.parse_args()
     if len(args.files) % 2:
         ap.error("give the files in pairs: NEW.json OLD.json ...")
     learners = set(args.learners.split(",")) if args.learners else None
     tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
+    shifts: list[float] = []
+    lift_shifts: list[float] = []
     for new_path, old_path in zip(args.files[::2], args.files[1::2], strict=True):
-        new, old = _decided(new_path, learners), _decided(old_path, learners)
+        new, old = (_decided(p, learners, args.default_lines) for p in (new_path, old_path))
         for mid in [m for m in new if m in old]:
             a, b = new[mid], old[mid]
+            shifts.append(float(a["anomaly_score"]) - float(b["anomaly_score"]))
+            la, lb = _top_lift(a), _top_lift(b)
+            if la is not None and lb is not None:
+                lift_shifts.append(la - lb)
             if (a["flagged"], a["target"]) != (b["flagged"], b["target"]):
                 print(f"{new_path.name}: {mid:22s} truth {a['truth_target']}: new {_verdict(a)} "
                       f"(score {a['anomaly_score']:.2f}), old {_verdict(b)} (score {b['anomaly_score']:.2f})")
@@ -63,6 +81,10 @@ def main() -> None:
     for (attack, side), (n, flagged, right) in sorted(tally.items()):
         s = seconds[(attack, side)]
         print(f"{attack:9s} {side:4s} {n:6d} {flagged:7d} {right:11d} {sum(s) / len(s):6.1f}")
+    for name, d in (("score", shifts), ("most drifted class's clean margin lift", lift_shifts)):
+        if d:
+            print(f"{name}, new - old over {len(d)} models: mean {sum(d) / len(d):+.3f}, least {min(d):+.3f}, "
+                  f"most {max(d):+.3f}")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,9 @@ class DetectorConfig:
     # natively (AMX/AVX512-BF16 CPUs, CUDA: about 2x fp32), fp32 elsewhere, where emulated bf16 ran 3x slower than
     # fp32 (``engine.invert.native_bf16``). Resolved by ``on`` when a detection starts. The lines were fitted under
     # bf16; fp32 gave the same verdict on 22 of 22 seed-17 CSC models (scores within the spread of one search's
-    # draws: -0.66 to +1.61, mean +0.02; the clean margin lifts within 0.05; `python runs/s26/compare_precision.py`)
+    # draws: -0.67 to +1.61, mean +0.02; the clean margin lifts within 0.05): `python benchmarks/paired_runs.py
+    # runs/s26/fp32_seed17_part.json runs/s25/eval_seed17.json runs/s26/fp32_seed17_part2.json
+    # runs/s25/eval_seed17.json` (the fp32 runs: `scanner zoo eval ... --precision fp32 --patch-start soft`)
     bf16: bool | None = None
 
     def __post_init__(self) -> None:
