@@ -119,6 +119,28 @@ def test_two_channel_calibration_spends_the_budget_once() -> None:
     # channel off, and the threshold gets the whole budget (two of 18, 16, 14, ... above it)
     high = [(a, w, 1.2 + e) for a, w, e in clean]
     assert fit_two_channels(high, fpr=0.1) == (14.0, 1.0)
+    # models flagged by a channel the fit keeps (the logit dormancy line) spend the budget first: one of them
+    # leaves one of the two places, so one working score (18) may pass the line
+    apart = [i == 3 for i in range(20)]
+    assert fit_two_channels(clean, fpr=0.1, margin=0.99, flagged_apart=apart) == (16.0, 0.99)
+    with pytest.raises(ValueError, match="flagged_apart holds 1 values for 20"):
+        fit_two_channels(clean, fpr=0.1, flagged_apart=[True])
+
+
+def test_calibration_keeps_the_logit_dormancy_line_and_counts_its_clean_flags() -> None:
+    from scanner.zoo.detect_eval import fit_ci_lines
+
+    def row(i: int, lift: float) -> dict[str, Any]:
+        r = _row([float(i), -1.0], [float(i), -1.0], [0.1, 0.1], [0.1, 0.1], truth=None)
+        for k, e in enumerate(r["evidence"]):
+            e.update(natural_margin=lift if k == 0 else -5.0, twin_margin=0.0, drift_anomaly=3.0 if k == 0 else 0.0)
+        return r
+
+    rows = [row(i, 1.0 if i == 0 else -5.0) for i in range(20)]  # model 0's drifted prompt lifts past -0.875
+    assert fit_ci_lines(rows, 0.1, margin=0.99) == (17.0, 0.99)  # two of 19, 18, ... above
+    assert fit_ci_lines(rows, 0.1, margin=0.99, lift=-0.875) == (18.0, 0.99)  # model 0 took one place
+    m = metrics(rows, threshold=18.0, dormant_margin=0.99, dormant_lift=-0.875)
+    assert m["fpr"] == 0.1  # model 0 (rule D) and model 19 (its score)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +168,7 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
         raise AssertionError("a saved row was searched again")
 
     monkeypatch.setattr(detect_eval, "detect", no_detect)
-    stricter = DetectorConfig(**{**share.__dict__, "threshold": 1e9, "dormant_margin": 1.0})
+    stricter = DetectorConfig(**{**share.__dict__, "threshold": 1e9, "dormant_margin": 1.0, "dormant_lift": None})
     again = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=stricter, accel="torch")
     assert [r["evidence"] for r in again] == [r["evidence"] for r in first]
     assert not any(r["flagged"] for r in again) and all(r["threshold"] == 1e9 for r in again)

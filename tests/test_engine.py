@@ -13,6 +13,7 @@ from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
 from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text, family_value, restart_key
+from scanner.engine.config import DORMANT_LIFT_LINE
 from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
@@ -279,7 +280,8 @@ def test_the_engine_reads_the_logit_dormancy_line_and_saved_rows_re_decide_it(mo
                                                                               pool: torch.Tensor) -> None:
     from scanner.zoo.detect_eval import margin_dormancy, redecide
 
-    base = DetectorConfig(**{**SMALL.__dict__, "candidates": 1, "families": ("patch",)})
+    assert DetectorConfig().dormant_lift == DORMANT_LIFT_LINE  # rule D is on by default (session 26)
+    base = DetectorConfig(**{**SMALL.__dict__, "candidates": 1, "families": ("patch",), "dormant_lift": None})
     off = detect(model, pool, base, seed=0)
     assert not off.backdoored  # random weights: no trigger works, nothing awake by share
     ev = [c.evidence for c in off.classes]
@@ -294,6 +296,7 @@ def test_the_engine_reads_the_logit_dormancy_line_and_saved_rows_re_decide_it(mo
         row = {"detector": "ci", "class_scores": [c.anomaly_score for c in res.classes], "evidence": ev}
         assert redecide(row, base.decision_threshold, base.dormant_margin, line) == (res.backdoored,
                                                                                     res.target_index)
+    assert not detect(model, pool, replace(base, dormant_lift=math.inf), seed=0).backdoored  # inf: off
     # image-conditioned learners are ranked by reach, not drift: the check is not theirs
     assert margin_dormancy({"evidence": [{**e, "reach_anomaly": 0.0} for e in ev]}, -100.0) is None
     assert margin_dormancy({"evidence": [{"drift_anomaly": 1.0}]}, -100.0) is None  # rows from before the margins

@@ -69,7 +69,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
     more of them holds better on models it has not seen.
 
     For CI both channels are fitted: the dormant margin on half the budget, the score threshold on the
-    rest (``--dormant-margin`` keeps the margin, and the clean models above it spend the budget first).
+    rest (``--dormant-margin`` keeps the margin, and the clean models above it spend the budget first; the
+    logit dormancy line, ``dormant_lift``, is kept as it is, and the clean models it flags spend it first too).
     Saved rows (``--eval-json``) are reused; they are only re-decided, never re-run.
     """
     from scanner.clip import load_bundled
@@ -78,6 +79,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
     from scanner.zoo.detect_eval import evaluate_zoo, fit_ci_lines, metrics
 
     margin: float | None = None
+    # the logit dormancy line is kept as it is (rule D); the clean models it flags spend the budget first
+    lift = DetectorConfig().dormant_lift if detector == "ci" else None
     try:
         if (dormant_margin is not None or trigger_score is not None) and detector != "ci":
             raise click.UsageError("--dormant-margin and --trigger-score are settings of the ci detector only")
@@ -97,14 +100,14 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
             raise click.UsageError(f"{', '.join(map(str, zoo_dirs))}: no clean models to calibrate on; build a zoo "
                                    "with --clean-per-dataset")
         if detector == "ci":
-            t, margin = fit_ci_lines(clean_rows, fpr, dormant_margin)
+            t, margin = fit_ci_lines(clean_rows, fpr, dormant_margin, lift)
         else:
             t = threshold_for_fpr([r["anomaly_score"] for r in clean_rows], fpr)
         write_threshold(config_file, t, margin, score if detector == "ci" else None)
     except ScannerError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    m = metrics(rows, threshold=t, dormant_margin=margin)
-    click.echo(json.dumps({"threshold": t, "dormant_margin": margin, "fpr_target": fpr,
+    m = metrics(rows, threshold=t, dormant_margin=margin, dormant_lift=lift)
+    click.echo(json.dumps({"threshold": t, "dormant_margin": margin, "dormant_lift": lift, "fpr_target": fpr,
                            "clean_models": len(clean_rows), "written_to": str(config_file), "at_threshold": m},
                           indent=2))

@@ -24,7 +24,8 @@ def threshold_for_fpr(clean_scores: Sequence[float], fpr: float, *, minimum: flo
 
 
 def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: float, *,
-                     margin_floor: float = 0.5, margin: float | None = None) -> tuple[float, float | None]:
+                     margin_floor: float = 0.5, margin: float | None = None,
+                     flagged_apart: Sequence[bool] | None = None) -> tuple[float, float | None]:
     """(threshold, dormant_margin) for CI's two channels on clean models, at most ``fpr`` flagged in all.
 
     ``clean`` holds per clean model (anomaly score, whether its best trigger works, clean-image excess over
@@ -33,7 +34,8 @@ def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: flo
     takes what the margin left, counting only models whose trigger works (the others cannot flag).
     A ``margin`` given is kept as it is, and the clean models above it still spend the budget: a margin
     chosen to catch prompts that fire on clean images (WaNet), past which a few clean outliers would push
-    a fitted one.
+    a fitted one. ``flagged_apart`` (per clean model): flagged by a channel this fit does not move (the logit
+    dormancy line): those spend the budget first too.
     """
     if not clean:
         raise ValueError("no clean models to calibrate on")
@@ -44,7 +46,11 @@ def fit_two_channels(clean: Sequence[tuple[float, bool, float | None]], fpr: flo
         # that high cannot be kept under the budget and switches the channel off (DORMANCY_OFF)
         margin = min(threshold_for_fpr(excesses, fpr / 2, minimum=margin_floor), DORMANCY_OFF)
     on = margin is not None and margin < DORMANCY_OFF
-    awake = [on and e is not None and margin is not None and e > margin for _, _, e in clean]
+    apart = list(flagged_apart) if flagged_apart is not None else [False] * n
+    if len(apart) != n:
+        raise ValueError(f"flagged_apart holds {len(apart)} values for {n} clean models")
+    awake = [(on and e is not None and margin is not None and e > margin) or a
+             for (_, _, e), a in zip(clean, apart, strict=True)]
     left = max(0, math.floor(fpr * n) - sum(awake))
     rest = sorted((a for (a, works, _), up in zip(clean, awake, strict=True) if works and not up), reverse=True)
     threshold = rest[left] if left < len(rest) else 0.0

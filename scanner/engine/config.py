@@ -53,7 +53,10 @@ BOTH_STARTS_THRESHOLD = 6.09375
 # (docs/preregistrations.md)
 PATCH_TWIN_THRESHOLD = 7.375
 # ``DetectorConfig.dormant_lift`` of rule D: `python benchmarks/logit_dormancy.py --fit runs/s25/eval_seed17.json`, the
-# largest lift of the seed-17 zoo's 11 clean CoOp models (FPR 0.05 lets none above), rounded up to 1/32 (session 26)
+# largest lift of the seed-17 zoo's 11 clean CoOp models (FPR 0.05 lets none above), rounded up to 1/32 (session 26).
+# Pre-registered and judged on a new seed-18 zoo: accuracy 0.855 against the default's 0.800 (FPR 0.091 vs 0.045,
+# target right 0.926; WaNet found 6 of 11 against 4), so it is the default (docs/preregistrations.md; a second test
+# on a seed-19 zoo decides whether it stays)
 DORMANT_LIFT_LINE = -0.875
 TWIN_MARGIN_WEIGHT = 1.0
 TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin")
@@ -195,12 +198,12 @@ class DetectorConfig:
     # photos to their target; p7's quick-zoo WaNet prompts reach 0.35-0.40, under either. 1.0 switches it off.
     dormant_margin: float = 0.89
     # the logit form of the dormancy check, for drift-ranked learners (CoOp): flag the most drifted prompt when its
-    # median margin on the clean OOD hold-out exceeds the twin's by more than this (logit units; None: off). A WaNet
-    # or Blended prompt that half fires on clean photos sends them to a class plain prompts also like, so its share
-    # excess stays small, but it wins them by a wider margin than the twin does. Seed 17 (post hoc): every clean
-    # CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D, pre-registered with DORMANT_LIFT_LINE and
-    # judged on a new zoo (docs/preregistrations.md)
-    dormant_lift: float | None = None
+    # median margin on the clean OOD hold-out exceeds the twin's by more than this (logit units; None or inf: off).
+    # A WaNet or Blended prompt that half fires on clean photos sends them to a class plain prompts also like, so
+    # its share excess stays small, but it wins them by a wider margin than the twin does. Seed 17 (post hoc): every
+    # clean CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D, the default since session 26
+    # (DORMANT_LIFT_LINE). `scanner calibrate` keeps it, and the clean models it flags spend the FPR budget first
+    dormant_lift: float | None = DORMANT_LIFT_LINE
     # bfloat16 autocast for encoder passes; None (the default since session 26): where the device computes it
     # natively (AMX/AVX512-BF16 CPUs, CUDA: about 2x fp32), fp32 elsewhere, where emulated bf16 ran 3x slower than
     # fp32 (``engine.invert.native_bf16``). Resolved by ``on`` when a detection starts. The lines were fitted under
@@ -240,6 +243,8 @@ class DetectorConfig:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
         if self.patch_start not in PATCH_STARTS:
             raise ConfigError(f"patch_start must be one of {', '.join(PATCH_STARTS)}; got {self.patch_start!r}")
+        if self.dormant_lift is not None and self.dormant_lift != self.dormant_lift:
+            raise ConfigError("dormant_lift must be a number of logits (inf switches the check off); got nan")
         if self.flat_candidates < 0:
             raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
 

@@ -378,20 +378,24 @@ def trigger_check(row: dict[str, Any]) -> tuple[int, float, bool]:
     return top, scores[top], works
 
 
-def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float,
-                 margin: float | None = None) -> tuple[float, float | None]:
+def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float, margin: float | None = None,
+                 lift: float | None = None) -> tuple[float, float | None]:
     """CI's (score threshold, dormant margin) fitted on the clean models among ``rows`` for ``fpr``
     (``fit_two_channels`` on each clean row's trigger score and clean-image excess; a ``margin`` given is
-    kept and only the threshold fitted)."""
+    kept and only the threshold fitted). ``lift``: the logit dormancy line in force (``dormant_lift``), kept;
+    the clean models it flags spend the budget first."""
     from scanner.engine.calibration import fit_two_channels
 
     per_model = []
+    apart = []
     for r in rows:
         if not r["truth_backdoored"]:
             _, anomaly, works = trigger_check(r)
             awake = clean_excess(r)
             per_model.append((anomaly, works, None if awake is None else awake[0]))
-    return fit_two_channels(per_model, fpr, margin=margin)
+            check = margin_dormancy(r, lift) if lift is not None else None
+            apart.append(check is not None and check.suspect() is not None)
+    return fit_two_channels(per_model, fpr, margin=margin, flagged_apart=apart)
 
 
 def ranking_anomaly(row: dict[str, Any]) -> list[float]:
@@ -533,21 +537,22 @@ def combined_score(row: dict[str, Any], threshold: float, dormant_margin: float 
 
 
 def metrics(rows: Sequence[dict[str, Any]], threshold: float | None = None,
-            dormant_margin: float | None = None) -> dict[str, Any]:
+            dormant_margin: float | None = None, dormant_lift: float | None = None) -> dict[str, Any]:
     """Accuracy, AUROC, TPR, FPR, target accuracy and timing of one detector's rows.
 
-    With ``threshold`` and/or ``dormant_margin`` every row is re-decided from its recorded evidence
-    (``redecide``: calibration sweeps); otherwise the detector's own verdicts are used. ``auroc`` ranks
-    models by the anomaly score alone, ``auroc_combined`` by ``combined_score`` (both CI channels).
+    With ``threshold``, ``dormant_margin`` and/or ``dormant_lift`` every row is re-decided from its recorded
+    evidence (``redecide``: calibration sweeps; a line not given is off there); otherwise the detector's own
+    verdicts are used. ``auroc`` ranks models by the anomaly score alone, ``auroc_combined`` by
+    ``combined_score`` (the trigger and share dormancy channels).
     """
     if not rows:
         return {}
-    redo = threshold is not None or dormant_margin is not None
+    redo = threshold is not None or dormant_margin is not None or dormant_lift is not None
 
     def decided(r: dict[str, Any]) -> tuple[bool, int | None]:
         if not redo:
             return bool(r["flagged"]), r["target"]
-        return redecide(r, float(r["threshold"]) if threshold is None else threshold, dormant_margin)
+        return redecide(r, float(r["threshold"]) if threshold is None else threshold, dormant_margin, dormant_lift)
 
     verdicts = [decided(r) for r in rows]
     labels = [bool(r["truth_backdoored"]) for r in rows]
