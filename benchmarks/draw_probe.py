@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     args = ap.parse_args()
     bb = load_bundled()
-    cfg = DetectorConfig(search_all_families=False)
+    cfg = DetectorConfig(search_all_families=False).on("cpu")  # the precision in force here
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # `zoo eval --seed 0`'s pool
     opt_x, hold_x = split_pool(pool, cfg)
     for spec in args.models:
@@ -46,7 +46,7 @@ def main() -> None:
         model = PromptedCLIP(bb, load_checkpoint(args.zoo / path, bb).learner)
         with frozen_learner(model):
             ref, _ = trusted_twin(model, opt_x, cfg)
-            natural, twin_natural = (shares(z) for z in panel_logits(model, (ref,), None, hold_x, cfg.bf16))
+            natural, twin_natural = (shares(z) for z in panel_logits(model, (ref,), None, hold_x, cfg.bf16_on))
             scores: dict[str, list[float]] = {"random": [], "fixed": []}
             for init, out in scores.items():
                 for s in range(args.seeds):
@@ -59,7 +59,7 @@ def main() -> None:
                             trig.inner.m.fill_(float(torch.logit(torch.tensor(INIT_COVER))))
                     invert_for(model, ref, t, "patch", opt_x, cfg, gen, trig)
                     ev, _ = measure_trigger(model, ref, trig, t, "patch", hold_x, float(natural[t]),
-                                            float(twin_natural[t]), cfg.bf16)
+                                            float(twin_natural[t]), cfg.bf16_on)
                     out.append(family_value(ev, "patch", "patch-margin"))
         print(f"{path} class {t}: " + " | ".join(
             f"{init} init " + " ".join(f"{v:6.2f}" for v in vals) + f" (mean {sum(vals) / len(vals):.2f})"

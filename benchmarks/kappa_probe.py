@@ -46,7 +46,7 @@ def main() -> None:
     kappas = [float(k) for k in args.kappas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     bb = load_bundled()
-    base = DetectorConfig(search_all_families=False)
+    base = DetectorConfig(search_all_families=False).on("cpu")  # the precision in force here
     pool = default_ood_pool(base.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)
     opt_x, hold_x = split_pool(pool, base)
     res: dict[str, dict[str, Any]] = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -57,7 +57,7 @@ def main() -> None:
         model = PromptedCLIP(bb, load_checkpoint(args.zoo / m["path"], bb).learner)
         with frozen_learner(model):
             ref, feats = trusted_twin(model, opt_x, base)
-            z_sus, z_twin = panel_logits(model, (ref,), None, hold_x, base.bf16)  # 2 x (N, C)
+            z_sus, z_twin = panel_logits(model, (ref,), None, hold_x, base.bf16_on)  # 2 x (N, C)
             natural, twin_natural = shares(z_sus), shares(z_twin)  # 2 x (C,)
             drift = prompt_drift(model, ref.zero_shot().text, feats)  # (C,)
             t = m["target_index"] if m["attack"] != "none" else int(torch.argmax(drift))
@@ -69,7 +69,7 @@ def main() -> None:
                     cfg = replace(base, kappa=kappa)
                     trig = invert_for(model, ref, t, "patch", opt_x, cfg, torch.Generator().manual_seed(s))
                     ev, _ = measure_trigger(model, ref, trig, t, "patch", hold_x, float(natural[t]),
-                                            float(twin_natural[t]), cfg.bf16)
+                                            float(twin_natural[t]), cfg.bf16_on)
                     res[key] = {"backdoored": m["attack"] != "none", "class": t,
                                 "score": family_value(ev, "patch", "patch-margin"), **ev}
                     args.out.write_text(json.dumps(res, indent=1))

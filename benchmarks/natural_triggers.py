@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     bb = load_bundled()
-    cfg = DetectorConfig()
+    cfg = DetectorConfig().on("cpu")  # the precision in force here
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # the zoo eval's pool
     opt_x, hold_x = split_pool(pool, cfg)
     hold_x = hold_x[: args.images]

@@ -76,11 +76,11 @@ def probe(spec: str, model: PromptedCLIP, attack: Attack | None, t: int, cfg: De
     size = opt_x.shape[-1]
     with frozen_learner(model):
         ref, _ = trusted_twin(model, opt_x, cfg)
-        natural, twin_natural = (shares(z) for z in panel_logits(model, (ref,), None, hold_x, cfg.bf16))
+        natural, twin_natural = (shares(z) for z in panel_logits(model, (ref,), None, hold_x, cfg.bf16_on))
 
         def judged(trig: Trigger) -> str:
             ev, _ = measure_trigger(model, ref, trig, t, "patch", hold_x, float(natural[t]),
-                                    float(twin_natural[t]), cfg.bf16)
+                                    float(twin_natural[t]), cfg.bf16_on)
             return (f"score {family_value(ev, 'patch', 'patch-margin'):6.2f}, share {ev['asr_patch']:.2f} "
                     f"(twin {ev['ref_asr_patch']:.2f}); {describe(trig)}")
 
@@ -114,7 +114,7 @@ def main() -> None:
     if not starts or any(x not in ("random", "real", "grid") for x in starts):
         ap.error(f"--starts takes random, real and grid; got {args.starts!r}")
     bb = load_bundled()
-    cfg = DetectorConfig()
+    cfg = DetectorConfig().on("cpu")  # the precision in force here
     pool = default_ood_pool(cfg.n_images, bb.image_size, seed=EVAL_SEED_OFFSET)  # `zoo eval --seed 0`'s pool
     opt_x, hold_x = split_pool(pool, cfg)
     for spec in args.models:

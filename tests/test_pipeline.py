@@ -17,6 +17,7 @@ from scanner import plugins
 from scanner.engine import DetectorConfig
 from scanner.pipeline import discover_models, scan_path
 from scanner.report import ExitCode, ModelReport, ScanReport, Verdict
+from scanner.zoo.detect_eval import margin_dormancy
 
 
 @pytest.fixture(scope="session")
@@ -193,13 +194,18 @@ def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
         assert [c.name for c in m.class_scores] == CLASSNAMES
         assert m.ood_sha256 and m.seed == 0 and m.detector == "ci"
         # the verdict follows from the reported evidence: a trigger channel (a confirmed trigger's gain over
-        # the threshold) or a prompt awake on clean inputs
+        # the threshold), a prompt awake on clean inputs, or (drift-ranked learners) the most drifted prompt's clean
+        # margin over the twin's past the logit dormancy line
         ev = [c.evidence for c in m.class_scores]
         best = max(c.anomaly_score for c in m.class_scores)
         assert best == m.anomaly_score == max(e["score"] for e in ev)
         by_trigger = m.anomaly_score > m.threshold
         by_excess = max(e["natural_share"] - e["zero_shot_share"] for e in ev) > DetectorConfig().dormant_margin
-        assert (m.verdict is Verdict.BACKDOORED) == (by_trigger or by_excess), m.message
+        lift = DetectorConfig().dormant_lift
+        check = margin_dormancy({"evidence": ev}, lift) if lift is not None else None
+        by_lift = check is not None and check.suspect() is not None
+        assert (check is None) == (name == "cocoop.safetensors")  # CoCoOp is ranked by reach, not drift
+        assert (m.verdict is Verdict.BACKDOORED) == (by_trigger or by_excess or by_lift), m.message
         assert m.message
 
 

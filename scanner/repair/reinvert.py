@@ -25,7 +25,7 @@ def residual_triggers(model: PromptedCLIP, target: int, ood: torch.Tensor, famil
                       images: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Raw triggers (one per family of ``families``) inverted against ``model`` for ``target`` on the first
     ``images`` of the unlabelled ``ood`` images (M, 3, S, S), with CI's default search settings."""
-    cfg = DetectorConfig(families=tuple(families), n_images=min(images, ood.shape[0]))
+    cfg = DetectorConfig(families=tuple(families), n_images=min(images, ood.shape[0])).on(ood.device)
     x = split_pool(ood, cfg)[0]  # the optimisation split, as a detection would take it
     out = []
     with frozen_learner(model):
