@@ -205,7 +205,7 @@ class DetectorConfig:
     # (DORMANT_LIFT_LINE). `scanner calibrate` keeps it, and the clean models it flags spend the FPR budget first
     dormant_lift: float | None = DORMANT_LIFT_LINE
     # bfloat16 autocast for encoder passes; None (the default since session 26): where the device computes it
-    # natively (AMX/AVX512-BF16 CPUs, CUDA: about 2x fp32), fp32 elsewhere, where emulated bf16 ran 3x slower than
+    # natively (AMX/AVX512-BF16 CPUs, CUDA GPUs that support it), fp32 elsewhere, where emulated bf16 ran 3x slower than
     # fp32 (``engine.invert.native_bf16``). Resolved by ``on`` when a detection starts. The lines were fitted under
     # bf16; fp32 gave the same verdict on 22 of 22 seed-17 CSC models (scores within the spread of one search's
     # draws: -0.67 to +1.61, mean +0.02; the clean margin lifts within 0.05): `python benchmarks/paired_runs.py
