@@ -6,15 +6,15 @@
 Each file is a ``scanner zoo eval --detectors ci --json`` run. For a drift-ranked model (CoOp, unified or
 class-specific) the rule reads the most drifted class k* and its lift: the suspect's median margin for k* on the
 clean OOD hold-out less the twin's (``natural_margin - twin_margin``, recorded in every row; no search). A model the
-run's own verdict does not flag is flagged when that lift is above the line, with k* as its target
+run's lines do not flag without rule D is flagged when that lift is above the line, with k* as its target
 (``DetectorConfig.dormant_lift``, ``ci_verdict``). CoCoOp models (ranked by reach) keep their verdict.
 
 ``--fit``: the line, as the project fits its lines: the largest lift of the fit zoos' clean drift-ranked models that
 leaves at most ``--fpr`` of them above, rounded up to 1/32 of a logit (what a pre-registration fixes), and every
 fit zoo's figures at it. ``--table`` prints every model's lift, class and verdict. ``--judge``: every judge zoo
-decided by its run's own verdicts (the lines it was run with) and with rule D added at the fitted line and at 0,
-with per-attack counts of backdoors found with their target. AUROC ranks by the trigger score alone (rule D adds
-no score).
+decided at the lines its run recorded (threshold, dormant margin) without rule D, and with rule D added at the
+fitted line and at 0, with per-attack counts of backdoors found with their target. AUROC ranks by the trigger score
+alone (rule D adds no score).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import json
 import math
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from scanner.zoo.detect_eval import decided_at, margin_dormancy, metrics
 
@@ -41,11 +39,11 @@ def load_rows(path: str) -> list[dict[str, Any]]:
 
 def lift_at_top(row: dict[str, Any]) -> tuple[float, int] | None:
     """(the most drifted class's clean margin lift over the twin, that class), None for reach-ranked rows."""
-    check = margin_dormancy(row, 0.0)
+    check = margin_dormancy(row, 0.0)  # any line: only the lift is read
     if check is None:
         return None
-    k = int(torch.argmax(check.rank))
-    return float(check.lift[k]), k
+    k, lift = check.at_top()
+    return lift, k
 
 
 def fit_line(rows: list[dict[str, Any]], fpr: float) -> float:
@@ -60,7 +58,8 @@ def fit_line(rows: list[dict[str, Any]], fpr: float) -> float:
 
 
 def decided(rows: list[dict[str, Any]], lift: float | None) -> list[dict[str, Any]]:
-    """Rows decided at their own lines, with rule D at ``lift`` (None: the run's own verdicts)."""
+    """Rows decided at the threshold and dormant margin their run recorded, with rule D at ``lift`` (None: off,
+    whether or not the run had it on)."""
     return [decided_at(r, float(r["threshold"]), r.get("dormant_margin"), lift) for r in rows]
 
 
@@ -96,7 +95,7 @@ def main() -> None:
     print(f"rule D line (fitted on {', '.join(fit)} at FPR {args.fpr}): {line}")
     for name, rows in fit.items():
         print(f"fit zoo {name}:")
-        print(line_text("run's own verdicts", decided(rows, None)))
+        print(line_text("without rule D", decided(rows, None)))
         print(line_text(f"with rule D at {line}", decided(rows, line)))
         if args.table:
             table(name, rows, line)
@@ -105,7 +104,7 @@ def main() -> None:
         config = json.loads(Path(path).read_text()).get("config") or {}
         print(f"judge zoo {Path(path).stem} (patch start {config.get('patch_start', 'soft')}, "
               f"line {rows[0]['threshold']}, dormant margin {rows[0].get('dormant_margin')}):")
-        print(line_text("run's own verdicts", decided(rows, None)))
+        print(line_text("without rule D", decided(rows, None)))
         print(line_text(f"with rule D at {line}", decided(rows, line)))
         print(line_text("with rule D at 0", decided(rows, 0.0)))
         if args.table:

@@ -1,15 +1,16 @@
-"""Two CI runs on the same models, side by side, each decided at the engine's default lines.
+"""Two CI runs on the same models, side by side, each decided at its own run's lines or at the default ones.
 
     python benchmarks/paired_runs.py NEW.json OLD.json [NEW2.json OLD2.json ...] [--learners cocoop] [--default-lines]
 
 Pairs of ``scanner zoo eval --json`` files (the first of each pair is the run under test, the second what
 it is compared with; a pair may come from different zoos than the next pair). Only the models both files
 of a pair hold are compared (filtered by learner when asked). Every row is decided at the lines its run recorded
-(its threshold and dormant margin); with ``--default-lines`` it is re-scored by the default trigger score and
-family bonus and re-decided at the default lines (``DetectorConfig().decision_threshold``, ``dormant_margin``), so
-that rows saved under older lines compare fairly. Printed per model where the verdicts differ, then per attack for
-each side: models, flagged, flagged with the true target, and the mean detection seconds; then how far the scores
-moved (new - old: mean, least, most) and how far the most drifted class's clean margin lift (rule D's input) did.
+(its threshold and dormant margin, and the run's rule D line); with ``--default-lines`` it is re-scored by the
+default trigger score and family bonus and re-decided at the default lines (``DetectorConfig().decision_threshold``,
+``dormant_margin``, ``dormant_lift``), so that rows saved under older lines compare fairly. Printed per model
+where the verdicts differ, then per attack for each side: models, flagged, flagged with the true target, and the mean
+detection seconds; then how far the scores moved (new - old: mean, least, most) and how far the most drifted
+class's clean margin lift (rule D's input) did.
 Session 26 compared fp32 with bf16 searches this way (``scanner zoo eval --precision fp32``).
 """
 
@@ -22,23 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from scanner.engine.config import DetectorConfig
-from scanner.zoo.detect_eval import decided_at, margin_dormancy, rescore_ci
+from scanner.zoo.detect_eval import FIELD_ADDED, decided_at, margin_dormancy, rescore_ci
 
 
 def _decided(path: Path, learners: set[str] | None, default_lines: bool) -> dict[str, dict[str, Any]]:
     cfg = DetectorConfig()
-    rows = [r for r in json.loads(path.read_text())["rows"]
-            if r["detector"] == "ci" and (learners is None or r["learner"] in learners)]
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if r["detector"] == "ci" and (learners is None or r["learner"] in learners)]
     if not default_lines:
-        return {r["id"]: decided_at(r, float(r["threshold"]), r.get("dormant_margin")) for r in rows}
+        # rows record their threshold and dormant margin; rule D's line is in the run's settings
+        lift = {**FIELD_ADDED, **(data.get("config") or {})}["dormant_lift"]
+        return {r["id"]: decided_at(r, float(r["threshold"]), r.get("dormant_margin"), lift) for r in rows}
     return {r["id"]: decided_at(rescore_ci(r, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold,
-                                cfg.dormant_margin) for r in rows}
+                                cfg.dormant_margin, cfg.dormant_lift) for r in rows}
 
 
 def _top_lift(r: dict[str, Any]) -> float | None:
     """The most drifted class's clean margin lift over the twin, None for reach-ranked rows."""
-    check = margin_dormancy(r, 0.0)
-    return None if check is None else float(check.lift[int(check.rank.argmax())])
+    check = margin_dormancy(r, 0.0)  # any line: only the lift is read
+    return None if check is None else check.at_top()[1]
 
 
 def _verdict(r: dict[str, Any]) -> str:

@@ -201,8 +201,7 @@ def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
         assert best == m.anomaly_score == max(e["score"] for e in ev)
         by_trigger = m.anomaly_score > m.threshold
         by_excess = max(e["natural_share"] - e["zero_shot_share"] for e in ev) > DetectorConfig().dormant_margin
-        lift = DetectorConfig().dormant_lift
-        check = margin_dormancy({"evidence": ev}, lift) if lift is not None else None
+        check = margin_dormancy({"evidence": ev}, DetectorConfig().dormant_lift)
         by_lift = check is not None and check.suspect() is not None
         assert (check is None) == (name == "cocoop.safetensors")  # CoCoOp is ranked by reach, not drift
         assert (m.verdict is Verdict.BACKDOORED) == (by_trigger or by_excess or by_lift), m.message

@@ -199,10 +199,15 @@ class MarginDormancy:
     rank: torch.Tensor
     line: float
 
+    def at_top(self) -> tuple[int, float]:
+        """(the most drifted class, its lift): what the check reads."""
+        k = int(torch.argmax(self.rank))
+        return k, float(self.lift[k])
+
     def suspect(self) -> int | None:
         """The most drifted class when its lift passes the line, else None."""
-        k = int(torch.argmax(self.rank))
-        return k if float(self.lift[k]) > self.line else None
+        k, lift = self.at_top()
+        return k if lift > self.line else None
 
 
 def ci_verdict(gains: torch.Tensor, excess: torch.Tensor, drift_anomaly: torch.Tensor | None, threshold: float,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scanner.errors import ConfigError
 
@@ -258,9 +258,7 @@ class DetectorConfig:
         device computes bfloat16 natively."""
         if self.bf16 is not None:
             return self
-        from dataclasses import replace
-
-        from scanner.engine.invert import native_bf16
+        from scanner.engine.invert import native_bf16  # invert imports torch; this module does not
 
         return replace(self, bf16=native_bf16(str(device)))
 

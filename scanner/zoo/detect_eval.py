@@ -337,11 +337,14 @@ def _dormancy_inputs(row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | 
     return excess, drift
 
 
-def margin_dormancy(row: dict[str, Any], line: float) -> MarginDormancy | None:
-    """The logit dormancy check (``MarginDormancy``) of a CI row at ``line``, from its evidence: None for rows of
-    reach-ranked learners (CoCoOp: they record ``reach_anomaly``) and rows that do not record the margins."""
+def margin_dormancy(row: dict[str, Any], line: float | None) -> MarginDormancy | None:
+    """The logit dormancy check (``MarginDormancy``) of a CI row at ``line``, from its evidence: None when the
+    check is off (``line`` None), for rows of reach-ranked learners (CoCoOp: they record ``reach_anomaly``) and for
+    rows that do not record the margins."""
     from scanner.engine.ci import MarginDormancy
 
+    if line is None:
+        return None
     ev = row.get("evidence") or []
     keys = ("natural_margin", "twin_margin", "drift_anomaly")
     if not ev or any("reach_anomaly" in e or not all(k in e for k in keys) for e in ev):
@@ -393,7 +396,7 @@ def fit_ci_lines(rows: Sequence[dict[str, Any]], fpr: float, margin: float | Non
             _, anomaly, works = trigger_check(r)
             awake = clean_excess(r)
             per_model.append((anomaly, works, None if awake is None else awake[0]))
-            check = margin_dormancy(r, lift) if lift is not None else None
+            check = margin_dormancy(r, lift)
             apart.append(check is not None and check.suspect() is not None)
     return fit_two_channels(per_model, fpr, margin=margin, flagged_apart=apart)
 
@@ -515,9 +518,8 @@ def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None
     if inputs is not None and dormant_margin is not None:
         # float64, as the engine holds scores: a score a hair over the line stays over it
         scores = torch.tensor([float(x) for x in row["class_scores"]], dtype=torch.float64)
-        believed = margin_dormancy(row, dormant_lift) if dormant_lift is not None else None
         v = ci_verdict(scores, *inputs, threshold, dormant_margin,
-                       confirmed_mask(row["evidence"]), believed)
+                       confirmed_mask(row["evidence"]), margin_dormancy(row, dormant_lift))
         return v.flagged, v.target
     top, anomaly, works = trigger_check(row)
     if anomaly > threshold and works:
