@@ -25,13 +25,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from scanner.zoo.detect_eval import decided_at, margin_dormancy, metrics
+from scanner.zoo.detect_eval import decided_at, margin_dormancy, metrics, rows_of
 
 
 def load_rows(path: str) -> list[dict[str, Any]]:
     """The CI rows of one evaluation file."""
     data = json.loads(Path(path).read_text())
-    rows = [r for r in data["rows"] if r["detector"] == "ci"]
+    rows = [r for r in rows_of(data) if r["detector"] == "ci"]
     if not rows:
         raise SystemExit(f"{path}: no CI rows (run `scanner zoo eval ZOO --detectors ci --json {path}`)")
     return rows

@@ -23,17 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from scanner.engine.config import DetectorConfig
-from scanner.zoo.detect_eval import FIELD_ADDED, decided_at, margin_dormancy, rescore_ci
+from scanner.zoo.detect_eval import decided_as_run, decided_at, margin_dormancy, rescore_ci, rows_of
 
 
 def _decided(path: Path, learners: set[str] | None, default_lines: bool) -> dict[str, dict[str, Any]]:
     cfg = DetectorConfig()
     data = json.loads(path.read_text())
-    rows = [r for r in data["rows"] if r["detector"] == "ci" and (learners is None or r["learner"] in learners)]
+    rows = [r for r in rows_of(data) if r["detector"] == "ci" and (learners is None or r["learner"] in learners)]
     if not default_lines:
-        # rows record their threshold and dormant margin; rule D's line is in the run's settings
-        lift = {**FIELD_ADDED, **(data.get("config") or {})}["dormant_lift"]
-        return {r["id"]: decided_at(r, float(r["threshold"]), r.get("dormant_margin"), lift) for r in rows}
+        return {r["id"]: decided_as_run(r) for r in rows}
     return {r["id"]: decided_at(rescore_ci(r, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold,
                                 cfg.dormant_margin, cfg.dormant_lift) for r in rows}
 

@@ -143,6 +143,27 @@ def test_calibration_keeps_the_logit_dormancy_line_and_counts_its_clean_flags() 
     assert m["fpr"] == 0.1  # model 0 (rule D) and model 19 (its score)
 
 
+def test_a_row_carries_its_logit_dormancy_line_through_every_re_decision() -> None:
+    from scanner.zoo.detect_eval import decided_as_run, decided_at, rows_of
+
+    # no trigger, no clean-share excess: only rule D (the drifted class 0 lifts 1 logit over the twin) can flag
+    row = _row([-1.0, -1.0], [-1.0, -1.0], [0.1, 0.1], [0.1, 0.1], truth=0)
+    for k, e in enumerate(row["evidence"]):
+        e.update(natural_margin=1.0 if k == 0 else -5.0, twin_margin=0.0, drift_anomaly=3.0 if k == 0 else 0.0)
+    on = decided_at(row, 2.0, 0.9, -0.875)
+    assert (on["flagged"], on["target"], on["dormant_lift"]) == (True, 0, -0.875)
+    assert (decided_at(row, 2.0, 0.9)["flagged"], decided_at(row, 2.0, 0.9)["dormant_lift"]) == (False, None)
+    # remade from its evidence at its own lines, it keeps rule D (a row of a run with D on stays flagged by D)
+    again = decided_as_run({**on, "flagged": False, "target": None})
+    assert (again["flagged"], again["target"], again["dormant_lift"]) == (True, 0, -0.875)
+    # rows written before rows recorded the line take their file's, or the pre-D "off" where the file predates it
+    bare = {k: v for k, v in row.items() if k != "dormant_lift"}
+    assert rows_of({"config": {"dormant_lift": -0.875}, "rows": [bare]})[0]["dormant_lift"] == -0.875
+    assert rows_of({"config": {"threshold": 2.0}, "rows": [bare]})[0]["dormant_lift"] is None
+    assert rows_of({"rows": [bare]})[0]["dormant_lift"] is None
+    assert rows_of({"config": {"dormant_lift": None}, "rows": [on]})[0]["dormant_lift"] == -0.875  # its own
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory: pytest.TempPathFactory, bundled_backbone: ClipBackbone) -> Path:
     # the bundled backbone: ``scanner calibrate`` evaluates with it
@@ -160,6 +181,7 @@ def test_saved_rows_are_re_decided_not_re_run(zoo: Path, bundled_backbone: ClipB
     first = evaluate_zoo(zoo, bundled_backbone, ["ci"], out=out, config=share, accel="torch")
     assert len(first) == 2 and all("zero_shot_share" in e for r in first for e in r["evidence"])
     assert all(r["dormant_margin"] == SMALL.dormant_margin for r in first)
+    assert all(r["dormant_lift"] == SMALL.dormant_lift for r in first)  # every line a row was decided at
     from scanner.engine.invert import native_bf16
 
     assert json.loads(out.read_text())["config"]["bf16"] is native_bf16("cpu")  # the precision the searches ran at
@@ -374,6 +396,7 @@ def test_soft_and_grid_runs_combine_into_the_both_starts_run(zoo: Path, bundled_
     for a, b, row in zip(soft, grid, both, strict=True):
         combined = combine_starts(a, b, threshold=row["threshold"])  # a "both" run's own line (BOTH_STARTS_THRESHOLD)
         assert combined["threshold"] == row["threshold"] != a["threshold"]
+        assert combined["dormant_lift"] == row["dormant_lift"] == SMALL.dormant_lift  # rule D's line is kept
         assert combined["class_scores"] == pytest.approx(row["class_scores"])
         assert (combined["flagged"], combined["target"]) == (row["flagged"], row["target"])
         for e, want in zip(combined["evidence"], row["evidence"], strict=True):

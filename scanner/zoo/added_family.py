@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from scanner.errors import ConfigError
-from scanner.zoo.detect_eval import DECISION_FIELDS, decided_at, first_candidates, rescore_ci
+from scanner.zoo.detect_eval import DECISION_FIELDS, decided_as_run, first_candidates, rescore_ci, rows_of
 
 # settings that may differ between a saved run and its probe: what was searched, and how it was decided
 _JOINABLE = ("families", "candidates", *DECISION_FIELDS)
@@ -51,7 +51,7 @@ def add_family_run(saved: dict[str, Any], probe: dict[str, Any]) -> dict[str, An
     bonus = float(scfg.get("family_bonus", 0.0))
     probed = {r["id"]: r for r in probe["rows"] if r["detector"] == "ci"}
     rows = []
-    for row in saved["rows"]:
+    for row in rows_of(saved):
         if row["detector"] != "ci" or row["id"] not in probed:
             continue
         cut, extra = first_candidates(row, c), probed[row["id"]]["evidence"]
@@ -63,6 +63,6 @@ def add_family_run(saved: dict[str, Any], probe: dict[str, Any]) -> dict[str, An
                 e = {**e, **{key: v for key, v in p.items() if key.endswith(tuple(f"_{f}" for f in new))}}
             evidence.append(e)
         joined = rescore_ci({**cut, "evidence": evidence}, bonus, str(scfg.get("trigger_score", "share")))
-        rows.append(decided_at(joined, float(row["threshold"]), row.get("dormant_margin")))
+        rows.append(decided_as_run(joined))
     config = {**scfg, "families": [*scfg["families"], *new], "candidates": c}
     return {**saved, "config": config, "rows": rows}

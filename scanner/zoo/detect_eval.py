@@ -109,7 +109,7 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
         if (prev.get("ood_sha256") == pool_hash and _evidence_config(saved_cfg)
                 == _evidence_config(_config_dict(base)) and prev.get("accel", "torch") == accel):
             # the same searches: keep their evidence, and decide it again if the decision settings differ
-            rows = [_redecided(r, base) for r in prev["rows"]]
+            rows = [_redecided(r, base) for r in rows_of(prev)]
     done = {(r["id"], r["detector"]) for r in rows}
     header = {"zoo": manifest.get("zoo"), "ood_sha256": pool_hash, "config": _config_dict(base), "accel": accel,
               "device": device, "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
@@ -150,6 +150,7 @@ def _evaluate_one(m: dict[str, Any], det: str, model: PromptedCLIP, pool: torch.
         "truth_target": m["target_index"], "detector": det, "flagged": res.backdoored,
         "target": res.target_index, "anomaly_score": res.anomaly_score, "threshold": res.threshold,
         "dormant_margin": cfg.dormant_margin if det == "ci" else None,
+        "dormant_lift": cfg.dormant_lift if det == "ci" else None,
         "seconds": time.perf_counter() - t0, "device": pool.device.type,
         "class_scores": [c.anomaly_score for c in res.classes],
         "evidence": [c.evidence for c in res.classes], "accel": info,
@@ -181,6 +182,7 @@ def merge_rows(files: Sequence[Path]) -> dict[str, Any]:
             raise ConfigError(f"{path} is not a `scanner zoo eval --json` file ({type(exc).__name__}: {exc})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "detector"} <= r.keys() for r in rows):
             raise ConfigError(f"{path} is not a `scanner zoo eval --json` file (its rows lack model ids or detectors)")
+        rows = rows_of(data)
         if merged is None:
             # shard and device describe one process; each row records its own device
             merged = {k: v for k, v in data.items() if k not in ("rows", "shard", "device")} | {"rows": []}
@@ -233,7 +235,25 @@ def decided_at(row: dict[str, Any], threshold: float, dormant_margin: float | No
                dormant_lift: float | None = None) -> dict[str, Any]:
     """``row`` carrying the verdict ``redecide`` takes at these lines, and the lines themselves."""
     flagged, target = redecide(row, threshold, dormant_margin, dormant_lift)
-    return {**row, "flagged": flagged, "target": target, "threshold": threshold, "dormant_margin": dormant_margin}
+    return {**row, "flagged": flagged, "target": target, "threshold": threshold, "dormant_margin": dormant_margin,
+            "dormant_lift": dormant_lift}
+
+
+def decided_as_run(row: dict[str, Any], threshold: float | None = None) -> dict[str, Any]:
+    """``row`` decided again at the lines its own run decided it at (``threshold`` replaces the score line
+    when given): what a row remade from its evidence (starts combined, a family added) must keep, so that
+    the logit dormancy line of a run made with rule D on is not dropped on the way."""
+    return decided_at(row, float(row["threshold"] if threshold is None else threshold), row.get("dormant_margin"),
+                      row.get("dormant_lift"))
+
+
+def rows_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a ``scanner zoo eval --json`` file, each carrying every line it was decided at. Rows written
+    before a row recorded the logit dormancy line take their file's (its settings header; ``FIELD_ADDED``'s
+    where the header predates the setting too): one run decides all its rows at one line."""
+    lift = {**FIELD_ADDED, **(data.get("config") or {})}["dormant_lift"]
+    rows: list[dict[str, Any]] = data["rows"]
+    return [r if "dormant_lift" in r or r.get("detector") != "ci" else {**r, "dormant_lift": lift} for r in rows]
 
 
 def leave_one_out(groups: Sequence[Sequence[dict[str, Any]]], fpr: float, margin: float | None = None
@@ -503,7 +523,7 @@ def combine_starts(soft: dict[str, Any], grid: dict[str, Any], threshold: float 
         evidence.append({**(b if sb > sa else a), "soft_start_patch": sa, "grid_start_patch": sb})
     row = {**soft, "class_scores": scores, "anomaly_score": max(scores), "evidence": evidence,
            "seconds": float(soft["seconds"]) + float(grid["seconds"])}
-    return decided_at(row, float(row["threshold"] if threshold is None else threshold), row.get("dormant_margin"))
+    return decided_as_run(row, threshold)
 
 
 def redecide(row: dict[str, Any], threshold: float, dormant_margin: float | None,
