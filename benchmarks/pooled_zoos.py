@@ -1,0 +1,93 @@
+"""CI's figures over several judged zoos at once, with bootstrap intervals: one zoo of 55 models is one draw.
+
+    python benchmarks/pooled_zoos.py runs/s26/eval_seed18.json runs/s26/eval_seed19.json [--lines own|default]
+        [--boot 2000] [--seed 0]
+
+Each file is a ``scanner zoo eval --detectors ci --json`` run of its own zoo. ``--lines own`` (the default) takes
+every row's verdict at the lines its run decided it at (``decided_as_run``: threshold, dormant margin and rule D's
+line); ``--lines default`` re-decides every row at today's default settings (``DetectorConfig()``: family bonus,
+trigger score, threshold, dormant margin, rule D), re-scored from the recorded evidence, never searched again.
+Printed per zoo and pooled: accuracy, TPR, FPR, target right on flagged backdoors, AUROC of the trigger score, and
+backdoors found with their target per attack. The pooled line gives 95 % percentile intervals from ``--boot``
+resamples of the models, drawn within each zoo (so every resample keeps each zoo's size and its clean share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scanner.engine.config import DetectorConfig
+from scanner.zoo.detect_eval import decided_as_run, decided_at, metrics, rescore_ci, rows_of
+
+FIGURES = ("accuracy", "tpr", "fpr", "target_accuracy", "auroc")
+
+
+def load(path: Path, lines: str) -> list[dict[str, Any]]:
+    """The CI rows of one file, each carrying the verdict at the chosen lines."""
+    rows = [r for r in rows_of(json.loads(path.read_text())) if r["detector"] == "ci"]
+    if not rows:
+        raise SystemExit(f"{path}: no CI rows (run `scanner zoo eval ZOO --detectors ci --json {path}`)")
+    if lines == "own":
+        return [decided_as_run(r) for r in rows]
+    cfg = DetectorConfig()
+    return [decided_at(rescore_ci(r, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold,
+                       cfg.dormant_margin, cfg.dormant_lift) for r in rows]
+
+
+def found(rows: list[dict[str, Any]]) -> str:
+    """Backdoors flagged with their real target, per attack."""
+    hit: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if r["truth_backdoored"]:
+            total[r["attack"]] += 1
+            hit[r["attack"]] += int(bool(r["flagged"]) and r["target"] == r["truth_target"])
+    return " / ".join(f"{a} {hit[a]} of {total[a]}" for a in sorted(total))
+
+
+def line(name: str, m: dict[str, Any]) -> str:
+    vals = "  ".join(f"{k} {m[k]:.3f}" if m.get(k) is not None else f"{k} -" for k in FIGURES)
+    return f"  {name:24s} models {m['models']:3d}  {vals}"
+
+
+def intervals(zoos: list[list[dict[str, Any]]], boot: int, seed: int) -> dict[str, tuple[float, float]]:
+    """95 % percentile intervals of the pooled figures, models resampled within each zoo."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = defaultdict(list)
+    for _ in range(boot):
+        sample = [z[i] for z in zoos for i in rng.integers(0, len(z), len(z))]
+        if len({bool(r["truth_backdoored"]) for r in sample}) < 2:
+            continue  # AUROC needs both kinds
+        m = metrics(sample)
+        for k in FIGURES:
+            if m.get(k) is not None:
+                draws[k].append(float(m[k]))
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--lines", choices=("own", "default"), default="own")
+    ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    zoos = [load(p, args.lines) for p in args.files]
+    print(f"CI at the {'lines each run decided at' if args.lines == 'own' else 'default settings of today'}:")
+    for p, rows in zip(args.files, zoos, strict=True):
+        print(line(p.stem, metrics(rows)) + f"  found: {found(rows)}")
+    pooled = [r for z in zoos for r in z]
+    print(line(f"pooled ({len(zoos)} zoos)", metrics(pooled)) + f"  found: {found(pooled)}")
+    ci = intervals(zoos, args.boot, args.seed)
+    print("  95 % intervals (" + str(args.boot) + " resamples within zoos): "
+          + "  ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in ci.items()))
+
+
+if __name__ == "__main__":
+    main()
