@@ -502,7 +502,7 @@ def combine_starts(soft: dict[str, Any], grid: dict[str, Any], threshold: float 
     ConfigError when the rows are not two starts of one search (another model, other candidates, other evidence
     outside the patch family). ``seconds`` is both runs' (more than one "both" run takes: ranking and the other
     families' searches ran twice). The row is decided at ``threshold`` (default: the soft row's line; a "both" run
-    with no line configured decides at ``BOTH_STARTS_THRESHOLD``) and the soft row's dormant margin."""
+    with no line configured decides at ``BOTH_STARTS_THRESHOLD``) and the soft row's dormancy lines."""
     def fixed(e: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in _without_families(e, ("patch",)).items() if k != "score"}
 
