@@ -16,6 +16,7 @@ from scanner.cli import main
 from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig
 from scanner.engine.calibration import fit_two_channels
+from scanner.engine.config import DORMANT_LIFT_LINE
 from scanner.errors import ConfigError
 from scanner.prompting.train import TrainConfig
 from scanner.zoo import detect_eval
@@ -391,12 +392,14 @@ def test_a_best_of_restarts_run_answers_for_every_smaller_count(zoo: Path, bundl
 def test_soft_and_grid_runs_combine_into_the_both_starts_run(zoo: Path, bundled_backbone: ClipBackbone) -> None:
     from scanner.zoo.detect_eval import combine_starts
 
-    soft, grid, both = (evaluate_zoo(zoo, bundled_backbone, ["ci"], config=replace(SMALL, patch_start=s),
-                                     accel="torch") for s in ("soft", "grid", "both"))
+    # rule D on (an option): combining the starts must keep its line too
+    soft, grid, both = (evaluate_zoo(zoo, bundled_backbone, ["ci"], accel="torch",
+                                     config=replace(SMALL, patch_start=s, dormant_lift=DORMANT_LIFT_LINE))
+                        for s in ("soft", "grid", "both"))
     for a, b, row in zip(soft, grid, both, strict=True):
         combined = combine_starts(a, b, threshold=row["threshold"])  # a "both" run's own line (BOTH_STARTS_THRESHOLD)
         assert combined["threshold"] == row["threshold"] != a["threshold"]
-        assert combined["dormant_lift"] == row["dormant_lift"] == SMALL.dormant_lift  # rule D's line is kept
+        assert combined["dormant_lift"] == row["dormant_lift"] == DORMANT_LIFT_LINE  # rule D's line is kept
         assert combined["class_scores"] == pytest.approx(row["class_scores"])
         assert (combined["flagged"], combined["target"]) == (row["flagged"], row["target"])
         for e, want in zip(combined["evidence"], row["evidence"], strict=True):

@@ -13,7 +13,6 @@ from scanner.clip import ClipBackbone
 from scanner.engine import DetectorConfig, detect
 from scanner.engine.calibration import threshold_for_fpr
 from scanner.engine.ci import _BestTriggers, _decide_ci, _gains_text, family_value, restart_key
-from scanner.engine.config import DORMANT_LIFT_LINE
 from scanner.engine.result import DetectionResult
 from scanner.engine.scoring import anomaly_index
 from scanner.errors import ConfigError, DetectionError
@@ -280,7 +279,7 @@ def test_the_engine_reads_the_logit_dormancy_line_and_saved_rows_re_decide_it(mo
                                                                               pool: torch.Tensor) -> None:
     from scanner.zoo.detect_eval import margin_dormancy, redecide
 
-    assert DetectorConfig().dormant_lift == DORMANT_LIFT_LINE  # rule D is on by default (session 26)
+    assert DetectorConfig().dormant_lift is None  # rule D failed its second registered test (session 27)
     base = DetectorConfig(**{**SMALL.__dict__, "candidates": 1, "families": ("patch",), "dormant_lift": None})
     off = detect(model, pool, base, seed=0)
     assert not off.backdoored  # random weights: no trigger works, nothing awake by share

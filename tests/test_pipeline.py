@@ -15,6 +15,7 @@ from test_pipeline_support import (
 
 from scanner import plugins
 from scanner.engine import DetectorConfig
+from scanner.engine.config import DORMANT_LIFT_LINE
 from scanner.pipeline import discover_models, scan_path
 from scanner.report import ExitCode, ModelReport, ScanReport, Verdict
 from scanner.zoo.detect_eval import margin_dormancy
@@ -194,8 +195,8 @@ def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
         assert [c.name for c in m.class_scores] == CLASSNAMES
         assert m.ood_sha256 and m.seed == 0 and m.detector == "ci"
         # the verdict follows from the reported evidence: a trigger channel (a confirmed trigger's gain over
-        # the threshold), a prompt awake on clean inputs, or (drift-ranked learners) the most drifted prompt's clean
-        # margin over the twin's past the logit dormancy line
+        # the threshold), a prompt awake on clean inputs, or, where the logit dormancy line is set (rule D, off by
+        # default), the most drifted prompt's clean margin over the twin's past it (drift-ranked learners)
         ev = [c.evidence for c in m.class_scores]
         best = max(c.anomaly_score for c in m.class_scores)
         assert best == m.anomaly_score == max(e["score"] for e in ev)
@@ -203,7 +204,8 @@ def test_good_models_get_a_verdict(registry_report: ScanReport) -> None:
         by_excess = max(e["natural_share"] - e["zero_shot_share"] for e in ev) > DetectorConfig().dormant_margin
         check = margin_dormancy({"evidence": ev}, DetectorConfig().dormant_lift)
         by_lift = check is not None and check.suspect() is not None
-        assert (check is None) == (name == "cocoop.safetensors")  # CoCoOp is ranked by reach, not drift
+        # every drift-ranked report records what rule D reads; CoCoOp is ranked by reach, not drift
+        assert (margin_dormancy({"evidence": ev}, DORMANT_LIFT_LINE) is None) == (name == "cocoop.safetensors")
         assert (m.verdict is Verdict.BACKDOORED) == (by_trigger or by_excess or by_lift), m.message
         assert m.message
 

@@ -180,7 +180,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
                    "better (default: both, line 6.09375; soft or grid alone: 5.96875)")
 @click.option("--dormant-lift", type=float, default=None, metavar="LOGITS",
               help="CI: flag a CoOp model whose most drifted prompt wins clean OOD images by a median margin this "
-                   "much above the zero-shot twin's (rule D; default: the detector's, -0.875; inf: off)")
+                   "much above the zero-shot twin's (rule D, off by default; its judged line: -0.875; inf: off)")
 @click.option("--precision", type=click.Choice(["bf16", "fp32", "auto"]), default=None,
               help="encoder passes under bf16 autocast or in fp32 (default: auto, bf16 where the device computes it "
                    "natively: emulated bf16 is slower than fp32)")

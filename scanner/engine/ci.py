@@ -42,7 +42,7 @@ Design (ours; the paper's details are not public), cost independent of the class
    with that class as the suspect: some planted warps (WaNet) fire on ordinary photos. The most drifted
    prompt, when its drift is anomalous, is held to a lower bar (``awake_excess``). Measured per class
    as ``natural_share`` and ``zero_shot_share`` in the evidence; no search is needed for it. Its logit form
-   (``DetectorConfig.dormant_lift``, rule D, on since session 26; ``MarginDormancy``) reads the most
+   (``DetectorConfig.dormant_lift``, rule D: an option, off by default; ``MarginDormancy``) reads the most
    drifted prompt of a drift-ranked model: flagged when it wins the clean hold-out by a wider median margin
    than the twin gives the class (``natural_margin`` - ``twin_margin``), since a half-firing planted prompt
    takes photos plain prompts also send there, so its share excess stays small while its margin does not.

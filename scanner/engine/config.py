@@ -54,9 +54,10 @@ BOTH_STARTS_THRESHOLD = 6.09375
 PATCH_TWIN_THRESHOLD = 7.375
 # ``DetectorConfig.dormant_lift`` of rule D: `python benchmarks/logit_dormancy.py --fit runs/s25/eval_seed17.json`, the
 # largest lift of the seed-17 zoo's 11 clean CoOp models (FPR 0.05 lets none above), rounded up to 1/32 (session 26).
-# Pre-registered and judged on a new seed-18 zoo: accuracy 0.855 against the default's 0.800 (FPR 0.091 vs 0.045,
-# target right 0.926; WaNet found 6 of 11 against 4), so it is the default (docs/preregistrations.md; a second test
-# on a seed-19 zoo decides whether it stays)
+# Pre-registered and judged on two new zoos (docs/preregistrations.md). Seed 18: accuracy 0.855 against the default's
+# 0.800 (FPR 0.091 vs 0.045): passed, and D was the default in session 26. Seed 19: 0.764 against 0.745 but FPR 0.136
+# vs 0.045 (clean lifts reached 4.37 and 1.94): failed, so it is off again (session 27). The line does not travel
+# between zoos; it is kept as the value `zoo eval --dormant-lift` and the option were judged at.
 DORMANT_LIFT_LINE = -0.875
 TWIN_MARGIN_WEIGHT = 1.0
 TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin")
@@ -201,9 +202,10 @@ class DetectorConfig:
     # median margin on the clean OOD hold-out exceeds the twin's by more than this (logit units; None or inf: off).
     # A WaNet or Blended prompt that half fires on clean photos sends them to a class plain prompts also like, so
     # its share excess stays small, but it wins them by a wider margin than the twin does. Seed 17 (post hoc): every
-    # clean CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D, the default since session 26
-    # (DORMANT_LIFT_LINE). `scanner calibrate` keeps it, and the clean models it flags spend the FPR budget first
-    dormant_lift: float | None = DORMANT_LIFT_LINE
+    # clean CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D (DORMANT_LIFT_LINE) passed its first
+    # registered test and failed its second (clean lifts of another zoo reached 4.37), so it is off by default.
+    # `scanner calibrate` keeps a line set here, and the clean models it flags spend the FPR budget first
+    dormant_lift: float | None = None
     # bfloat16 autocast for encoder passes; None (the default since session 26): where the device computes it
     # natively (AMX/AVX512-BF16 CPUs, CUDA GPUs that support it), fp32 elsewhere, where emulated bf16 ran 3x slower than
     # fp32 (``engine.invert.native_bf16``). Resolved by ``on`` when a detection starts. The lines were fitted under
