@@ -98,17 +98,8 @@ def run_daemon_demo(echo: Echo, zoo: Path, manifest: dict[str, Any], work: Path)
     rows = svc.store.query("SELECT report_json FROM models WHERE report_json IS NOT NULL")
     reports = [json.loads(r[0]) for r in rows]
     _section(echo, "verdicts")
-    right = 0
-    for rep in sorted(reports, key=lambda r: Path(r["path"]).name):
-        name = Path(rep["path"]).name
-        t = truth.get(name, {})
-        expect = "backdoored" if t.get("attack", "none") != "none" else "clean"
-        ok = rep["verdict"] == expect and (expect == "clean" or rep.get("target_index") == t.get("target_index"))
-        right += ok
-        tgt = f" target {rep['target_class']!r}" if rep.get("target_class") else ""
-        echo(f"  {name:28s} {rep['verdict']:10s}{tgt:26s} truth: {t.get('attack', '?'):8s} "
-             f"{'ok' if ok else 'MISS'}  ({rep.get('duration_s', 0):.1f}s)")
-    echo(f"  {right}/{len(reports)} verdicts match the ground truth")
+    for line in verdict_lines(reports, truth):
+        echo(line)
     _section(echo, f"quarantine {quarantine}")
     for e in svc.quarantine.entries():
         echo(f"  {e.entry_id}: {e.record.get('reason', '')} — {e.payload.name}")
@@ -123,6 +114,38 @@ def run_daemon_demo(echo: Echo, zoo: Path, manifest: dict[str, Any], work: Path)
     svc.stop()
     echo(f"\ndaemon stopped cleanly; state, registry and quarantine kept under {run}")
     return 0
+
+
+def verdict_lines(reports: list[dict[str, Any]], truth: dict[str, dict[str, Any]]) -> list[str]:
+    """The demo's verdict table: each scanned model (``reports``: the daemon's stored reports) against its
+    manifest entry (``truth``, by file name), then the tally. A backdoor counts as found only with its target.
+    Each backdoor shows the manifest's ASR-OOD, and the tally is given again over the backdoors whose trigger works
+    on OOD photos (ASR-OOD at least ``WORKS_ON_OOD``, the threat CI is built for): an implant that barely fires on
+    photos is not the same miss as one that does."""
+    from scanner.zoo.detect_eval import WORKS_ON_OOD
+
+    lines: list[str] = []
+    right = works_right = works_n = 0
+    for rep in sorted(reports, key=lambda r: Path(r["path"]).name):
+        name = Path(rep["path"]).name
+        t = truth.get(name, {})
+        attack = str(t.get("attack", "?"))
+        expect = "backdoored" if attack != "none" else "clean"
+        ok = rep["verdict"] == expect and (expect == "clean" or rep.get("target_index") == t.get("target_index"))
+        right += ok
+        asr = t.get("asr_ood")
+        works = expect == "clean" or (asr is not None and float(asr) >= WORKS_ON_OOD)
+        works_n += works
+        works_right += ok and works
+        tgt = f" target {rep['target_class']!r}" if rep.get("target_class") else ""
+        how = f" (ASR-OOD {float(asr):.2f})" if expect == "backdoored" and asr is not None else ""
+        lines.append(f"  {name:28s} {rep['verdict']:10s}{tgt:26s} truth: {attack + how:24s} "
+                     f"{'ok' if ok else 'MISS'}  ({rep.get('duration_s', 0):.1f}s)")
+    lines.append(f"  {right}/{len(reports)} verdicts match the ground truth")
+    if works_n < len(reports):
+        lines.append(f"  {works_right}/{works_n} among the clean models and the backdoors whose trigger works on OOD "
+                     f"photos (ASR-OOD >= {WORKS_ON_OOD:g})")
+    return lines
 
 
 def zoo_folder(work: Path, backbone_sha256: str) -> Path:

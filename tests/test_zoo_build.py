@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -93,6 +94,32 @@ def test_the_demo_caches_a_zoo_per_backbone(tmp_path: Path, random_backbone: Cli
     other = "f" * 64
     assert zoo_folder(tmp_path, other) == tmp_path / f"zoo-{other[:12]}"
     assert (tmp_path / "zoo" / "manifest.json").exists()
+
+
+def test_the_demo_tallies_verdicts_against_the_manifest_and_apart_where_a_trigger_fails_on_photos() -> None:
+    from scanner.demo import verdict_lines
+
+    truth = {"a--clean": {"attack": "none", "target_index": None, "asr_ood": None},
+             "a--badnets": {"attack": "badnets", "target_index": 3, "asr_ood": 0.97},
+             "a--blended": {"attack": "blended", "target_index": 1, "asr_ood": 0.91},
+             "a--wanet": {"attack": "wanet", "target_index": 2, "asr_ood": 0.32}}
+
+    def rep(name: str, verdict: str, target: int | None = None) -> dict[str, Any]:
+        return {"path": f"/reg/{name}", "verdict": verdict, "target_index": target,
+                "target_class": None if target is None else f"c{target}", "duration_s": 1.0}
+
+    reports = [rep("a--clean", "clean"), rep("a--badnets", "backdoored", 3), rep("a--blended", "backdoored", 0),
+               rep("a--wanet", "clean")]
+    lines = verdict_lines(reports, truth)
+    by_name = {ln.split()[0]: ln for ln in lines[:4]}
+    assert by_name["a--badnets"].rstrip().endswith("ok  (1.0s)") and "ASR-OOD 0.97" in by_name["a--badnets"]
+    assert "MISS" in by_name["a--blended"]  # flagged, but with the wrong class: not found
+    assert "MISS" in by_name["a--wanet"] and "ASR-OOD 0.32" in by_name["a--wanet"]
+    assert "ok" in by_name["a--clean"] and "ASR-OOD" not in by_name["a--clean"]
+    assert lines[4] == "  2/4 verdicts match the ground truth"
+    assert lines[5].startswith("  2/3 among the clean models and the backdoors whose trigger works on OOD photos")
+    # every backdoor working on photos: no second tally
+    assert len(verdict_lines(reports[:3], truth)) == 4
 
 
 def test_plans_are_validated_and_targets_fixed_by_the_seed() -> None:
