@@ -99,7 +99,7 @@ def test_the_demo_caches_a_zoo_per_backbone(tmp_path: Path, random_backbone: Cli
 def test_the_demo_tallies_verdicts_against_the_manifest_and_apart_where_a_trigger_fails_on_photos() -> None:
     from scanner.demo import verdict_lines
 
-    truth = {"a--clean": {"attack": "none", "target_index": None, "asr_ood": None},
+    truth: dict[str, dict[str, Any]] = {"a--clean": {"attack": "none", "target_index": None, "asr_ood": None},
              "a--badnets": {"attack": "badnets", "target_index": 3, "asr_ood": 0.97},
              "a--blended": {"attack": "blended", "target_index": 1, "asr_ood": 0.91},
              "a--wanet": {"attack": "wanet", "target_index": 2, "asr_ood": 0.32}}
