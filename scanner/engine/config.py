@@ -204,7 +204,7 @@ class DetectorConfig:
     # its share excess stays small, but it wins them by a wider margin than the twin does. Seed 17 (post hoc): every
     # clean CoOp model at most -0.88, 7 of 22 WaNet/Blended above. Rule D (DORMANT_LIFT_LINE) passed its first
     # registered test and failed its second (clean lifts of another zoo reached 4.37), so it is off by default.
-    # `scanner calibrate` keeps a line set here, and the clean models it flags spend the FPR budget first
+    # `scanner calibrate` keeps the line this default sets (none now); the clean models it flags spend the budget first
     dormant_lift: float | None = None
     # bfloat16 autocast for encoder passes; None (the default since session 26): where the device computes it
     # natively (AMX/AVX512-BF16 CPUs, CUDA GPUs that support it), fp32 elsewhere, where emulated bf16 ran 3x slower than
