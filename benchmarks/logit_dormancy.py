@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from scanner.zoo.detect_eval import decided_at, margin_dormancy, metrics, rows_of
+from scanner.zoo.detect_eval import decided_at, metrics, rows_of, top_lift
 
 
 def load_rows(path: str) -> list[dict[str, Any]]:
@@ -37,19 +37,10 @@ def load_rows(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def lift_at_top(row: dict[str, Any]) -> tuple[float, int] | None:
-    """(the most drifted class's clean margin lift over the twin, that class), None for reach-ranked rows."""
-    check = margin_dormancy(row, 0.0)  # any line: only the lift is read
-    if check is None:
-        return None
-    k, lift = check.at_top()
-    return lift, k
-
-
 def fit_line(rows: list[dict[str, Any]], fpr: float) -> float:
     """The smallest 1/32 step at or above the lift that leaves at most ``fpr`` of the clean drift-ranked models
     above it (flagging is "above the line")."""
-    lifts = sorted((v[0] for r in rows if not r["truth_backdoored"] and (v := lift_at_top(r)) is not None),
+    lifts = sorted((v[1] for r in rows if not r["truth_backdoored"] and (v := top_lift(r)) is not None),
                    reverse=True)
     if not lifts:
         raise SystemExit("the fit zoos hold no clean drift-ranked (CoOp) model")
@@ -76,9 +67,9 @@ def line_text(label: str, rows: list[dict[str, Any]]) -> str:
 
 def table(name: str, rows: list[dict[str, Any]], line: float) -> None:
     print(f"{name}: lift at the most drifted class (line {line})")
-    for r in sorted(rows, key=lambda r: (r["attack"], -(lift_at_top(r) or (-math.inf, 0))[0])):
-        v = lift_at_top(r)
-        lift = "  (reach-ranked)" if v is None else f"{v[0]:7.2f} at {v[1]:2d}"
+    for r in sorted(rows, key=lambda r: (r["attack"], -(top_lift(r) or (0, -math.inf))[1])):
+        v = top_lift(r)
+        lift = "  (reach-ranked)" if v is None else f"{v[1]:7.2f} at {v[0]:2d}"
         print(f"  {r['attack']:8s} {r['learner']:9s} {r['id']:24s} lift {lift} truth {r['truth_target']}  "
               f"run flagged {r['flagged']} as {r['target']}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.engine.config import DetectorConfig
-from scanner.zoo.detect_eval import decided_as_run, decided_at, margin_dormancy, rescore_ci, rows_of
+from scanner.zoo.detect_eval import decided_as_run, decided_by, rows_of, top_lift
 
 
 def _decided(path: Path, learners: set[str] | None, default_lines: bool) -> dict[str, dict[str, Any]]:
@@ -32,14 +32,7 @@ def _decided(path: Path, learners: set[str] | None, default_lines: bool) -> dict
     rows = [r for r in rows_of(data) if r["detector"] == "ci" and (learners is None or r["learner"] in learners)]
     if not default_lines:
         return {r["id"]: decided_as_run(r) for r in rows}
-    return {r["id"]: decided_at(rescore_ci(r, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold,
-                                cfg.dormant_margin, cfg.dormant_lift) for r in rows}
-
-
-def _top_lift(r: dict[str, Any]) -> float | None:
-    """The most drifted class's clean margin lift over the twin, None for reach-ranked rows."""
-    check = margin_dormancy(r, 0.0)  # any line: only the lift is read
-    return None if check is None else check.at_top()[1]
+    return {r["id"]: decided_by(r, cfg) for r in rows}
 
 
 def _verdict(r: dict[str, Any]) -> str:
@@ -66,9 +59,9 @@ def main() -> None:
         for mid in [m for m in new if m in old]:
             a, b = new[mid], old[mid]
             shifts.append(float(a["anomaly_score"]) - float(b["anomaly_score"]))
-            la, lb = _top_lift(a), _top_lift(b)
+            la, lb = top_lift(a), top_lift(b)
             if la is not None and lb is not None:
-                lift_shifts.append(la - lb)
+                lift_shifts.append(la[1] - lb[1])
             if (a["flagged"], a["target"]) != (b["flagged"], b["target"]):
                 print(f"{new_path.name}: {mid:22s} truth {a['truth_target']}: new {_verdict(a)} "
                       f"(score {a['anomaly_score']:.2f}), old {_verdict(b)} (score {b['anomaly_score']:.2f})")

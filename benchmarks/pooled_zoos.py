@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from scanner.engine.config import DetectorConfig
-from scanner.zoo.detect_eval import decided_as_run, decided_at, metrics, rescore_ci, rows_of
+from scanner.zoo.detect_eval import decided_as_run, decided_by, metrics, rows_of
 
 FIGURES = ("accuracy", "tpr", "fpr", "target_accuracy", "auroc")
 
@@ -35,9 +35,7 @@ def load(path: Path, lines: str) -> list[dict[str, Any]]:
         raise SystemExit(f"{path}: no CI rows (run `scanner zoo eval ZOO --detectors ci --json {path}`)")
     if lines == "own":
         return [decided_as_run(r) for r in rows]
-    cfg = DetectorConfig()
-    return [decided_at(rescore_ci(r, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold,
-                       cfg.dormant_margin, cfg.dormant_lift) for r in rows]
+    return [decided_by(r, DetectorConfig()) for r in rows]
 
 
 def found(rows: list[dict[str, Any]]) -> str:

@@ -109,7 +109,7 @@ def evaluate_zoo(zoo: Path, backbone: ClipBackbone, detectors: Sequence[str], *,
         if (prev.get("ood_sha256") == pool_hash and _evidence_config(saved_cfg)
                 == _evidence_config(_config_dict(base)) and prev.get("accel", "torch") == accel):
             # the same searches: keep their evidence, and decide it again if the decision settings differ
-            rows = [_redecided(r, base) for r in rows_of(prev)]
+            rows = [decided_by(r, base) for r in rows_of(prev)]
     done = {(r["id"], r["detector"]) for r in rows}
     header = {"zoo": manifest.get("zoo"), "ood_sha256": pool_hash, "config": _config_dict(base), "accel": accel,
               "device": device, "shard": None if shard is None else f"{shard[0]}/{shard[1]}"}
@@ -224,8 +224,9 @@ def _evidence_config(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in DECISION_FIELDS}
 
 
-def _redecided(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
-    """A saved row decided with ``cfg``'s threshold (and, for CI, its family bonus and dormancy lines)."""
+def decided_by(row: dict[str, Any], cfg: DetectorConfig) -> dict[str, Any]:
+    """A saved row re-scored and decided by ``cfg``'s decision settings: its threshold and, for CI, its family
+    bonus, trigger score and dormancy lines (what a resumed run with new decision settings does)."""
     margin = cfg.dormant_margin if row["detector"] == "ci" else None
     return decided_at(rescore_ci(row, cfg.family_bonus, cfg.trigger_score), cfg.decision_threshold, margin,
                       cfg.dormant_lift)
@@ -371,6 +372,13 @@ def margin_dormancy(row: dict[str, Any], line: float | None) -> MarginDormancy |
         return None
     lift = torch.tensor([float(e["natural_margin"]) - float(e["twin_margin"]) for e in ev], dtype=torch.float64)
     return MarginDormancy(lift, torch.tensor([float(e["drift_anomaly"]) for e in ev]), line)
+
+
+def top_lift(row: dict[str, Any]) -> tuple[int, float] | None:
+    """(the most drifted class, its clean margin lift over the twin): what rule D reads in a CI row, whatever its
+    line; None where ``margin_dormancy`` has no check (reach-ranked rows, rows without the margins)."""
+    check = margin_dormancy(row, 0.0)  # the line decides nothing here: only the lift is read
+    return None if check is None else check.at_top()
 
 
 def clean_excess(row: dict[str, Any]) -> tuple[float, int] | None:
