@@ -32,14 +32,14 @@ class RepairConfig:
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
     # a second pass: CI's inversion run against the repaired prompt for the suspected target (needs the OOD
     # images), its triggers stamped like the reconstructed ones (repair/reinvert.py); () skips it. Off: on the
-    # quick zoo's three misses (README, session 13) patch + blend took shapes/badnets ASR-ID 0.17 -> 0.10 and
+    # quick zoo's three misses (docs/history.md, session 13) patch + blend took shapes/badnets ASR-ID 0.17 -> 0.10 and
     # colours/blended ASR-OOD 0.39 -> 0.26 and left colours/wanet at 0.21, for an inversion per family more
     reinvert_families: tuple[str, ...] = ()
     reinvert_images: int = 1000  # OOD images that inversion uses (its optimisation split: 80 %)
     reinvert_epochs: int = 3  # passes of the second round (capped at half the first's step cap)
     bf16: bool = False  # bfloat16 autocast for the one image-encoder pass and the prompt steps
     # KgCoOp-style pull of the repaired text features to the zero-shot twin's (train.TrainConfig.anchor_weight).
-    # Off: it raises clean accuracy but brings the twin's own reading of the trigger with it (README, session
+    # Off: it raises clean accuracy but brings the twin's own reading of the trigger with it (docs/history.md, session
     # 15: 6 seed-6 models at 8, CA 0.656 -> 0.696, ASR-ID 0.051 -> 0.198)
     twin_anchor: float = 0.0
 
