@@ -585,3 +585,20 @@ def test_eval_picks_models_by_attack(zoo: Path) -> None:
         shard_models(models, None, None, {"trojan"})
     res = CliRunner().invoke(main, ["zoo", "eval", str(zoo), "--detectors", "ci", "--attacks", "trojan"])
     assert res.exit_code == 2 and "of the attacks ['trojan']; its attacks:" in res.output, res.output
+
+
+def test_calibrate_keeps_the_settings_files_dormancy_line(zoo: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "scanner.toml"
+    toml.write_text(f"[detector_options]\ndormant_lift = {DORMANT_LIFT_LINE}\n")
+    args = ["calibrate", str(zoo), "--eval-json", str(tmp_path / "a.json"), "--config", str(toml), "--n-images",
+            "48", "--fpr", "0.0"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["dormant_lift"] == DORMANT_LIFT_LINE  # rule D on, as the file set it
+    assert tomllib.loads(toml.read_text())["detector_options"]["dormant_lift"] == DORMANT_LIFT_LINE  # kept
+    toml.write_text('[detector_options]\ndormant_lift = "high"\n')
+    bad = CliRunner().invoke(main, args)
+    assert bad.exit_code == 2 and "dormant_lift must be a number" in bad.output
+    toml.write_text("threshold = [\n")
+    broken = CliRunner().invoke(main, args)
+    assert broken.exit_code == 2 and "cannot read it as TOML" in broken.output

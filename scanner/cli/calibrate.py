@@ -48,6 +48,30 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
     os.replace(tmp, config_file)
 
 
+def kept_lift(config_file: Path) -> float | None:
+    """The logit dormancy line (rule D) calibration keeps: the settings file's ``[detector_options]
+    dormant_lift`` when it sets one, else the detector's default (None: off). Fitting the other lines as if D
+    were off while the file turns it on would spend the false-positive budget twice."""
+    import tomllib
+
+    from scanner.engine import DetectorConfig
+    from scanner.errors import ConfigError
+
+    if not config_file.is_file():
+        return DetectorConfig().dormant_lift
+    try:
+        options = tomllib.loads(config_file.read_text()).get("detector_options") or {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config_file}: cannot read it as TOML ({exc}); fix or remove the file") from exc
+    if "dormant_lift" not in options:
+        return DetectorConfig().dormant_lift
+    value = options["dormant_lift"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{config_file}: detector_options.dormant_lift must be a number (logit units); got "
+                          f"{value!r}")
+    return DetectorConfig(dormant_lift=float(value)).dormant_lift
+
+
 @main.command()
 @click.argument("zoo_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--fpr", type=float, default=0.05, show_default=True, help="target false-positive rate on clean models")
@@ -70,7 +94,8 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
 
     For CI both channels are fitted: the dormant margin on half the budget, the score threshold on the
     rest (``--dormant-margin`` keeps the margin, and the clean models above it spend the budget first; the
-    logit dormancy line, ``dormant_lift``, is kept as it is, and the clean models it flags spend it first too).
+    logit dormancy line, ``dormant_lift``, is kept as the settings file sets it, or the default, and the clean
+    models it flags spend it first too).
     Saved rows (``--eval-json``) are reused; they are only re-decided, never re-run.
     """
     from scanner.clip import load_bundled
@@ -79,9 +104,11 @@ def calibrate(zoo_dirs: tuple[Path, ...], fpr: float, detector: str, config_file
     from scanner.zoo.detect_eval import evaluate_zoo, fit_ci_lines, metrics
 
     margin: float | None = None
-    # the logit dormancy line is kept as it is (rule D); the clean models it flags spend the budget first
-    lift = DetectorConfig().dormant_lift if detector == "ci" else None
+    lift: float | None = None
     try:
+        # the logit dormancy line is kept as the settings set it (rule D); the clean models it flags spend the
+        # budget first
+        lift = kept_lift(config_file) if detector == "ci" else None
         if (dormant_margin is not None or trigger_score is not None) and detector != "ci":
             raise click.UsageError("--dormant-margin and --trigger-score are settings of the ci detector only")
         if eval_jsons and len(eval_jsons) != len(zoo_dirs):

@@ -103,8 +103,8 @@ class DetectorConfig:
     # classes CI confirms with targeted inversion, the most drifted prompts first (engine/drift.py). On the full
     # zoo the second most drifted class added 2 false positives and no detection (a two-candidate run's rows).
     # With both families scored together (family_bonus), three zoos each judged by the others' clean models
-    # (`benchmarks/candidates_cv.py`, docs/history.md, session 12): 3 candidates rank models better (AUROC 0.762 -> 0.864)
-    # at the same accuracy (0.765) and FPR 0.045 -> 0.061, and cost 2.4x (45 s for a 10-class model on 2 cores,
+    # (`benchmarks/candidates_cv.py`, docs/history.md, session 12): 3 candidates rank models better (AUROC 0.762 ->
+    # 0.864) at the same accuracy (0.765) and FPR 0.045 -> 0.061, and cost 2.4x (45 s for a 10-class model on 2 cores,
     # past the 30 s bar): 1 stays the default, `candidates = 3` buys the ranking
     candidates: int = 1
     # when no class's prompt stands out (the top drift anomaly, or reach anomaly for image-conditioned learners, is
@@ -126,8 +126,9 @@ class DetectorConfig:
     # image-conditioned learners (CoCoOp): rank candidates by universal reach over the twin's
     # (engine/reach.py) instead of prompt drift, and confirm with these families besides ``families``. Drift named
     # the BadCLIP target first in 0 of 13 models, reach in 4; BadCLIP's trigger is a full-image additive one.
-    # Pre-registered test (session 13, docs/history.md): a new BadCLIP zoo 1 of 11 flagged with the true target against 0,
-    # the 22 clean CoCoOp models of seeds 1-2 0 flagged as before (highest scores 0.94 / 0.89, were 0.83 / 0.62)
+    # Pre-registered test (session 13, docs/history.md): a new BadCLIP zoo 1 of 11 flagged with the true target
+    # against 0, the 22 clean CoCoOp models of seeds 1-2 0 flagged as before (highest scores 0.94 / 0.89, were
+    # 0.83 / 0.62)
     conditioned_reach: bool = True
     conditioned_families: tuple[str, ...] = ("additive",)
     # a confirmed class's score: its best trigger family's gain plus this share of the next best family's (when
