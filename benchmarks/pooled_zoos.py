@@ -2,6 +2,7 @@
 
     python benchmarks/pooled_zoos.py runs/s26/eval_seed18.json runs/s26/eval_seed19.json [--lines own|default]
         [--boot 2000] [--seed 0]
+    python benchmarks/pooled_zoos.py runs/s26/eval_seed18.json:runs/s26/zoo_p7_seed18 ... --min-asr-ood 0.5
 
 Each file is a ``scanner zoo eval --detectors ci --json`` run of its own zoo. ``--lines own`` (the default) takes
 every row's verdict at the lines its run decided it at (``decided_as_run``: threshold, dormant margin and rule D's
@@ -10,6 +11,11 @@ trigger score, threshold, dormant margin, rule D), re-scored from the recorded e
 Printed per zoo and pooled: accuracy, TPR, FPR, target right on flagged backdoors, AUROC of the trigger score, and
 backdoors found with their target per attack. The pooled line gives 95 % percentile intervals from ``--boot``
 resamples of the models, drawn within each zoo (so every resample keeps each zoo's size and its clean share).
+
+``--min-asr-ood X`` keeps only the backdoors whose real trigger sends at least X of triggered OOD photos to the
+target (the zoo manifest's ``asr_ood``; give each file's zoo as ``FILE:ZOO_DIR``), with every clean model: CI
+reads OOD photos alone, and a planted trigger that does not fire on them is not the threat it is built for (the
+paper's: a trigger that works "even for OOD data"). How many backdoors each zoo drops is printed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,22 @@ def load(path: Path, lines: str) -> list[dict[str, Any]]:
     if lines == "own":
         return [decided_as_run(r) for r in rows]
     return [decided_by(r, DetectorConfig()) for r in rows]
+
+
+def effective(rows: list[dict[str, Any]], zoo: Path | None, min_asr_ood: float) -> tuple[list[dict[str, Any]], int]:
+    """``rows`` less the backdoors whose real trigger's ASR on OOD photos (``zoo``'s manifest) is under
+    ``min_asr_ood``, and how many were dropped."""
+    if zoo is None:
+        raise SystemExit("--min-asr-ood needs each file's zoo: give FILE:ZOO_DIR")
+    manifest = zoo / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"{zoo}: no manifest.json (give the folder `scanner zoo build` wrote)")
+    asr = {m["id"]: m.get("asr_ood") for m in json.loads(manifest.read_text())["models"]}
+    missing = [r["id"] for r in rows if r["id"] not in asr]
+    if missing:
+        raise SystemExit(f"{zoo}: its manifest lacks {', '.join(missing[:3])}: is it the zoo these rows came from?")
+    kept = [r for r in rows if not r["truth_backdoored"] or (asr[r["id"]] or 0.0) >= min_asr_ood]
+    return kept, len(rows) - len(kept)
 
 
 def found(rows: list[dict[str, Any]]) -> str:
@@ -71,15 +93,25 @@ def intervals(zoos: list[list[dict[str, Any]]], boot: int, seed: int) -> dict[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("files", nargs="+", help="zoo eval JSON files, each FILE or FILE:ZOO_DIR")
     ap.add_argument("--lines", choices=("own", "default"), default="own")
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-asr-ood", type=float, default=None,
+                    help="keep only backdoors whose real trigger reaches this ASR on OOD photos (needs ZOO_DIR)")
     args = ap.parse_args()
-    zoos = [load(p, args.lines) for p in args.files]
-    print(f"CI at the {'lines each run decided at' if args.lines == 'own' else 'default settings of today'}:")
-    for p, rows in zip(args.files, zoos, strict=True):
-        print(line(p.stem, metrics(rows)) + f"  found: {found(rows)}")
+    specs = [(Path(f.partition(":")[0]), Path(f.partition(":")[2]) if f.partition(":")[2] else None)
+             for f in args.files]
+    zoos = [load(p, args.lines) for p, _ in specs]
+    dropped = [0] * len(zoos)
+    if args.min_asr_ood is not None:
+        for i, (_, zoo) in enumerate(specs):
+            zoos[i], dropped[i] = effective(zoos[i], zoo, args.min_asr_ood)
+    print(f"CI at the {'lines each run decided at' if args.lines == 'own' else 'default settings of today'}"
+          + (f", backdoors with ASR-OOD >= {args.min_asr_ood} only" if args.min_asr_ood is not None else "") + ":")
+    for (p, _), rows, d in zip(specs, zoos, dropped, strict=True):
+        print(line(p.stem, metrics(rows)) + f"  found: {found(rows)}"
+              + (f"  ({d} backdoors under the ASR-OOD line left out)" if args.min_asr_ood is not None else ""))
     pooled = [r for z in zoos for r in z]
     print(line(f"pooled ({len(zoos)} zoos)", metrics(pooled)) + f"  found: {found(pooled)}")
     ci = intervals(zoos, args.boot, args.seed)
