@@ -111,7 +111,7 @@ def test_shape_mismatch_names_expected_and_found(random_backbone: ClipBackbone) 
     with pytest.raises(CheckpointError, match="for 4 classes but 3 class names"):
         learner_from_state(random_backbone, state, NAMES[:3], None)
     maple = {**state, "compound_prompts_text.0": torch.zeros(2, 128)}
-    with pytest.raises(CheckpointError, match=r"unexpected tensors compound_prompts_text\.0"):
+    with pytest.raises(CheckpointError, match=r"unexpected tensors compound_prompts_text\.0; this looks like a MaPLe"):
         learner_from_state(random_backbone, maple, NAMES, None)
     with pytest.raises(CheckpointError, match="does not match the class names given"):
         learner_from_state(random_backbone, state, ["dog", *NAMES[1:]], None)

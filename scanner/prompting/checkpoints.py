@@ -439,9 +439,15 @@ def learner_from_state(backbone: ClipBackbone, state: dict[str, torch.Tensor], c
     known = {"ctx", *_TOKEN_KEYS, *meta_keys}
     unknown = sorted(set(state) - known)
     if unknown:
+        # MaPLe's deep prompts (``compound_prompts_text.*``, coupled to vision-side prompts) change the image
+        # features too, so they need their own learner, not a CoOp one reading part of the state
+        maple = any(k.startswith("compound_prompts") for k in unknown)
         raise CheckpointError(
             f"unsupported prompt learner: unexpected tensors {', '.join(unknown[:6])}"
-            f"{' …' if len(unknown) > 6 else ''}; this scanner reads CoOp, CoOp-CSC and CoCoOp learners"
+            f"{' …' if len(unknown) > 6 else ''}; "
+            + ("this looks like a MaPLe multi-modal prompt checkpoint, which this scanner does not read yet; "
+               if maple else "")
+            + "this scanner reads CoOp, CoOp-CSC and CoCoOp learners"
         )
 
     learner = learner_from_config(backbone, classnames, {
