@@ -59,6 +59,31 @@ def test_cocoop_shapes_and_batching_equals_per_image(random_backbone: ClipBackbo
         learner.text_features(None)
 
 
+@pytest.mark.parametrize("kind", ["coop-end", "coop-csc-middle", "coop-front", "cocoop"])
+def test_the_padding_after_the_last_eot_is_not_encoded(random_backbone: ClipBackbone, kind: str) -> None:
+    bb = random_backbone
+    learner = (CoCoOpLearner(bb, NAMES, n_ctx=4, seed=0) if kind == "cocoop" else
+               CoOpLearner(bb, NAMES, n_ctx=5, csc="csc" in kind, class_token_position=kind.split("-")[-1], seed=1))
+    eot = learner.tokenized_prompts.argmax(dim=-1)  # (n_cls,)
+    assert learner.text_length == int(eot.max()) + 1 < bb.context_length  # "golden retriever": 1 + 5 + 2 + "." + EOT
+    img = torch.randn(3, bb.embed_dim, generator=torch.Generator().manual_seed(1)) if kind == "cocoop" else None
+    cut = learner.text_features(img)
+    learner.text_length = bb.context_length  # the whole context, padding included
+    full = learner.text_features(img)
+    torch.testing.assert_close(cut, full, atol=1e-5, rtol=1e-5)  # the causal encoder's EOT never reads the padding
+    # and the ONNX path, whose graph takes the whole context, gets all of it
+    seen: list[int] = []
+
+    def graph(embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        seen.append(embeds.shape[1])
+        return torch.zeros(embeds.shape[0], bb.embed_dim)
+
+    learner.forward_prompts = graph
+    with torch.no_grad():
+        learner.text_features(img)
+    assert seen == [bb.context_length]
+
+
 @pytest.mark.parametrize(("position", "template"), [
     ("end", "a photo of a {}."),
     ("middle", "a photo {} of a."),  # half of the 4 context tokens before the name

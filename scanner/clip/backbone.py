@@ -127,10 +127,16 @@ class ClipBackbone(nn.Module):
         return self.model.encode_text(tokens.to(self.token_embedding.weight.device))
 
     def encode_prompts(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """Text features (N, E) from prompt embeddings (N, L, D); ``eot_index`` (N,) picks the EOT row."""
+        """Text features (N, E) from prompt embeddings (N, L, D); ``eot_index`` (N,) picks the EOT row.
+
+        ``L`` may be shorter than the context length as long as it covers every EOT row: the text transformer is
+        causal, so the EOT row never reads the padding after it, and cutting the padding away changes nothing
+        but the cost (``PromptLearner.encode`` cuts at the last EOT)."""
         m = self.model
-        x = embeds + m.positional_embedding.to(embeds.dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        n = embeds.shape[1]  # L
+        x = embeds + m.positional_embedding[:n].to(embeds.dtype)
+        mask = m.attn_mask
+        x = m.transformer(x, attn_mask=None if mask is None else mask[:n, :n])
         x = m.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_index]
         proj = m.text_projection

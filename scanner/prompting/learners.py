@@ -98,6 +98,8 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :].clone())  # (n_cls, L-1-M, D)
         self.register_buffer("tokenized_prompts", tokens, persistent=False)  # (n_cls, L)
         self.register_buffer("eot_index", tokens.argmax(dim=-1), persistent=False)  # (n_cls,)
+        # rows the text encoder needs: up to the last EOT (the rest is padding a causal encoder's EOT never reads)
+        self.text_length = int(tokens.argmax(dim=-1).max()) + 1
         order = _assembly_index(name_lens, n_ctx, length, class_token_position)
         self.register_buffer("assembly_index", order, persistent=False)  # (n_cls, L)
 
@@ -157,11 +159,13 @@ class PromptLearner(nn.Module):
         With gradients disabled and ``forward_prompts`` set, that function encodes instead of the backbone.
         """
         lead = prompts.shape[:-2]
-        flat = prompts.reshape(-1, *prompts.shape[-2:])
+        flat = prompts.reshape(-1, *prompts.shape[-2:])  # (N, L, D)
         eot = self.eot_index.expand(*lead).reshape(-1)
         if self.forward_prompts is not None and not torch.is_grad_enabled():
-            return self.forward_prompts(flat, eot).reshape(*lead, -1)
-        return self.backbone.encode_prompts(flat, eot).reshape(*lead, -1)
+            return self.forward_prompts(flat, eot).reshape(*lead, -1)  # an exported graph takes the full length
+        # the padding after the last EOT cut away: same features, a fraction of the cost (CoCoOp encodes
+        # B x n_cls prompts per step; the bundled CLIP's 32-token context holds 10-20 rows of prompt)
+        return self.backbone.encode_prompts(flat[:, : self.text_length], eot).reshape(*lead, -1)
 
 
 def _assembly_index(name_lens: Sequence[int], n_ctx: int, length: int, position: str) -> torch.Tensor:
