@@ -83,9 +83,13 @@ def test_repair_lowers_the_real_trigger_asr_and_keeps_clean_accuracy(backdoored:
     assert res.model.backbone is b.model.backbone and res.model.learner is not b.model.learner
     assert res.n_trained == 2 * len(b.y_tr) and res.trigger_forms == ["patch"]
     assert res.to_dict()["after"]["clean_accuracy"] == res.after.clean_accuracy
-    # control: the same fine-tuning on clean images alone leaves the backdoor largely in place
-    control = repair_prompt(b.model, b.x_tr, b.y_tr, [], RepairConfig(epochs=8, trigger_copies=0, generic_copies=0))
+    # control: fine-tuning the delivered prompt on clean images alone leaves the backdoor largely in place, while a
+    # fresh context (reinit, the default) tuned on them carries none: the backdoor lived in the prompt alone
+    clean_only = RepairConfig(epochs=8, reinit_epochs=8, trigger_copies=0, generic_copies=0, ood_images=0)
+    control = repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(clean_only, mode="finetune"))
     assert E.asr_in_distribution(control.model, b.attack, b.x_te, b.y_te, TARGET) > asr_after + 0.3
+    fresh = repair_prompt(b.model, b.x_tr, b.y_tr, [], clean_only)
+    assert clean_only.mode == "reinit" and E.asr_in_distribution(fresh.model, b.attack, b.x_te, b.y_te, TARGET) < 0.2
 
 
 def test_same_seed_same_repair(backdoored: Backdoored) -> None:
@@ -165,7 +169,8 @@ def test_a_second_pass_unlearns_what_still_works_after_the_first(backdoored: Bac
 
     b = backdoored
     ood = default_ood_pool(600, 64, seed=11)
-    base = RepairConfig(epochs=8, trigger_copies=1, generic_copies=0, ood_images=0)
+    # the delivered prompt re-aligned (finetune), so that something survives the first pass
+    base = RepairConfig(mode="finetune", epochs=8, trigger_copies=1, generic_copies=0, ood_images=0)
     plain = repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(base, reinvert_families=()), target=TARGET, ood=ood)
     second = repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(base, reinvert_families=("patch",)), target=TARGET,
                            ood=ood)

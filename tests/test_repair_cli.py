@@ -90,7 +90,7 @@ def test_safetensors_model_is_repaired_next_to_it_with_metadata(world: World, bu
     assert rep["source"]["sha256"] == model_sha256(world.safetensors) and rep["source"]["adapter"] == "safetensors"
     assert len(rep["data"]["sha256"]) == 64 and rep["data"]["images"] == 9
     assert rep["trigger"]["classes"] == [1] and rep["trigger"]["forms"] == ["patch"]
-    assert rep["trigger"]["detection"] == str(world.detection) and rep["settings"]["mode"] == "finetune"
+    assert rep["trigger"]["detection"] == str(world.detection) and rep["settings"]["mode"] == "reinit"
     assert not torch.equal(ck.learner.ctx, load_checkpoint(world.safetensors, bundled_backbone).learner.ctx)
 
 
@@ -199,3 +199,10 @@ def test_scan_report_dir_detection_is_reused(world: World, tmp_path: Path) -> No
                             "--out", str(out), "--save-detection", str(again), "--config", str(cfg))
     assert code == 0, err
     assert "detection.safetensors" in stdout and load_detection(again).model_sha256 == saved.model_sha256
+
+
+def test_the_cli_defaults_to_the_repair_configs_mode() -> None:
+    from scanner.cli.repair import REPAIR_MODES
+    from scanner.repair.config import MODES, RepairConfig
+
+    assert REPAIR_MODES[0] == RepairConfig().mode and set(REPAIR_MODES) == set(MODES)

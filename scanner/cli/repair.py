@@ -21,6 +21,10 @@ from scanner.cli.zoo import zoo
 from scanner.errors import ConfigError, DatasetError, ScannerError
 from scanner.report import ExitCode
 
+# RepairConfig's modes, its default first (repeated here so that `scanner --help` does not import torch; a test
+# checks they agree). reinit became the default in session 28 (docs/preregistrations.md)
+REPAIR_MODES = ("reinit", "finetune")
+
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
@@ -38,8 +42,9 @@ def _pct(v: float | None) -> str:
                    "detecting again.")
 @click.option("--save-detection", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the detection used (detection.safetensors) here, for later --report.")
-@click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True,
-              help="finetune: re-align the delivered prompt; reinit: fresh context re-tuned on the same set.")
+@click.option("--mode", type=click.Choice(REPAIR_MODES), default=REPAIR_MODES[0], show_default=True,
+              help="reinit: a fresh context tuned on the repair set (the prompt is all a provider could plant a "
+                   "backdoor in); finetune: re-align the delivered prompt.")
 @click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
               help="Pull the repaired text features towards the zero-shot twin's with weight W (KgCoOp's "
                    "regulariser; 0 = off). Raises clean accuracy; see the README for what it does to ASR.")
@@ -114,7 +119,7 @@ def _row_line(r: dict[str, Any]) -> str:
 @click.argument("zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="per-model rows (resumable JSON)")
-@click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True)
+@click.option("--mode", type=click.Choice(REPAIR_MODES), default=REPAIR_MODES[0], show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-images", type=int, default=1000, show_default=True, help="OOD images for detection / re-scan")
 @click.option("--reinvert", default=None, metavar="F1,F2|none",
@@ -202,7 +207,7 @@ def bar_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
 @zoo.command("repair-bench")
 @click.argument("zoo_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--model", "model_id", default=None, help="zoo model id (default: the first backdoored one)")
-@click.option("--mode", type=click.Choice(["finetune", "reinit"]), default="finetune", show_default=True)
+@click.option("--mode", type=click.Choice(REPAIR_MODES), default=REPAIR_MODES[0], show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def repair_bench(zoo_dir: Path, model_id: str | None, mode: str, seed: int) -> None:
     """Time the repair of one zoo model (detection timed separately): the "one tiny model" figure."""
