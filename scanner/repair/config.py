@@ -19,8 +19,8 @@ class RepairConfig:
     # reinit: a fresh context, tuned on the repair set (the encoders are frozen and public, so the delivered prompt is
     # all a provider could plant a backdoor in); finetune: start from the delivered prompt. reinit is the default
     # since session 28: pre-registered and judged on 33 unseen BadNets / Blended models (seed-19 and seed-20 zoos),
-    # ASR-ID / ASR-OOD after 0.050 / 0.124 against finetune's 0.060 / 0.152, clean accuracy +0.046 / +0.042, 32 of 33
-    # re-scanned clean both ways (`python benchmarks/repair_modes.py`, docs/preregistrations.md)
+    # ASR-ID / ASR-OOD after 0.050 / 0.124 against finetune's 0.060 / 0.152, clean accuracy +0.046 against +0.042,
+    # 32 of 33 re-scanned clean both ways (`python benchmarks/repair_modes.py`, docs/preregistrations.md)
     mode: str = "reinit"
     epochs: int = 10  # passes over the repair set (clean images + their triggered and overlaid copies)
     reinit_epochs: int = 25  # passes when mode = "reinit" (a fresh prompt needs the zoo's full schedule)
