@@ -100,8 +100,7 @@ def main() -> None:
     ap.add_argument("--min-asr-ood", type=float, default=None,
                     help="keep only backdoors whose real trigger reaches this ASR on OOD photos (needs ZOO_DIR)")
     args = ap.parse_args()
-    specs = [(Path(f.partition(":")[0]), Path(f.partition(":")[2]) if f.partition(":")[2] else None)
-             for f in args.files]
+    specs = [(Path(f), Path(z) if z else None) for f, _, z in (spec.partition(":") for spec in args.files)]
     zoos = [load(p, args.lines) for p, _ in specs]
     dropped = [0] * len(zoos)
     if args.min_asr_ood is not None:

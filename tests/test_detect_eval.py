@@ -601,4 +601,4 @@ def test_calibrate_keeps_the_settings_files_dormancy_line(zoo: Path, tmp_path: P
     assert bad.exit_code == 2 and "dormant_lift must be a number" in bad.output
     toml.write_text("threshold = [\n")
     broken = CliRunner().invoke(main, args)
-    assert broken.exit_code == 2 and "cannot read it as TOML" in broken.output
+    assert broken.exit_code == 2 and "is not valid TOML" in broken.output

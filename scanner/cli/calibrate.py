@@ -51,25 +51,17 @@ def write_threshold(config_file: Path, threshold: float, dormant_margin: float |
 def kept_lift(config_file: Path) -> float | None:
     """The logit dormancy line (rule D) calibration keeps: the settings file's ``[detector_options]
     dormant_lift`` when it sets one, else the detector's default (None: off). Fitting the other lines as if D
-    were off while the file turns it on would spend the false-positive budget twice."""
-    import tomllib
-
+    were off while the file turns it on would spend the false-positive budget twice. The file is read by the
+    settings loader and the value checked by ``DetectorConfig``, as a scan would."""
     from scanner.engine import DetectorConfig
-    from scanner.errors import ConfigError
+    from scanner.settings import load_settings
 
     if not config_file.is_file():
         return DetectorConfig().dormant_lift
-    try:
-        options = tomllib.loads(config_file.read_text()).get("detector_options") or {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{config_file}: cannot read it as TOML ({exc}); fix or remove the file") from exc
+    options = load_settings(config_file=config_file, env={}).detector_options
     if "dormant_lift" not in options:
         return DetectorConfig().dormant_lift
-    value = options["dormant_lift"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{config_file}: detector_options.dormant_lift must be a number (logit units); got "
-                          f"{value!r}")
-    return DetectorConfig(dormant_lift=float(value)).dormant_lift
+    return DetectorConfig(dormant_lift=options["dormant_lift"]).dormant_lift
 
 
 @main.command()

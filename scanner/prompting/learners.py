@@ -99,7 +99,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("tokenized_prompts", tokens, persistent=False)  # (n_cls, L)
         self.register_buffer("eot_index", tokens.argmax(dim=-1), persistent=False)  # (n_cls,)
         # rows the text encoder needs: up to the last EOT (the rest is padding a causal encoder's EOT never reads)
-        self.text_length = int(tokens.argmax(dim=-1).max()) + 1
+        self.text_length = int(self.eot_index.max()) + 1
         order = _assembly_index(name_lens, n_ctx, length, class_token_position)
         self.register_buffer("assembly_index", order, persistent=False)  # (n_cls, L)
 
