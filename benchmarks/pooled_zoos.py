@@ -16,6 +16,10 @@ resamples of the models, drawn within each zoo (so every resample keeps each zoo
 target (the zoo manifest's ``asr_ood``; give each file's zoo as ``FILE:ZOO_DIR``), with every clean model: CI
 reads OOD photos alone, and a planted trigger that does not fire on them is not the threat it is built for (the
 paper's: a trigger that works "even for OOD data"). How many backdoors each zoo drops is printed.
+
+``--learner NAME`` keeps only the rows of one learner (``coop-csc``, ``coop``, ``cocoop``): a p7 zoo's backdoors are
+all CSC-CoOp while half its clean models are CoCoOp, which CI rarely flags, so the CSC rows alone compare like with
+like (their FPR is over the clean CSC models only).
 """
 
 from __future__ import annotations
@@ -99,15 +103,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-asr-ood", type=float, default=None,
                     help="keep only backdoors whose real trigger reaches this ASR on OOD photos (needs ZOO_DIR)")
+    ap.add_argument("--learner", default=None, help="keep only the rows of this learner (e.g. coop-csc)")
     args = ap.parse_args()
     specs = [(Path(f), Path(z) if z else None) for f, _, z in (spec.partition(":") for spec in args.files)]
     zoos = [load(p, args.lines) for p, _ in specs]
+    if args.learner is not None:
+        zoos = [[r for r in rows if r["learner"] == args.learner] for rows in zoos]
+        empty = [str(p) for (p, _), rows in zip(specs, zoos, strict=True) if not rows]
+        if empty:
+            raise SystemExit(f"no {args.learner} rows in {', '.join(empty)} (learners are named as in the rows: "
+                             "coop, coop-csc, cocoop)")
     dropped = [0] * len(zoos)
     if args.min_asr_ood is not None:
         for i, (_, zoo) in enumerate(specs):
             zoos[i], dropped[i] = effective(zoos[i], zoo, args.min_asr_ood)
     print(f"CI at the {'lines each run decided at' if args.lines == 'own' else 'default settings of today'}"
-          + (f", backdoors with ASR-OOD >= {args.min_asr_ood} only" if args.min_asr_ood is not None else "") + ":")
+          + (f", backdoors with ASR-OOD >= {args.min_asr_ood} only" if args.min_asr_ood is not None else "")
+          + (f", {args.learner} models only" if args.learner is not None else "") + ":")
     for (p, _), rows, d in zip(specs, zoos, dropped, strict=True):
         print(line(p.stem, metrics(rows)) + f"  found: {found(rows)}"
               + (f"  ({d} backdoors under the ASR-OOD line left out)" if args.min_asr_ood is not None else ""))

@@ -11,8 +11,12 @@ the second mode as the candidate:
 
 1. pooled: its mean ASR-ID after and ASR-OOD after each at most the first mode's;
 2. per attack: neither of its mean ASRs after above the first mode's by more than ``--asr-slack`` (0.02);
-3. per attack: its mean clean-accuracy change at least the first mode's minus ``--ca-slack`` (0.01);
+3. per attack: its mean clean-accuracy change at least the first mode's minus ``--ca-slack`` (0.01), or, with
+   ``--ca-floor X``, at least X (the issue's own bar is -0.02: clean accuracy within 2 points of before);
 4. at least ``--rescan`` (0.90) of its repaired models re-scan clean.
+
+The same criteria judged the OOD-photo labels that avoid the suspected target (session 29, ``--names
+reinit,avoid-target --ca-floor -0.02``).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def figures(rows: list[Row]) -> dict[str, float]:
 
 
 def judge(groups: dict[str, tuple[dict[str, float], dict[str, float]]], asr_slack: float, ca_slack: float,
-          rescan: float) -> list[tuple[str, bool]]:
+          rescan: float, ca_floor: float | None = None) -> list[tuple[str, bool]]:
     """The four criteria, each (what it says, held); ``groups`` maps "all" and each attack to (first, second)."""
     first, second = groups["all"]
     out = [(f"pooled ASR-ID after {second['asr_id_after']:.3f} <= {first['asr_id_after']:.3f} and ASR-OOD after "
@@ -68,8 +72,10 @@ def judge(groups: dict[str, tuple[dict[str, float], dict[str, float]]], asr_slac
         worst = max(s["asr_id_after"] - f["asr_id_after"], s["asr_ood_after"] - f["asr_ood_after"])
         out.append((f"{attack}: ASRs after at most {asr_slack} above the first mode's (worst {worst:+.3f})",
                     worst <= asr_slack + 1e-12))
-        out.append((f"{attack}: CA change {s['ca_change']:+.3f} >= {f['ca_change']:+.3f} - {ca_slack}",
-                    s["ca_change"] >= f["ca_change"] - ca_slack - 1e-12))
+        near = s["ca_change"] >= f["ca_change"] - ca_slack - 1e-12
+        floor = ca_floor is not None and s["ca_change"] >= ca_floor - 1e-12
+        out.append((f"{attack}: CA change {s['ca_change']:+.3f} >= {f['ca_change']:+.3f} - {ca_slack}"
+                    + (f" or >= {ca_floor:+.3f}" if ca_floor is not None else ""), near or floor))
     n = int(second["models"])
     clean = round(second["rescan_clean"] * n)
     out.append((f"re-scan clean {clean} of {n} >= {rescan:.2f}", clean >= rescan * n - 1e-9))
@@ -82,6 +88,8 @@ def main() -> None:
     ap.add_argument("--names", default="finetune,reinit", help="the two modes' names, for the printout")
     ap.add_argument("--asr-slack", type=float, default=0.02)
     ap.add_argument("--ca-slack", type=float, default=0.01)
+    ap.add_argument("--ca-floor", type=float, default=None,
+                    help="a CA change at least this holds criterion 3 too (e.g. -0.02, the issue's bar)")
     ap.add_argument("--rescan", type=float, default=0.90)
     args = ap.parse_args()
     pairs = []
@@ -106,7 +114,7 @@ def main() -> None:
         cells = "  ".join(f"{f[k]:6.3f} / {s[k]:6.3f}" for k in FIGURES)
         print(f"{attack:9s} {int(f['models']):3d}  {cells}")
     print(f"\ncriteria for {names[1]} as the default (docs/preregistrations.md):")
-    verdicts = judge(groups, args.asr_slack, args.ca_slack, args.rescan)
+    verdicts = judge(groups, args.asr_slack, args.ca_slack, args.rescan, args.ca_floor)
     for text, held in verdicts:
         print(f"  [{'held' if held else 'FAILED'}] {text}")
     print(f"{names[1]} {'passes' if all(h for _, h in verdicts) else 'fails'}")

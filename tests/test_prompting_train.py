@@ -10,6 +10,7 @@ import torch
 from scanner.clip import ClipBackbone
 from scanner.errors import ConfigError
 from scanner.prompting import CoCoOpLearner, CoOpLearner, PromptedCLIP, TrainConfig, train_prompt
+from scanner.prompting.train import UNLABELLED
 
 NAMES = ["cat", "dog", "car", "tree"]
 
@@ -123,9 +124,45 @@ def test_bad_inputs_are_config_errors(random_backbone: ClipBackbone) -> None:
         TrainConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="anchor_weight"):
         TrainConfig(anchor_weight=-1.0)
+    with pytest.raises(ConfigError, match="outlier_weight"):
+        TrainConfig(outlier_weight=-0.5)
+    with pytest.raises(ConfigError, match="marks an outlier"):  # -2 is no label, and outliers alone teach no class
+        train_prompt(model, images, labels - 2, CFG)
+    with pytest.raises(ConfigError, match="at least one row needs a class"):
+        train_prompt(model, images, torch.full_like(labels, UNLABELLED), CFG)
     with pytest.raises(ConfigError, match="text_anchor must be"):
         train_prompt(model, images, labels, TrainConfig(epochs=1, anchor_weight=1.0),
                      text_anchor=torch.zeros(3, random_backbone.embed_dim))
     model.learner.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable"):
         train_prompt(model, images, labels, CFG)
+
+
+def test_outliers_are_pulled_to_the_uniform_distribution(bundled_backbone: ClipBackbone) -> None:
+    """Rows labelled UNLABELLED (outlier exposure): the classes are still learnt, while photos of none of them
+    get flatter predictions and stop piling into one class; only the labelled rows make the epoch's accuracy."""
+    from scanner.zoo.datasets import get_spec, load_split
+    from scanner.zoo.ood import default_ood_pool
+
+    x, y = load_split("shapes", "train", shots=8, size=64)
+    keep = torch.nonzero(y < 4).flatten()
+    images, labels = x[keep], y[keep]
+    names = list(get_spec("shapes").classnames[:4])
+    ood = default_ood_pool(160, 64, seed=11)  # 96 exposed, 64 held out
+    cfg = TrainConfig(epochs=10, batch_size=32, lr=3e-3, seed=0)
+
+    def flat(model: PromptedCLIP) -> tuple[float, float]:  # held-out photos: mean entropy, largest class share
+        p = model.predict(ood[96:]).float().softmax(-1)
+        top = torch.bincount(p.argmax(-1), minlength=4).max() / p.shape[0]
+        return float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()), float(top)
+
+    plain = PromptedCLIP(bundled_backbone, CoOpLearner(bundled_backbone, names, n_ctx=4, csc=True, seed=0))
+    exposed = PromptedCLIP(bundled_backbone, CoOpLearner(bundled_backbone, names, n_ctx=4, csc=True, seed=0))
+    train_prompt(plain, images, labels, cfg)
+    record = train_prompt(exposed, torch.cat([images, ood[:96]]),
+                          torch.cat([labels, torch.full((96,), UNLABELLED)]), cfg)
+    assert 0.0 < record.accuracies[-1] <= 1.0  # over the 32 labelled rows: outliers are neither right nor wrong
+    acc = float((exposed.predict(images).argmax(-1) == labels).float().mean())
+    assert acc >= float((plain.predict(images).argmax(-1) == labels).float().mean()) - 0.1
+    (h_plain, top_plain), (h_exposed, top_exposed) = flat(plain), flat(exposed)
+    assert h_exposed > h_plain + 0.1 and top_exposed < top_plain - 0.1, (h_plain, top_plain, h_exposed, top_exposed)

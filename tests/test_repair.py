@@ -184,3 +184,63 @@ def test_a_second_pass_unlearns_what_still_works_after_the_first(backdoored: Bac
     assert repair_prompt(b.model, b.x_tr, b.y_tr, [], replace(base, epochs=1), ood=ood).residual_forms == []
     with pytest.raises(ConfigError, match="reinvert_families"):
         RepairConfig(reinvert_families=("hologram",))
+
+
+def test_balanced_pick_keeps_every_class_under_its_quota() -> None:
+    from scanner.repair.pseudo import balanced_pick
+
+    labels = torch.tensor([0] * 10 + [1, 1, 1, 2])  # class 0 is the sink of these photos
+    assert balanced_pick(labels, 6, 3).tolist() == [0, 1, 10, 11, 13]  # quota 2: the pool runs short of 2s
+    assert balanced_pick(labels, 2, 3).tolist() == [0, 10]  # n reached first
+    assert balanced_pick(torch.tensor([], dtype=torch.long), 4, 3).tolist() == []
+
+
+def test_balanced_ood_photos_do_not_teach_the_twin_s_sink(bundled_backbone: ClipBackbone) -> None:
+    """The zero-shot twin sends most OOD photos to one class of a shapes task; pseudo-labelled with a class
+    quota, the photos a repair trains on stay within ceil(n / classes) per class, and the repaired prompt sends
+    fewer held-out photos to that sink (reinit: the delivered prompt plays no part)."""
+    from scanner.repair.pseudo import balanced_pick, zero_shot_labels
+    from scanner.zoo.ood import default_ood_pool
+
+    names = list(get_spec("shapes").classnames[:N_CLS])
+    x, y = _subset(*load_split("shapes", "train", shots=8, size=64))
+    model = PromptedCLIP(bundled_backbone, CoOpLearner(bundled_backbone, names, n_ctx=4, csc=True, seed=0))
+    ood = default_ood_pool(400, 64, seed=11)
+    labels = zero_shot_labels(model, ood)
+    sink = int(torch.bincount(labels, minlength=N_CLS).argmax())
+    assert float((labels[:96] == sink).float().mean()) > 0.4, "the twin has no sink on this pool"
+    base = RepairConfig(mode="reinit", reinit_epochs=8, trigger_copies=0, generic_copies=0, ood_images=96)
+    plain = repair_prompt(model, x, y, [], base, ood=ood)
+    balanced = repair_prompt(model, x, y, [], replace(base, ood_balance=True), ood=ood)
+    picked = balanced_pick(labels, 96, N_CLS)
+    assert plain.n_trained == len(y) + 96 and balanced.n_trained == len(y) + len(picked)
+    assert int(torch.bincount(labels[picked], minlength=N_CLS).max()) <= 24
+
+    def sunk(m: PromptedCLIP) -> float:  # share of held-out photos (never trained on) sent to the sink
+        return float((m.predict(ood[200:]).argmax(1) == sink).float().mean())
+
+    assert sunk(balanced.model) < sunk(plain.model) - 0.1, (sunk(plain.model), sunk(balanced.model))
+
+
+def test_ood_photos_can_be_kept_from_the_suspected_target(bundled_backbone: ClipBackbone) -> None:
+    """With ``ood_avoid_target`` no pseudo-label is the suspect (each photo takes the twin's best other class,
+    balanced or not); "outlier" photos carry no class; settings that contradict each other are refused."""
+    from scanner.repair.finetune import ood_part
+    from scanner.repair.pseudo import zero_shot_labels
+    from scanner.zoo.ood import default_ood_pool
+
+    names = list(get_spec("shapes").classnames[:N_CLS])
+    model = PromptedCLIP(bundled_backbone, CoOpLearner(bundled_backbone, names, n_ctx=4, csc=True, seed=0))
+    ood = default_ood_pool(200, 64, seed=11)
+    sink = int(torch.bincount(zero_shot_labels(model, ood), minlength=N_CLS).argmax())
+    cfg = RepairConfig(ood_images=64)
+    _, plain = ood_part(model, ood, cfg, sink)
+    assert int((plain == sink).sum()) > 16  # the twin's sink: the photos it sends there are many
+    for balance in (False, True):
+        extra, labels = ood_part(model, ood, replace(cfg, ood_avoid_target=True, ood_balance=balance), sink)
+        assert extra.shape == (labels.shape[0], 3, 64, 64) and 0 < labels.shape[0] <= 64
+        assert sink not in labels.tolist()
+    extra, labels = ood_part(model, ood, replace(cfg, ood_labels="outlier"), sink)
+    assert extra.shape[0] == 64 and set(labels.tolist()) == {-1}
+    with pytest.raises(ConfigError, match="outlier photos have none"):
+        RepairConfig(ood_labels="outlier", ood_avoid_target=True)

@@ -202,7 +202,8 @@ def test_scan_report_dir_detection_is_reused(world: World, tmp_path: Path) -> No
 
 
 def test_the_cli_defaults_to_the_repair_configs_mode() -> None:
-    from scanner.cli.repair import REPAIR_MODES
-    from scanner.repair.config import MODES, RepairConfig
+    from scanner.cli.repair import OOD_LABEL_CHOICES, REPAIR_MODES
+    from scanner.repair.config import MODES, OOD_LABELS, RepairConfig
 
     assert REPAIR_MODES[0] == RepairConfig().mode and set(REPAIR_MODES) == set(MODES)
+    assert set(OOD_LABEL_CHOICES) == set(OOD_LABELS)

@@ -29,12 +29,12 @@ def _row(mid: str, attack: str, asr_id: float, asr_ood: float, ca: float, flagge
 
 
 def _run(tmp_path: Path, first: list[dict[str, Any]], second: list[dict[str, Any]],
-         capsys: pytest.CaptureFixture[str]) -> str:
+         capsys: pytest.CaptureFixture[str], *extra: str) -> str:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"rows": first}))
     b.write_text(json.dumps({"rows": second}))
     argv = sys.argv
-    sys.argv = ["repair_modes.py", f"{a}:{b}"]
+    sys.argv = ["repair_modes.py", f"{a}:{b}", *extra]
     try:
         _module().main()
     finally:
@@ -66,3 +66,13 @@ def test_a_mode_worse_on_any_criterion_fails(tmp_path: Path, capsys: pytest.Capt
             r["rescan_flagged"] = True  # 8 of 10 re-scan clean
     out = _run(tmp_path, first, second, capsys)
     assert out.strip().endswith("reinit fails") and "[FAILED]" in out
+
+
+def test_a_ca_floor_accepts_a_cost_that_keeps_the_issue_s_bar(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    first = [_row(f"x/{i}", "badnets", 0.05, 0.05, 0.70) for i in range(10)]
+    second = [{**r, "ca_after": 0.685} for r in first]  # 0.015 below the first mode, within 2 points of before
+    assert _run(tmp_path, first, second, capsys).strip().endswith("reinit fails")
+    assert _run(tmp_path, first, second, capsys, "--ca-floor", "-0.02").strip().endswith("reinit passes")
+    lower = [{**r, "ca_after": 0.675} for r in first]  # 0.025 lost: under the floor as well
+    assert _run(tmp_path, first, lower, capsys, "--ca-floor", "-0.02").strip().endswith("reinit fails")

@@ -21,9 +21,10 @@ from scanner.cli.zoo import zoo
 from scanner.errors import ConfigError, DatasetError, ScannerError
 from scanner.report import ExitCode
 
-# RepairConfig's modes, its default first (repeated here so that `scanner --help` does not import torch; a test
-# checks they agree). reinit became the default in session 28 (docs/preregistrations.md)
+# RepairConfig's modes, its default first, and its OOD labellers (repeated here so that `scanner --help` does not
+# import torch; a test checks they agree). reinit became the default in session 28 (docs/preregistrations.md)
 REPAIR_MODES = ("reinit", "finetune")
+OOD_LABEL_CHOICES = ("zero-shot", "model", "outlier")
 
 
 def _pct(v: float | None) -> str:
@@ -132,8 +133,19 @@ def _row_line(r: dict[str, Any]) -> str:
 @click.option("--candidates", type=int, default=None, metavar="N",
               help="classes the repair's detection confirms, each giving a trigger (default: the detector's); "
                    "the re-scan keeps the default")
+@click.option("--ood-images", type=int, default=None, metavar="N",
+              help="pseudo-labelled OOD photos in the repair set (default: the repair's; 0 = none)")
+@click.option("--ood-labels", type=click.Choice(OOD_LABEL_CHOICES), default=None,
+              help="who labels those photos: the zero-shot twin, the delivered model, or no one (outlier exposure: "
+                   "pulled to the uniform distribution); default: the repair's")
+@click.option("--ood-balance/--no-ood-balance", default=None,
+              help="pick those photos with a per-class quota of their pseudo-labels (default: the repair's)")
+@click.option("--ood-avoid-target/--no-ood-avoid-target", default=None,
+              help="never label a photo with the suspected target (default: the repair's)")
 def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
-                models: str | None, twin_anchor: float, detections: Path | None, candidates: int | None) -> None:
+                models: str | None, twin_anchor: float, detections: Path | None, candidates: int | None,
+                ood_images: int | None, ood_labels: str | None, ood_balance: bool | None,
+                ood_avoid_target: bool | None) -> None:
     """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
     with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
     from dataclasses import replace
@@ -147,6 +159,9 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
         rep = RepairConfig(mode=mode, twin_anchor=twin_anchor)
         if reinvert is not None:
             rep = replace(rep, reinvert_families=families_or_none(reinvert))
+        given: dict[str, Any] = {"ood_images": ood_images, "ood_labels": ood_labels, "ood_balance": ood_balance,
+                                 "ood_avoid_target": ood_avoid_target}
+        rep = replace(rep, **{k: v for k, v in given.items() if v is not None})
         chosen = csv_set(models)
         det = DetectorConfig(n_images=n_images)
         rep_det = replace(det, candidates=candidates) if candidates is not None else None

@@ -26,6 +26,9 @@ from scanner.prompting.classifier import PromptedCLIP
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+UNLABELLED = -1  # the label of an outlier image: no class (train_prompt pulls it to the uniform distribution)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Few-shot prompt-tuning settings. Defaults were measured on the bundled tiny CLIP (see README)."""
@@ -42,6 +45,9 @@ class TrainConfig:
     # weight of KgCoOp's pull (Yao et al., CVPR 2023): squared distance of the learned text features from a
     # given anchor (train_prompt's text_anchor, e.g. the zero-shot twin's), summed over E, mean over classes
     anchor_weight: float = 0.0
+    # weight of the outlier-exposure term (Hendrycks et al., ICLR 2019) for rows labelled UNLABELLED: cross-entropy
+    # to the uniform distribution, mean over those rows, added to the labelled rows' mean cross-entropy
+    outlier_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.feature_batch_size < 1:
@@ -53,6 +59,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0; got {self.lr}")
         if not self.anchor_weight >= 0:
             raise ConfigError(f"anchor_weight must be >= 0; got {self.anchor_weight}")
+        if not self.outlier_weight >= 0:
+            raise ConfigError(f"outlier_weight must be >= 0; got {self.outlier_weight}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd'; got {self.optimizer!r}")
 
@@ -89,13 +97,25 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _loss(logits: torch.Tensor, y: torch.Tensor, outlier_weight: float) -> torch.Tensor:
+    """Mean cross-entropy of the labelled rows of ``logits`` (B, C), plus ``outlier_weight`` times the mean
+    cross-entropy to the uniform distribution of the rows labelled ``UNLABELLED`` (a term only when there are any)."""
+    known = y >= 0
+    loss = F.cross_entropy(logits[known], y[known]) if bool(known.any()) else logits.new_zeros(())
+    if not bool(known.all()):
+        loss = loss - outlier_weight * F.log_softmax(logits[~known], dim=-1).mean()
+    return loss
+
+
 def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
                  progress: bool = False, batch_transform: BatchTransform | None = None,
                  text_anchor: torch.Tensor | None = None) -> TrainRecord:
     """Tune ``model.learner`` on a few-shot set, in place; the backbone is never modified.
 
-    images: (N, 3, S, S) float in [0, 1]; labels: (N,) class indices into ``model.classnames``. They may
-    stay on the CPU with the model on a GPU: batches are moved to the model's device.
+    images: (N, 3, S, S) float in [0, 1]; labels: (N,) class indices into ``model.classnames``, or
+    ``UNLABELLED`` (-1) for an outlier that belongs to no class: its predicted distribution is pulled to the
+    uniform one (outlier exposure, weight ``cfg.outlier_weight``). They may stay on the CPU with the model on a
+    GPU: batches are moved to the model's device.
     text_anchor: normalised text features (n_cls, E) that ``cfg.anchor_weight`` pulls the learned ones to
     (for image-conditioned learners, each image's set of class features is pulled).
     Returns the run's :class:`TrainRecord`; the model is left in eval mode.
@@ -106,9 +126,10 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
             f"{tuple(labels.shape)}"
         )
     labels = labels.long()
-    if int(labels.min()) < 0 or int(labels.max()) >= model.n_cls:
+    if int(labels.min()) < UNLABELLED or int(labels.max()) >= model.n_cls or not bool((labels >= 0).any()):
         raise ConfigError(
-            f"labels must lie in [0, {model.n_cls}); found {int(labels.min())}..{int(labels.max())}"
+            f"labels must lie in [0, {model.n_cls}) ({UNLABELLED} marks an outlier; at least one row needs a class); "
+            f"found {int(labels.min())}..{int(labels.max())}"
         )
     anchor: torch.Tensor | None = None
     if text_anchor is not None and cfg.anchor_weight > 0:
@@ -146,7 +167,7 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
     try:
         for _epoch in bar:
             order = torch.randperm(n, generator=gen)
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen, rows = 0.0, 0, 0, 0  # seen: labelled rows; rows: every row
             for i in range(0, n, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
                 y = labels[idx]
@@ -165,7 +186,7 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                     else:
                         txt = model.text_features(feats)  # (C, E), or (b, C, E) when image-conditioned
                         logits = model.logits_from_text(feats, txt)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = _loss(logits.float(), y, cfg.outlier_weight)
                 if anchor is not None:
                     loss = loss + cfg.anchor_weight * (txt.float() - anchor).square().sum(-1).mean()
                 opt.zero_grad(set_to_none=True)
@@ -174,10 +195,11 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                 sched.step()
                 record.steps += 1
                 loss_sum += float(loss.detach()) * y.shape[0]
-                correct += int((logits.detach().argmax(-1) == y).sum())
-                seen += y.shape[0]
-            record.losses.append(loss_sum / seen)
-            record.accuracies.append(correct / seen)
+                rows += y.shape[0]
+                correct += int((logits.detach().argmax(-1) == y).sum())  # outliers (-1) never count as right
+                seen += int((y >= 0).sum())
+            record.losses.append(loss_sum / rows)
+            record.accuracies.append(correct / max(seen, 1))
             bar.set_postfix(loss=f"{record.losses[-1]:.3f}", acc=f"{record.accuracies[-1]:.2f}")
     finally:
         bar.close()

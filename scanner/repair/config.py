@@ -9,7 +9,7 @@ from scanner.engine.config import FAMILIES
 from scanner.errors import ConfigError
 
 MODES = ("finetune", "reinit")
-OOD_LABELS = ("zero-shot", "model")
+OOD_LABELS = ("zero-shot", "model", "outlier")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,16 @@ class RepairConfig:
     generic_copies: int = 1  # copies carrying a random generic overlay (patch, blend, noise, warp), true label
     max_shift: int = 6  # random translation (px) of a reconstructed trigger per copy: the real one may sit elsewhere
     ood_images: int = 192  # unlabelled OOD images added to the repair set (pseudo-labelled), with their copies
-    ood_labels: str = "zero-shot"  # who labels them: "zero-shot" (the trusted twin) or "model" (the delivered one)
+    # who labels them: "zero-shot" (the trusted twin), "model" (the delivered one) or "outlier": no one, a photo of
+    # none of the classes whose prediction is pulled to the uniform distribution (outlier exposure, as its copies')
+    ood_labels: str = "zero-shot"
+    # pick the OOD images from the whole pool with a per-class quota of ceil(ood_images / classes) of their pseudo-
+    # labels (repair/pseudo.py, balanced_pick) instead of its first ood_images: plain prompts have sink classes
+    ood_balance: bool = False
+    # label no OOD photo (nor its copies) with the suspected target: each takes its labeller's best other class. A
+    # photo of none of the classes has no right answer, and the attacker's class is the one answer it must not get:
+    # a repaired prompt whose sink for unknown photos is the target sends triggered photos there, trigger or not
+    ood_avoid_target: bool = False
     max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
     # a second pass: CI's inversion run against the repaired prompt for the suspected target (needs the OOD
@@ -57,6 +66,9 @@ class RepairConfig:
                 raise ConfigError(f"repair {name} must be >= 1; got {getattr(self, name)}")
         if self.ood_labels not in OOD_LABELS:
             raise ConfigError(f"ood_labels must be one of {', '.join(OOD_LABELS)}; got {self.ood_labels!r}")
+        if (self.ood_balance or self.ood_avoid_target) and self.ood_labels == "outlier":
+            raise ConfigError("ood_balance and ood_avoid_target need pseudo-labels; outlier photos have none (choose "
+                              "ood_labels zero-shot or model)")
         if min(self.trigger_copies, self.generic_copies, self.max_shift, self.ood_images) < 0:
             raise ConfigError("trigger_copies, generic_copies, max_shift and ood_images must be >= 0")
         bad = [f for f in self.reinvert_families if f not in FAMILIES]

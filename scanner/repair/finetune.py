@@ -28,10 +28,10 @@ from scanner.engine.triggers import raw_form
 from scanner.errors import ConfigError, DatasetError
 from scanner.prompting.classifier import PromptedCLIP
 from scanner.prompting.learners import learner_from_config
-from scanner.prompting.train import TrainConfig, train_prompt
+from scanner.prompting.train import UNLABELLED, TrainConfig, train_prompt
 from scanner.repair.augment import generic_overlays, stamp_triggers
 from scanner.repair.config import RepairConfig
-from scanner.repair.pseudo import model_labels, twin_text_features, zero_shot_labels
+from scanner.repair.pseudo import balanced_pick, model_labels, twin_text_features, zero_shot_labels
 from scanner.repair.reinvert import residual_triggers
 
 MEASURE_SEED_OFFSET = 7717  # the fixed draw of triggered images for before/after measures
@@ -149,6 +149,24 @@ def _new_model(model: PromptedCLIP, mode: str, seed: int) -> PromptedCLIP:
     return PromptedCLIP(model.backbone, learner.to(old.ctx.device))
 
 
+def ood_part(model: PromptedCLIP, ood: torch.Tensor, cfg: RepairConfig, target: int | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unlabelled photos a repair trains on, (k, 3, S, S), and their labels (k,): the first ``cfg.ood_images``
+    of ``ood`` (M, 3, S, S) labelled by ``cfg.ood_labels`` (``UNLABELLED`` for "outlier"), or with
+    ``cfg.ood_balance`` picked from all of them by a class quota; never ``target`` with ``cfg.ood_avoid_target``."""
+    if cfg.ood_labels == "outlier":  # no class at all: pulled to the uniform distribution
+        extra = ood[: cfg.ood_images]
+        return extra, torch.full((extra.shape[0],), UNLABELLED, dtype=torch.long)
+    avoid = target if cfg.ood_avoid_target else None
+    labeller = zero_shot_labels if cfg.ood_labels == "zero-shot" else model_labels
+    if cfg.ood_balance:  # the whole pool labelled, then a class quota (pseudo.balanced_pick)
+        every = labeller(model, ood, avoid=avoid).cpu()  # (M,)
+        pick = balanced_pick(every, cfg.ood_images, model.n_cls)
+        return ood[pick.to(ood.device)], every[pick]
+    extra = ood[: cfg.ood_images]
+    return extra, labeller(model, extra, avoid=avoid).cpu()
+
+
 def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor,
                   triggers: Sequence[torch.Tensor], cfg: RepairConfig | None = None, *, seed: int = 0,
                   target: int | None = None, ood: torch.Tensor | None = None) -> RepairResult:
@@ -190,10 +208,8 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         copies = cfg.trigger_copies if trigs else 0
         base_x, base_y = images, labels
         if ood is not None and cfg.ood_images > 0:
-            extra = ood[: cfg.ood_images].to(images)
-            label = zero_shot_labels if cfg.ood_labels == "zero-shot" else model_labels
-            pseudo = label(model, extra).to(labels.device)
-            base_x, base_y = torch.cat([images, extra]), torch.cat([labels, pseudo])
+            extra, pseudo = ood_part(model, ood.to(images), cfg, target)
+            base_x, base_y = torch.cat([images, extra]), torch.cat([labels, pseudo.to(labels.device)])
         parts = [base_x, stamp_triggers(base_x, trigs, copies, cfg.max_shift, gen),
                  generic_overlays(base_x, cfg.generic_copies, gen)]
         x = torch.cat(parts)

@@ -29,14 +29,45 @@ def twin_text_features(model: PromptedCLIP, templates: tuple[str, ...] = ZERO_SH
 
 
 @torch.no_grad()
-def zero_shot_labels(model: PromptedCLIP, images: torch.Tensor,
-                     templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES) -> torch.Tensor:
-    """(M,) class indices the zero-shot twin of ``model`` predicts for ``images`` (M, 3, S, S)."""
+def zero_shot_labels(model: PromptedCLIP, images: torch.Tensor, templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES,
+                     avoid: int | None = None) -> torch.Tensor:
+    """(M,) class indices the zero-shot twin of ``model`` predicts for ``images`` (M, 3, S, S); with ``avoid``,
+    the best class other than that one."""
     feats = F.normalize(model.image_features(images).float(), dim=-1)  # (M, E)
-    return (feats @ twin_text_features(model, templates).to(feats.device).T).argmax(dim=1)
+    return _best(feats @ twin_text_features(model, templates).to(feats.device).T, avoid)
 
 
 @torch.no_grad()
-def model_labels(model: PromptedCLIP, images: torch.Tensor) -> torch.Tensor:
-    """(M,) the model's own predictions."""
-    return model.predict(images).argmax(dim=1)
+def model_labels(model: PromptedCLIP, images: torch.Tensor, avoid: int | None = None) -> torch.Tensor:
+    """(M,) the model's own predictions (the best class other than ``avoid``, when given)."""
+    return _best(model.predict(images).float(), avoid)
+
+
+def _best(logits: torch.Tensor, avoid: int | None) -> torch.Tensor:
+    """(M,) argmax of ``logits`` (M, C), the column ``avoid`` excluded when given."""
+    if avoid is not None:
+        logits = logits.clone()
+        logits[:, avoid] = float("-inf")
+    return logits.argmax(dim=1)
+
+
+def balanced_pick(labels: torch.Tensor, n: int, n_cls: int) -> torch.Tensor:
+    """(k,) indices into ``labels`` (M,), in pool order, keeping at most ``ceil(n / n_cls)`` images of any class
+    and ``n`` in all (k <= n: fewer when the pool runs out of images of the classes still short).
+
+    Why: plain prompts make some class the sink of photos (the zero-shot twin labels 160 of 192 OOD photos
+    "class 6" on one texture task), and a prompt trained on those labels learns the sink: after repair it sent
+    0.93 of clean OOD photos into that class, against 0.47 before. When that class is the attacker's target, a
+    triggered photo lands there too, trigger or not. A class quota keeps every class's share of the pseudo-
+    labelled photos at the uniform share.
+    """
+    quota = -(-n // n_cls)
+    counts = [0] * n_cls
+    keep: list[int] = []
+    for i, c in enumerate(labels.tolist()):
+        if counts[c] < quota:
+            counts[c] += 1
+            keep.append(i)
+            if len(keep) == n:
+                break
+    return torch.tensor(keep, dtype=torch.long, device=labels.device)

@@ -172,9 +172,9 @@ def repair_path(path: Path, data_dir: Path, settings: Settings | None = None, *,
     model = model.to(settings.device)
     from scanner.pipeline import ood_pool
 
-    # a prefix of the detector's pool (same settings)
-    ood = (ood_pool(settings, model.backbone.image_size, cfg.ood_images).to(settings.device)
-           if cfg.ood_images > 0 else None)
+    # a prefix of the detector's pool (same settings); the whole pool when the photos are picked by class quota
+    ood = (ood_pool(settings, model.backbone.image_size, None if cfg.ood_balance else cfg.ood_images)
+           .to(settings.device) if cfg.ood_images > 0 else None)
     result = repair_prompt(model, data.images.to(settings.device), data.labels.to(settings.device),
                            [det.raw_triggers[k] for k in order], cfg, seed=settings.seed, target=target, ood=ood)
     record = {

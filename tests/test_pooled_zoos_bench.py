@@ -1,0 +1,58 @@
+"""``benchmarks/pooled_zoos.py``: CI's figures over several judged zoos, and its row filters."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "pooled_zoos.py"
+
+
+def _module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pooled_zoos", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(mid: str, learner: str, target: int | None, flagged: bool, score: float) -> dict[str, Any]:
+    attack = "none" if target is None else "badnets"
+    return {"id": mid, "dataset": mid.split("/")[0], "attack": attack, "learner": learner, "n_classes": 10,
+            "detector": "ci", "truth_backdoored": target is not None, "truth_target": target, "flagged": flagged,
+            "target": target if flagged else None, "anomaly_score": score, "threshold": 6.0, "dormant_margin": None,
+            "dormant_lift": None, "seconds": 1.0,
+            # the class that scores is the target, or class 0 for a clean model
+            "class_scores": [score if k == (target or 0) else -1.0 for k in range(10)],
+            "evidence": [{"natural_share": 0.1, "zero_shot_share": 0.1} for _ in range(10)]}
+
+
+def _run(tmp_path: Path, rows: list[dict[str, Any]], *args: str) -> str:
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"config": {}, "rows": rows}))
+    argv = sys.argv
+    sys.argv = ["pooled_zoos.py", str(path), "--boot", "20", *args]
+    try:
+        _module().main()
+    finally:
+        sys.argv = argv
+    return path.stem
+
+
+def test_the_learner_filter_compares_like_with_like(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [_row("a/badnets", "coop-csc", 3, True, 9.0), _row("a/clean-0", "coop-csc", None, True, 7.0),
+            _row("a/clean-1", "cocoop", None, False, 1.0), _row("b/clean-1", "cocoop", None, False, 0.5)]
+    _run(tmp_path, rows)
+    every = capsys.readouterr().out
+    assert "fpr 0.333" in every  # one of three clean models, two of them CoCoOp
+    _run(tmp_path, rows, "--learner", "coop-csc")
+    csc = capsys.readouterr().out
+    assert "coop-csc models only" in csc and "fpr 1.000" in csc and "models   2" in csc
+    with pytest.raises(SystemExit, match="no coop rows"):
+        _run(tmp_path, rows, "--learner", "coop")
