@@ -223,8 +223,9 @@ def test_balanced_ood_photos_do_not_teach_the_twin_s_sink(bundled_backbone: Clip
 
 
 def test_ood_photos_can_be_kept_from_the_suspected_target(bundled_backbone: ClipBackbone) -> None:
-    """With ``ood_avoid_target`` no pseudo-label is the suspect (each photo takes the twin's best other class,
-    balanced or not); "outlier" photos carry no class; settings that contradict each other are refused."""
+    """With ``ood_avoid_target`` (the default) no pseudo-label is the suspect (each photo takes the twin's best
+    other class, balanced or not); "outlier" photos carry no class (the avoidance has nothing to act on), and a
+    quota on them is refused."""
     from scanner.repair.finetune import ood_part
     from scanner.repair.pseudo import zero_shot_labels
     from scanner.zoo.ood import default_ood_pool
@@ -233,7 +234,7 @@ def test_ood_photos_can_be_kept_from_the_suspected_target(bundled_backbone: Clip
     model = PromptedCLIP(bundled_backbone, CoOpLearner(bundled_backbone, names, n_ctx=4, csc=True, seed=0))
     ood = default_ood_pool(200, 64, seed=11)
     sink = int(torch.bincount(zero_shot_labels(model, ood), minlength=N_CLS).argmax())
-    cfg = RepairConfig(ood_images=64)
+    cfg = RepairConfig(ood_images=64, ood_avoid_target=False)
     _, plain = ood_part(model, ood, cfg, sink)
     assert int((plain == sink).sum()) > 16  # the twin's sink: the photos it sends there are many
     for balance in (False, True):
@@ -242,5 +243,6 @@ def test_ood_photos_can_be_kept_from_the_suspected_target(bundled_backbone: Clip
         assert sink not in labels.tolist()
     extra, labels = ood_part(model, ood, replace(cfg, ood_labels="outlier"), sink)
     assert extra.shape[0] == 64 and set(labels.tolist()) == {-1}
+    assert RepairConfig().ood_avoid_target  # the default since session 29 (docs/preregistrations.md)
     with pytest.raises(ConfigError, match="outlier photos have none"):
-        RepairConfig(ood_labels="outlier", ood_avoid_target=True)
+        RepairConfig(ood_labels="outlier", ood_balance=True)

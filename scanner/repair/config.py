@@ -40,8 +40,12 @@ class RepairConfig:
     ood_balance: bool = False
     # label no OOD photo (nor its copies) with the suspected target: each takes its labeller's best other class. A
     # photo of none of the classes has no right answer, and the attacker's class is the one answer it must not get:
-    # a repaired prompt whose sink for unknown photos is the target sends triggered photos there, trigger or not
-    ood_avoid_target: bool = False
+    # a repaired prompt whose sink for unknown photos is the target sends triggered photos there, trigger or not.
+    # The default since session 29: pre-registered, judged on the 22 BadNets / Blended models of the seed-18 p7 zoo,
+    # ASR-ID / ASR-OOD after 0.051 / 0.020 against 0.052 / 0.177, clean accuracy +0.036 against +0.041, 22 of 22
+    # re-scanned clean both ways (`python benchmarks/repair_modes.py`, docs/preregistrations.md). Outlier photos
+    # (ood_labels = "outlier") carry no class, so there is nothing to avoid: it is ignored there
+    ood_avoid_target: bool = True
     max_triggers: int = 8  # reconstructed triggers used at most (the suspected target's first)
     min_per_class: int = 2  # fewest labelled images per class a repair accepts
     # a second pass: CI's inversion run against the repaired prompt for the suspected target (needs the OOD
@@ -66,8 +70,8 @@ class RepairConfig:
                 raise ConfigError(f"repair {name} must be >= 1; got {getattr(self, name)}")
         if self.ood_labels not in OOD_LABELS:
             raise ConfigError(f"ood_labels must be one of {', '.join(OOD_LABELS)}; got {self.ood_labels!r}")
-        if (self.ood_balance or self.ood_avoid_target) and self.ood_labels == "outlier":
-            raise ConfigError("ood_balance and ood_avoid_target need pseudo-labels; outlier photos have none (choose "
+        if self.ood_balance and self.ood_labels == "outlier":
+            raise ConfigError("ood_balance needs pseudo-labels to balance; outlier photos have none (choose "
                               "ood_labels zero-shot or model)")
         if min(self.trigger_copies, self.generic_copies, self.max_shift, self.ood_images) < 0:
             raise ConfigError("trigger_copies, generic_copies, max_shift and ood_images must be >= 0")
