@@ -176,8 +176,9 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     class); triggers: reconstructed raw triggers (C, S, S) (``DetectionResult.raw_triggers`` values,
     the suspected target's first); target: the suspected target class (for the target-share measure);
     ood: unlabelled images (M, 3, S, S) — with ``cfg.ood_images`` > 0 the first of them join the repair
-    set under pseudo-labels (``cfg.ood_labels``: the zero-shot twin's, by default), with the same
-    triggered / overlaid copies: a triggered photo must not land in the target either. When
+    set under pseudo-labels (``cfg.ood_labels``: the zero-shot twin's, by default, never ``target``:
+    ``cfg.ood_avoid_target``; ``ood_part``), with the same triggered / overlaid copies: a triggered photo must not
+    land in the target either. When
     ``cfg.reinvert_families`` is not empty and a ``target`` and ``ood`` images are given, a second pass
     follows: CI's inversion is run against the repaired prompt and what still sends photos into the target
     is stamped and unlearned too (``repair/reinvert.py``).

@@ -4,7 +4,9 @@ The zero-shot twin — the same frozen, public encoders with plain class-name pr
 prompt backdoor, so its predictions are a safe target for the repaired prompt on images outside the
 labelled classes. The delivered model's own predictions are the alternative; they inherit whatever
 the backdoor did to clean OOD images (a prompt poisoned with a subtle trigger can make the target a
-sink for every photo, and self-training would then teach it again).
+sink for every photo, and self-training would then teach it again). Either labeller can be told to *avoid* the
+suspected target (``RepairConfig.ood_avoid_target``, the default): the twin has sinks of its own, and a repaired
+prompt learns whichever class its unlabelled photos are given most, trigger or not.
 """
 
 from __future__ import annotations
