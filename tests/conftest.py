@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +37,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def run_benchmark(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Runs ``benchmarks/NAME.py``'s ``main()`` in this process with the given command-line arguments
+    (``run_benchmark(NAME, *argv)``); ``sys.argv`` is restored after the test."""
+
+    def run(name: str, *argv: str) -> None:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        monkeypatch.setattr(sys, "argv", [path.name, *argv])
+        module.main()
+
+    return run

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "pooled_zoos.py"
-
-
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pooled_zoos", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _row(mid: str, learner: str, target: int | None, flagged: bool, score: float) -> dict[str, Any]:
@@ -33,26 +21,22 @@ def _row(mid: str, learner: str, target: int | None, flagged: bool, score: float
             "evidence": [{"natural_share": 0.1, "zero_shot_share": 0.1} for _ in range(10)]}
 
 
-def _run(tmp_path: Path, rows: list[dict[str, Any]], *args: str) -> str:
+def _write(tmp_path: Path, rows: list[dict[str, Any]]) -> str:
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"config": {}, "rows": rows}))
-    argv = sys.argv
-    sys.argv = ["pooled_zoos.py", str(path), "--boot", "20", *args]
-    try:
-        _module().main()
-    finally:
-        sys.argv = argv
-    return path.stem
+    return str(path)
 
 
-def test_the_learner_filter_compares_like_with_like(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_learner_filter_compares_like_with_like(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    run_benchmark: Callable[..., None]) -> None:
     rows = [_row("a/badnets", "coop-csc", 3, True, 9.0), _row("a/clean-0", "coop-csc", None, True, 7.0),
             _row("a/clean-1", "cocoop", None, False, 1.0), _row("b/clean-1", "cocoop", None, False, 0.5)]
-    _run(tmp_path, rows)
+    path = _write(tmp_path, rows)
+    run_benchmark("pooled_zoos", path, "--boot", "20")
     every = capsys.readouterr().out
     assert "fpr 0.333" in every  # one of three clean models, two of them CoCoOp
-    _run(tmp_path, rows, "--learner", "coop-csc")
+    run_benchmark("pooled_zoos", path, "--boot", "20", "--learner", "coop-csc")
     csc = capsys.readouterr().out
     assert "coop-csc models only" in csc and "fpr 1.000" in csc and "models   2" in csc
     with pytest.raises(SystemExit, match="no coop rows"):
-        _run(tmp_path, rows, "--learner", "coop")
+        run_benchmark("pooled_zoos", path, "--boot", "20", "--learner", "coop")

@@ -246,12 +246,9 @@ class DetectorConfig:
             raise ConfigError(f"candidates must be >= 1; got {self.candidates}")
         if self.patch_start not in PATCH_STARTS:
             raise ConfigError(f"patch_start must be one of {', '.join(PATCH_STARTS)}; got {self.patch_start!r}")
-        if self.dormant_lift is not None and (isinstance(self.dormant_lift, bool)
-                                              or not isinstance(self.dormant_lift, (int, float))):
-            raise ConfigError(f"dormant_lift must be a number (logit units; inf switches the check off); got "
-                              f"{self.dormant_lift!r}")
-        if self.dormant_lift is not None and self.dormant_lift != self.dormant_lift:
-            raise ConfigError("dormant_lift must be a number of logits (inf switches the check off); got nan")
+        lift = self.dormant_lift
+        if lift is not None and (isinstance(lift, bool) or not isinstance(lift, (int, float)) or lift != lift):
+            raise ConfigError(f"dormant_lift must be a number (logit units; inf switches the check off); got {lift!r}")
         if self.flat_candidates < 0:
             raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
 
