@@ -113,6 +113,22 @@ def test_anchor_pulls_the_learned_text_features_to_it(random_backbone: ClipBackb
     assert pulled < 0.5 * free, (free, pulled)
 
 
+def test_guard_lowers_the_guarded_class_on_other_classes_images(random_backbone: ClipBackbone) -> None:
+    images, labels = _few_shot(random_backbone.image_size, shots=6)
+    # every image of classes 1-3 carries half the colour of class 0: the guarded class is where their mistakes go
+    images = torch.where((labels > 0)[:, None, None, None], 0.5 * images + 0.5 * COLOURS[0][:, None, None], images)
+
+    def guarded_share(weight: float) -> float:
+        model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4, csc=True, seed=0))
+        train_prompt(model, images, labels, TrainConfig(epochs=6, batch_size=8, lr=5e-3, seed=0, guard_class=0,
+                                                        guard_weight=weight))
+        probs = model.predict(images[labels != 0]).softmax(-1)  # (N', C)
+        return float(probs[:, 0].mean())
+
+    free, guarded = guarded_share(0.0), guarded_share(4.0)
+    assert guarded < 0.7 * free, (free, guarded)
+
+
 def test_bad_inputs_are_config_errors(random_backbone: ClipBackbone) -> None:
     images, labels = _few_shot(random_backbone.image_size, shots=1)
     model = PromptedCLIP(random_backbone, CoOpLearner(random_backbone, NAMES, n_ctx=4))
@@ -126,6 +142,12 @@ def test_bad_inputs_are_config_errors(random_backbone: ClipBackbone) -> None:
         TrainConfig(anchor_weight=-1.0)
     with pytest.raises(ConfigError, match="outlier_weight"):
         TrainConfig(outlier_weight=-0.5)
+    with pytest.raises(ConfigError, match="guard_weight"):
+        TrainConfig(guard_weight=-1.0)
+    with pytest.raises(ConfigError, match="guard_class"):
+        TrainConfig(guard_class=-1)
+    with pytest.raises(ConfigError, match="guard_class 4 is not a class index"):
+        train_prompt(model, images, labels, TrainConfig(epochs=1, guard_class=4, guard_weight=1.0))
     with pytest.raises(ConfigError, match="marks an outlier"):  # -2 is no label, and outliers alone teach no class
         train_prompt(model, images, labels - 2, CFG)
     with pytest.raises(ConfigError, match="at least one row needs a class"):

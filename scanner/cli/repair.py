@@ -10,6 +10,7 @@ backbone, detector failure) — nothing written; 4 no adapter recognises MODEL.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,15 @@ def _pct(v: float | None) -> str:
 @click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
               help="Pull the repaired text features towards the zero-shot twin's with weight W (KgCoOp's "
                    "regulariser; 0 = off). Raises clean accuracy; see the README for what it does to ASR.")
+@click.option("--target-guard", type=float, default=None, metavar="W",
+              help="Weight of a cost on sending images of other classes to the suspected target "
+                   "(-log(1 - p_target); 0 = off; default: the repair's).")
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the repair record as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None, report: Path | None,
-               save_detection: Path | None, mode: str, twin_anchor: float, ood_dir: Path | None, seed: int | None,
+               save_detection: Path | None, mode: str, twin_anchor: float, target_guard: float | None,
+               ood_dir: Path | None, seed: int | None,
                config: Path | None, backbones: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Repair a backdoored prompt: fine-tune it on labelled clean images plus the same images carrying the
     reconstructed trigger under their true labels; write the result next to MODEL (never over it).
@@ -68,6 +73,8 @@ def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None,
 
     try:
         cfg = RepairConfig(mode=mode, twin_anchor=twin_anchor)
+        if target_guard is not None:
+            cfg = replace(cfg, target_guard=target_guard)
     except ConfigError as exc:
         fail(str(exc), int(ExitCode.USAGE))
 
@@ -142,14 +149,15 @@ def _row_line(r: dict[str, Any]) -> str:
               help="pick those photos with a per-class quota of their pseudo-labels (default: the repair's)")
 @click.option("--ood-avoid-target/--no-ood-avoid-target", default=None,
               help="never label a photo with the suspected target (default: the repair's)")
+@click.option("--target-guard", type=float, default=None, metavar="W",
+              help="Weight of a cost on sending images of other classes to the suspected target "
+                   "(-log(1 - p_target); 0 = off; default: the repair's).")
 def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
                 models: str | None, twin_anchor: float, detections: Path | None, candidates: int | None,
                 ood_images: int | None, ood_labels: str | None, ood_balance: bool | None,
-                ood_avoid_target: bool | None) -> None:
+                ood_avoid_target: bool | None, target_guard: float | None) -> None:
     """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
     with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
-    from dataclasses import replace
-
     from scanner.clip import load_bundled
     from scanner.engine import DetectorConfig
     from scanner.repair import RepairConfig
@@ -160,7 +168,7 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
         if reinvert is not None:
             rep = replace(rep, reinvert_families=families_or_none(reinvert))
         given: dict[str, Any] = {"ood_images": ood_images, "ood_labels": ood_labels, "ood_balance": ood_balance,
-                                 "ood_avoid_target": ood_avoid_target}
+                                 "ood_avoid_target": ood_avoid_target, "target_guard": target_guard}
         rep = replace(rep, **{k: v for k, v in given.items() if v is not None})
         chosen = csv_set(models)
         det = DetectorConfig(n_images=n_images)

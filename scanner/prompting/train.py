@@ -48,6 +48,11 @@ class TrainConfig:
     # weight of the outlier-exposure term (Hendrycks et al., ICLR 2019) for rows labelled UNLABELLED: cross-entropy
     # to the uniform distribution, mean over those rows, added to the labelled rows' mean cross-entropy
     outlier_weight: float = 0.5
+    # a guarded class (e.g. a repair's suspected backdoor target): for every labelled row of another class,
+    # guard_weight times -log(1 - p_guard) is added (mean over those rows), a cost on sending that row to the guarded
+    # class on top of cross-entropy's; None: no such term
+    guard_class: int | None = None
+    guard_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.feature_batch_size < 1:
@@ -61,6 +66,10 @@ class TrainConfig:
             raise ConfigError(f"anchor_weight must be >= 0; got {self.anchor_weight}")
         if not self.outlier_weight >= 0:
             raise ConfigError(f"outlier_weight must be >= 0; got {self.outlier_weight}")
+        if not self.guard_weight >= 0:
+            raise ConfigError(f"guard_weight must be >= 0; got {self.guard_weight}")
+        if self.guard_class is not None and self.guard_class < 0:
+            raise ConfigError(f"guard_class must be a class index >= 0 or None; got {self.guard_class}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd'; got {self.optimizer!r}")
 
@@ -97,13 +106,21 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, outlier_weight: float) -> torch.Tensor:
-    """Mean cross-entropy of the labelled rows of ``logits`` (B, C), plus ``outlier_weight`` times the mean
-    cross-entropy to the uniform distribution of the rows labelled ``UNLABELLED`` (a term only when there are any)."""
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean cross-entropy of the labelled rows of ``logits`` (B, C), plus ``cfg.outlier_weight`` times the mean
+    cross-entropy to the uniform distribution of the rows labelled ``UNLABELLED`` (a term only when there are any),
+    plus ``cfg.guard_weight`` times the mean of -log(1 - p_guard) over the labelled rows of other classes."""
     known = y >= 0
     loss = F.cross_entropy(logits[known], y[known]) if bool(known.any()) else logits.new_zeros(())
     if not bool(known.all()):
-        loss = loss - outlier_weight * F.log_softmax(logits[~known], dim=-1).mean()
+        loss = loss - cfg.outlier_weight * F.log_softmax(logits[~known], dim=-1).mean()
+    if cfg.guard_class is not None and cfg.guard_weight > 0:
+        other = known & (y != cfg.guard_class)
+        if bool(other.any()):
+            logp = F.log_softmax(logits[other], dim=-1)  # (b, C)
+            # log(1 - p_guard) = logsumexp over the other classes' log-probabilities: exact where p_guard -> 1
+            rest = torch.cat([logp[:, :cfg.guard_class], logp[:, cfg.guard_class + 1:]], dim=1)  # (b, C - 1)
+            loss = loss - cfg.guard_weight * torch.logsumexp(rest, dim=1).mean()
     return loss
 
 
@@ -126,6 +143,8 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
             f"{tuple(labels.shape)}"
         )
     labels = labels.long()
+    if cfg.guard_class is not None and cfg.guard_class >= model.n_cls:
+        raise ConfigError(f"guard_class {cfg.guard_class} is not a class index of this model (0..{model.n_cls - 1})")
     if int(labels.min()) < UNLABELLED or int(labels.max()) >= model.n_cls or not bool((labels >= 0).any()):
         raise ConfigError(
             f"labels must lie in [0, {model.n_cls}) ({UNLABELLED} marks an outlier; at least one row needs a class); "
@@ -186,7 +205,7 @@ def train_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tensor
                     else:
                         txt = model.text_features(feats)  # (C, E), or (b, C, E) when image-conditioned
                         logits = model.logits_from_text(feats, txt)
-                loss = _loss(logits.float(), y, cfg.outlier_weight)
+                loss = _loss(logits.float(), y, cfg)
                 if anchor is not None:
                     loss = loss + cfg.anchor_weight * (txt.float() - anchor).square().sum(-1).mean()
                 opt.zero_grad(set_to_none=True)

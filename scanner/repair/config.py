@@ -60,6 +60,11 @@ class RepairConfig:
     # Off: it raises clean accuracy but brings the twin's own reading of the trigger with it (docs/history.md, session
     # 15: 6 seed-6 models at 8, CA 0.656 -> 0.696, ASR-ID 0.051 -> 0.198)
     twin_anchor: float = 0.0
+    # weight of a cost on sending an image of another class to the suspected target (train.TrainConfig.guard_weight:
+    # -log(1 - p_target), on clean, triggered, overlaid and OOD rows alike). What a repair must bring down is the
+    # share of non-target images predicted as the target, trigger or not: on hard datasets the target is also where
+    # the repaired prompt's own mistakes go. 0 = off
+    target_guard: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +83,8 @@ class RepairConfig:
         bad = [f for f in self.reinvert_families if f not in FAMILIES]
         if bad:
             raise ConfigError(f"reinvert_families must be a subset of {', '.join(FAMILIES)}; got {bad}")
+        if not self.target_guard >= 0:
+            raise ConfigError(f"repair target_guard must be >= 0; got {self.target_guard}")
         if not self.twin_anchor >= 0:
             raise ConfigError(f"repair twin_anchor must be >= 0; got {self.twin_anchor}")
         if not self.lr > 0:
