@@ -149,6 +149,26 @@ def test_twin_anchor_keeps_the_repaired_text_features_near_the_zero_shot_twin(ba
         RepairConfig(twin_anchor=-1.0)
 
 
+def test_target_guard_lowers_the_suspect_s_share_of_other_classes(backdoored: Backdoored) -> None:
+    """``target_guard`` adds W * -log(1 - p_target) for every row of another class: after the repair the
+    suspected target takes less probability from non-target images, clean or carrying the real trigger."""
+    b = backdoored
+    raw = _patch_raw(b.attack)
+    keep = b.y_te != TARGET
+    probe = torch.cat([b.x_te[keep], b.attack.apply(b.x_te[keep])])  # (2N', 3, S, S)
+
+    def target_mass(weight: float) -> float:
+        res = repair_prompt(b.model, b.x_tr, b.y_tr, [raw], replace(FAST, target_guard=weight), seed=0,
+                            target=TARGET)
+        assert res.config["target_guard"] == weight
+        return float(res.model.predict(probe).softmax(-1)[:, TARGET].mean())
+
+    free, guarded = target_mass(0.0), target_mass(3.0)
+    assert guarded < 0.8 * free, (free, guarded)
+    with pytest.raises(ConfigError, match="target_guard must be >= 0"):
+        RepairConfig(target_guard=-1.0)
+
+
 def test_augmentations_keep_pixels_in_range_and_count() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 64, 64, generator=gen)

@@ -140,6 +140,8 @@ def test_bad_data_folders_are_refused(world: World, tmp_path: Path) -> None:
     assert code == 2 and "too few readable images" in err and "at least 2" in err
     code, _, err = run(str(world.safetensors), "--data", str(tmp_path / "few"), "--twin-anchor", "-1")
     assert code == 2 and "twin_anchor must be >= 0" in err
+    code, _, err = run(str(world.safetensors), "--data", str(tmp_path / "few"), "--target-guard", "-1")
+    assert code == 2 and "target_guard must be >= 0" in err
     assert not list(world.safetensors.parent.glob("*.repaired.*"))
 
 
