@@ -165,6 +165,7 @@ def test_target_guard_lowers_the_suspect_s_share_of_other_classes(backdoored: Ba
 
     free, guarded = target_mass(0.0), target_mass(3.0)
     assert guarded < 0.8 * free, (free, guarded)
+    assert RepairConfig().target_guard == 3.0  # the default since session 30 (docs/preregistrations.md)
     with pytest.raises(ConfigError, match="target_guard must be >= 0"):
         RepairConfig(target_guard=-1.0)
 

@@ -63,8 +63,11 @@ class RepairConfig:
     # weight of a cost on sending an image of another class to the suspected target (train.TrainConfig.guard_weight:
     # -log(1 - p_target), on clean, triggered, overlaid and OOD rows alike). What a repair must bring down is the
     # share of non-target images predicted as the target, trigger or not: on hard datasets the target is also where
-    # the repaired prompt's own mistakes go. 0 = off
-    target_guard: float = 0.0
+    # the repaired prompt's own mistakes go. 0 = off. 3 is the default since session 30: pre-registered, judged on
+    # the 33 BadNets / Blended / WaNet models of the seed-21 p7 zoo, ASR-ID / ASR-OOD after 0.050 / 0.023 against
+    # 0.052 / 0.023, clean accuracy +0.064 against +0.066, 30 of 33 re-scanned clean both ways; on the 23 models whose
+    # suspect is the real target, ASR-ID 0.019 -> 0.009 (`python benchmarks/repair_modes.py`, docs/preregistrations.md)
+    target_guard: float = 3.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
