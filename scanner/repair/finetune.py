@@ -181,7 +181,9 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     land in the target either. When
     ``cfg.reinvert_families`` is not empty and a ``target`` and ``ood`` images are given, a second pass
     follows: CI's inversion is run against the repaired prompt and what still sends photos into the target
-    is stamped and unlearned too (``repair/reinvert.py``).
+    is stamped and unlearned too (``repair/reinvert.py``). With ``cfg.target_guard`` > 0 and a ``target``, every
+    row of another class also pays ``target_guard`` * -log(1 - p_target) (``TrainConfig.guard_weight``): the
+    target must not take the repaired prompt's mistakes either.
     Returns a :class:`RepairResult` holding a *new* model; ``model`` is not modified. Same seed and
     inputs give the same repair.
     """
