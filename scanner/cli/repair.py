@@ -28,6 +28,13 @@ REPAIR_MODES = ("reinit", "finetune")
 OOD_LABEL_CHOICES = ("zero-shot", "model", "outlier")
 
 
+# one flag for `repair` and `zoo repair-eval`: RepairConfig.target_guard, None keeping the repair's default
+target_guard_option = click.option(
+    "--target-guard", type=float, default=None, metavar="W",
+    help="Weight of a cost on sending images of other classes to the suspected target (-log(1 - p_target); "
+         "0 = off; default: the repair's).")
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
@@ -50,9 +57,7 @@ def _pct(v: float | None) -> str:
 @click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
               help="Pull the repaired text features towards the zero-shot twin's with weight W (KgCoOp's "
                    "regulariser; 0 = off). Raises clean accuracy; see the README for what it does to ASR.")
-@click.option("--target-guard", type=float, default=None, metavar="W",
-              help="Weight of a cost on sending images of other classes to the suspected target "
-                   "(-log(1 - p_target); 0 = off; default: the repair's).")
+@target_guard_option
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the repair record as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
@@ -149,9 +154,7 @@ def _row_line(r: dict[str, Any]) -> str:
               help="pick those photos with a per-class quota of their pseudo-labels (default: the repair's)")
 @click.option("--ood-avoid-target/--no-ood-avoid-target", default=None,
               help="never label a photo with the suspected target (default: the repair's)")
-@click.option("--target-guard", type=float, default=None, metavar="W",
-              help="Weight of a cost on sending images of other classes to the suspected target "
-                   "(-log(1 - p_target); 0 = off; default: the repair's).")
+@target_guard_option
 def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
                 models: str | None, twin_anchor: float, detections: Path | None, candidates: int | None,
                 ood_images: int | None, ood_labels: str | None, ood_balance: bool | None,

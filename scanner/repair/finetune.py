@@ -223,8 +223,7 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         cap = cfg.max_steps_conditioned if model.learner.image_conditioned else cfg.max_steps
         epochs = max(1, min(epochs, cap // steps_per_epoch))
         train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, bf16=cfg.bf16,
-                                anchor_weight=cfg.twin_anchor, guard_class=target if cfg.target_guard > 0 else None,
-                                guard_weight=cfg.target_guard)
+                                anchor_weight=cfg.twin_anchor, guard_class=target, guard_weight=cfg.target_guard)
         anchor = twin_text_features(model) if cfg.twin_anchor > 0 else None
         record = train_prompt(repaired, x, y, train_cfg, text_anchor=anchor)
         steps, losses = record.steps, list(record.losses)
