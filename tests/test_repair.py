@@ -170,6 +170,36 @@ def test_target_guard_lowers_the_suspect_s_share_of_other_classes(backdoored: Ba
         RepairConfig(target_guard=-1.0)
 
 
+def test_the_labelled_images_correct_a_wrong_suspect(backdoored: Backdoored) -> None:
+    """``reference_suspect``: a fresh prompt tuned on the labelled images carries no backdoor, so the delivered
+    prompt's class drift from it names the planted class, further out than a wrong suspect stands in CI's ranking.
+    The repair then guards the planted class instead: it takes less probability from non-target test images, clean
+    or carrying the real trigger."""
+    from scanner.repair.reference import choose_guard
+
+    b = backdoored
+    cfg = replace(FAST, reference_suspect=True)
+    wrong = (TARGET + 1) % N_CLS
+    choice = choose_guard(b.model, b.x_tr, b.y_tr, cfg, 0, None, wrong)
+    assert choice is not None and choice.named == TARGET and choice.guarded == TARGET
+    assert choice.suspect_anomaly is not None and choice.named_anomaly > choice.suspect_anomaly
+    # a suspect that stands out further than the labelled images' class keeps the guard
+    assert choose_guard(b.model, b.x_tr, b.y_tr, cfg, 0, None, TARGET).guarded == TARGET  # type: ignore[union-attr]
+    keep = b.y_te != TARGET
+    probe = torch.cat([b.x_te[keep], b.attack.apply(b.x_te[keep])])  # (2N', 3, S, S)
+
+    def target_mass(config: RepairConfig) -> tuple[float, int | None]:
+        res = repair_prompt(b.model, b.x_tr, b.y_tr, [], config, seed=0, target=wrong)
+        assert res.target_index == wrong  # the measures keep the detection's suspect
+        guarded = None if res.guard_choice is None else res.guard_choice.guarded
+        return float(res.model.predict(probe).softmax(-1)[:, TARGET].mean()), guarded
+
+    (alone, none), (checked, guarded) = target_mass(FAST), target_mass(cfg)
+    assert none is None and guarded == TARGET
+    assert checked < 0.8 * alone, (alone, checked)
+    assert not RepairConfig().reference_suspect  # an option until its pre-registered test is judged
+
+
 def test_augmentations_keep_pixels_in_range_and_count() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, 64, 64, generator=gen)

@@ -35,6 +35,20 @@ target_guard_option = click.option(
          "0 = off; default: the repair's).")
 
 
+# one flag for `repair` and `zoo repair-eval`: RepairConfig.reference_suspect, None keeping the repair's default
+reference_suspect_option = click.option(
+    "--reference-suspect/--no-reference-suspect", default=None,
+    help="Check the guarded class against the labelled images: the class whose prompt drifted furthest from a fresh "
+         "prompt tuned on them replaces the detection's suspect when it stands out further (one more tuning pass; "
+         "CoOp prompts; default: the repair's).")
+
+# one flag for `repair` and `zoo repair-eval`: RepairConfig.twin_anchor
+twin_anchor_option = click.option(
+    "--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
+    help="Pull the repaired text features towards the zero-shot twin's with weight W (KgCoOp's regulariser; "
+         "0 = off). Raises clean accuracy; see the README for what it does to ASR.")
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
@@ -54,16 +68,15 @@ def _pct(v: float | None) -> str:
 @click.option("--mode", type=click.Choice(REPAIR_MODES), default=REPAIR_MODES[0], show_default=True,
               help="reinit: a fresh context tuned on the repair set (the prompt is all a provider could plant a "
                    "backdoor in); finetune: re-align the delivered prompt.")
-@click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
-              help="Pull the repaired text features towards the zero-shot twin's with weight W (KgCoOp's "
-                   "regulariser; 0 = off). Raises clean accuracy; see the README for what it does to ASR.")
+@twin_anchor_option
 @target_guard_option
+@reference_suspect_option
 @model_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the repair record as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None, report: Path | None,
                save_detection: Path | None, mode: str, twin_anchor: float, target_guard: float | None,
-               ood_dir: Path | None, seed: int | None,
+               reference_suspect: bool | None, ood_dir: Path | None, seed: int | None,
                config: Path | None, backbones: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Repair a backdoored prompt: fine-tune it on labelled clean images plus the same images carrying the
     reconstructed trigger under their true labels; write the result next to MODEL (never over it).
@@ -78,8 +91,8 @@ def repair_cmd(model: Path, data_dir: Path, shots: int | None, out: Path | None,
 
     try:
         cfg = RepairConfig(mode=mode, twin_anchor=twin_anchor)
-        if target_guard is not None:
-            cfg = replace(cfg, target_guard=target_guard)
+        given: dict[str, Any] = {"target_guard": target_guard, "reference_suspect": reference_suspect}
+        cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     except ConfigError as exc:
         fail(str(exc), int(ExitCode.USAGE))
 
@@ -122,7 +135,8 @@ def _row_line(r: dict[str, Any]) -> str:
     def f(v: float | None) -> str:
         return "  – " if v is None else f"{v:.2f}"
 
-    return (f"{r['id']:22s} flagged={int(r['flagged'])} suspect={r['suspect']}/{r['truth_target']} "
+    guard = "" if r.get("guarded", r["suspect"]) == r["suspect"] else f"->{r['guarded']}"
+    return (f"{r['id']:22s} flagged={int(r['flagged'])} suspect={r['suspect']}{guard}/{r['truth_target']} "
             f"ASR-ID {f(r['asr_id_before'])}->{f(r['asr_id_after'])} ASR-OOD {f(r['asr_ood_before'])}->"
             f"{f(r['asr_ood_after'])} CA {r['ca_before']:.3f}->{r['ca_after']:.3f} "
             f"rescan={'B' if r['rescan_flagged'] else 'C'} ({r['repair_seconds']:.1f}s repair)")
@@ -138,8 +152,7 @@ def _row_line(r: dict[str, Any]) -> str:
 @click.option("--reinvert", default=None, metavar="F1,F2|none",
               help="families inverted against the repaired prompt for a second pass (default: the repair's)")
 @click.option("--models", default=None, metavar="ID1,ID2", help="repair only these models of the zoo")
-@click.option("--twin-anchor", type=float, default=0.0, show_default=True, metavar="W",
-              help="KgCoOp pull of the repaired text features to the zero-shot twin's (0 = off)")
+@twin_anchor_option
 @click.option("--detections", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="save each model's detection here and reuse it in later runs with the same detector settings")
 @click.option("--candidates", type=int, default=None, metavar="N",
@@ -155,10 +168,11 @@ def _row_line(r: dict[str, Any]) -> str:
 @click.option("--ood-avoid-target/--no-ood-avoid-target", default=None,
               help="never label a photo with the suspected target (default: the repair's)")
 @target_guard_option
+@reference_suspect_option
 def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_images: int, reinvert: str | None,
                 models: str | None, twin_anchor: float, detections: Path | None, candidates: int | None,
                 ood_images: int | None, ood_labels: str | None, ood_balance: bool | None,
-                ood_avoid_target: bool | None, target_guard: float | None) -> None:
+                ood_avoid_target: bool | None, target_guard: float | None, reference_suspect: bool | None) -> None:
     """Repair every backdoored model of a zoo with its dataset's few-shot split; per attack: ASR-ID / ASR-OOD
     with the real trigger and clean accuracy before -> after, share of repaired models that re-scan clean."""
     from scanner.clip import load_bundled
@@ -171,7 +185,8 @@ def repair_eval(zoo_dir: Path, json_out: Path | None, mode: str, seed: int, n_im
         if reinvert is not None:
             rep = replace(rep, reinvert_families=families_or_none(reinvert))
         given: dict[str, Any] = {"ood_images": ood_images, "ood_labels": ood_labels, "ood_balance": ood_balance,
-                                 "ood_avoid_target": ood_avoid_target, "target_guard": target_guard}
+                                 "ood_avoid_target": ood_avoid_target, "target_guard": target_guard,
+                                 "reference_suspect": reference_suspect}
         rep = replace(rep, **{k: v for k, v in given.items() if v is not None})
         chosen = csv_set(models)
         det = DetectorConfig(n_images=n_images)

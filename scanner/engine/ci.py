@@ -68,7 +68,7 @@ from scanner.engine.config import (
     DetectorConfig,
     scoring_families,
 )
-from scanner.engine.drift import prompt_drift
+from scanner.engine.drift import DRIFT_FLOOR, prompt_drift
 from scanner.engine.invert import (
     InversionSchedule,
     ReferenceModel,
@@ -100,7 +100,6 @@ from scanner.prompting.classifier import PromptedCLIP
 
 Progress = Callable[[str, int, int], None]
 MIN_GAIN = 0.5  # ci-plain: a flagged class's trigger must move at least half of the held-out images into it
-DRIFT_FLOOR = 1e-3  # lower bound on the MAD of the per-class drifts (unit-norm feature units)
 DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robust anomaly index passes k = 2
 # a drifted class is called awake at this share of the dormant margin: two weak signals together (full zoo,
 # margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; excess bars 0.40-0.50 give the same verdicts,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from scanner.prompting.classifier import PromptedCLIP
 
 DRIFT_IMAGES = 16  # clean images whose mean text feature stands for an image-conditioned prompt
+DRIFT_FLOOR = 1e-3  # lower bound on the MAD of the per-class drifts (unit-norm feature units)
 
 
 def prompt_drift(model: PromptedCLIP, zero_shot_text: torch.Tensor, clean_features: torch.Tensor) -> torch.Tensor:

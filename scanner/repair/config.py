@@ -68,6 +68,11 @@ class RepairConfig:
     # 0.052 / 0.023, clean accuracy +0.064 against +0.066, 30 of 33 re-scanned clean both ways; on the 23 models whose
     # suspect is the real target, ASR-ID 0.019 -> 0.009 (`python benchmarks/repair_modes.py`, docs/preregistrations.md)
     target_guard: float = 3.0
+    # check the guarded class (target_guard, ood_avoid_target) against the labelled images (repair/reference.py): the
+    # class whose prompt drifted furthest from a fresh prompt tuned on them replaces the detection's suspect when it
+    # stands out further. One more reinit tuning pass (CoOp learners only). Off until its pre-registered test is
+    # judged (docs/preregistrations.md, session 31)
+    reference_suspect: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

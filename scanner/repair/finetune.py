@@ -32,6 +32,7 @@ from scanner.prompting.train import UNLABELLED, TrainConfig, train_prompt
 from scanner.repair.augment import generic_overlays, stamp_triggers
 from scanner.repair.config import RepairConfig
 from scanner.repair.pseudo import balanced_pick, model_labels, twin_text_features, zero_shot_labels
+from scanner.repair.reference import GuardChoice, choose_guard
 from scanner.repair.reinvert import residual_triggers
 
 MEASURE_SEED_OFFSET = 7717  # the fixed draw of triggered images for before/after measures
@@ -69,6 +70,8 @@ class RepairResult:
     config: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     residual_forms: list[str] = field(default_factory=list)  # raw form of each trigger re-inverted after pass one
+    # the class guarded, checked against the labelled images (``cfg.reference_suspect``, repair/reference.py)
+    guard_choice: GuardChoice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (everything but the model)."""
@@ -78,6 +81,7 @@ class RepairResult:
             "target_index": self.target_index, "steps": self.steps, "epochs": self.epochs,
             "seconds": round(self.seconds, 3), "seed": self.seed, "config": dict(self.config),
             "residual_forms": list(self.residual_forms),
+            "guard_choice": None if self.guard_choice is None else self.guard_choice.to_dict(),
             "losses": [round(v, 5) for v in self.losses],
         }
 
@@ -183,7 +187,10 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     follows: CI's inversion is run against the repaired prompt and what still sends photos into the target
     is stamped and unlearned too (``repair/reinvert.py``). With ``cfg.target_guard`` > 0 and a ``target``, every
     row of another class also pays ``target_guard`` * -log(1 - p_target) (``TrainConfig.guard_weight``): the
-    target must not take the repaired prompt's mistakes either.
+    target must not take the repaired prompt's mistakes either. With ``cfg.reference_suspect`` (CoOp learners), the
+    guarded and avoided class is checked against ``images``: the class whose prompt drifted furthest from a fresh
+    prompt tuned on them replaces ``target`` when it stands out further (``repair/reference.py``); the measures keep
+    ``target``.
     Returns a :class:`RepairResult` holding a *new* model; ``model`` is not modified. Same seed and
     inputs give the same repair.
     """
@@ -201,6 +208,8 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
     if target is not None and not 0 <= target < model.n_cls:
         raise ConfigError(f"target {target} is not a class index of this model (0..{model.n_cls - 1})")
     images = images.float()
+    choice = choose_guard(model, images, labels, cfg, seed, ood, target) if cfg.reference_suspect else None
+    guarded = choice.guarded if choice is not None else target  # guarded and kept out of the OOD pseudo-labels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -211,7 +220,7 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         copies = cfg.trigger_copies if trigs else 0
         base_x, base_y = images, labels
         if ood is not None and cfg.ood_images > 0:
-            extra, pseudo = ood_part(model, ood.to(images), cfg, target)
+            extra, pseudo = ood_part(model, ood.to(images), cfg, guarded)
             base_x, base_y = torch.cat([images, extra]), torch.cat([labels, pseudo.to(labels.device)])
         parts = [base_x, stamp_triggers(base_x, trigs, copies, cfg.max_shift, gen),
                  generic_overlays(base_x, cfg.generic_copies, gen)]
@@ -223,7 +232,8 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         cap = cfg.max_steps_conditioned if model.learner.image_conditioned else cfg.max_steps
         epochs = max(1, min(epochs, cap // steps_per_epoch))
         train_cfg = TrainConfig(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, bf16=cfg.bf16,
-                                anchor_weight=cfg.twin_anchor, guard_class=target, guard_weight=cfg.target_guard)
+                                anchor_weight=cfg.twin_anchor, guard_class=guarded,
+                                guard_weight=cfg.target_guard)
         anchor = twin_text_features(model) if cfg.twin_anchor > 0 else None
         record = train_prompt(repaired, x, y, train_cfg, text_anchor=anchor)
         steps, losses = record.steps, list(record.losses)
@@ -244,5 +254,5 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         model=repaired, mode=cfg.mode, before=before, after=after, n_images=images.shape[0], n_trained=x.shape[0],
         trigger_forms=[raw_form(t) for t in trigs], target_index=target, steps=steps, epochs=epochs,
         seconds=time.perf_counter() - start, seed=seed, config=cfg.to_dict(), losses=losses,
-        residual_forms=[raw_form(t) for t in residual],
+        residual_forms=[raw_form(t) for t in residual], guard_choice=choice,
     )
