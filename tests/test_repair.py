@@ -197,7 +197,7 @@ def test_the_labelled_images_correct_a_wrong_suspect(backdoored: Backdoored) -> 
     (alone, none), (checked, guarded) = target_mass(FAST), target_mass(cfg)
     assert none is None and guarded == TARGET
     assert checked < 0.8 * alone, (alone, checked)
-    assert not RepairConfig().reference_suspect  # an option until its pre-registered test is judged
+    assert not RepairConfig().reference_suspect  # an option: its pre-registered test failed (session 31)
 
 
 def test_augmentations_keep_pixels_in_range_and_count() -> None:

@@ -91,6 +91,7 @@ def test_safetensors_model_is_repaired_next_to_it_with_metadata(world: World, bu
     assert len(rep["data"]["sha256"]) == 64 and rep["data"]["images"] == 9
     assert rep["trigger"]["classes"] == [1] and rep["trigger"]["forms"] == ["patch"]
     assert rep["trigger"]["detection"] == str(world.detection) and rep["settings"]["mode"] == "reinit"
+    assert rep["trigger"]["guard_choice"] is None and not rep["settings"]["reference_suspect"]  # off by default
     assert not torch.equal(ck.learner.ctx, load_checkpoint(world.safetensors, bundled_backbone).learner.ctx)
 
 
@@ -103,13 +104,17 @@ def test_dassl_model_is_written_as_a_dassl_directory(world: World, bundled_backb
     sha = model_sha256(world.dassl)
     out = tmp_path / "fixed-model"
     code, _, err = run(str(world.dassl), "--data", str(world.data), "--report", str(tmp_path / "det.safetensors"),
-                       "--out", str(out), "--shots", "2", "--json", "--quiet")
+                       "--out", str(out), "--shots", "2", "--json", "--quiet", "--reference-suspect")
     assert code == 0, err
     assert model_sha256(world.dassl) == sha
     ck = load_checkpoint(out, bundled_backbone)
     assert ck.format == "dassl" and ck.epoch == 7 and (out / "prompt_learner" / "model.pth.tar-7").is_file()
     meta = json.loads((out / "scanner.json").read_text())
     assert meta["repair"]["source"]["adapter"] == "coop" and meta["repair"]["data"]["images"] == 6
+    # --reference-suspect: the guarded class was checked against the labelled images, and the record says how
+    choice = meta["repair"]["trigger"]["guard_choice"]
+    assert meta["repair"]["settings"]["reference_suspect"] and choice["guarded"] in (1, choice["named"])
+    assert 0 <= choice["named"] < len(NAMES) and choice["suspect_anomaly"] is not None
 
 
 def test_the_input_is_never_overwritten(world: World, tmp_path: Path) -> None:

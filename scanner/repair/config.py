@@ -70,8 +70,9 @@ class RepairConfig:
     target_guard: float = 3.0
     # check the guarded class (target_guard, ood_avoid_target) against the labelled images (repair/reference.py): the
     # class whose prompt drifted furthest from a fresh prompt tuned on them replaces the detection's suspect when it
-    # stands out further. One more reinit tuning pass (CoOp learners only). Off until its pre-registered test is
-    # judged (docs/preregistrations.md, session 31)
+    # stands out further. One more reinit tuning pass (CoOp learners only). Off: its pre-registered test failed on the
+    # 33 seed-22 p7 backdoors (ASR-ID / ASR-OOD after 0.030 / 0.059 against 0.028 / 0.036, re-scan clean 27 against
+    # 28 of 33; one 4-class model, sizes/badnets, lost its right suspect; docs/preregistrations.md, session 31)
     reference_suspect: bool = False
 
     def __post_init__(self) -> None:

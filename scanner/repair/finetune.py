@@ -238,9 +238,9 @@ def repair_prompt(model: PromptedCLIP, images: torch.Tensor, labels: torch.Tenso
         record = train_prompt(repaired, x, y, train_cfg, text_anchor=anchor)
         steps, losses = record.steps, list(record.losses)
         residual: list[torch.Tensor] = []
-        if cfg.reinvert_families and target is not None and ood is not None:
-            # what still sends photos into the target after the first pass joins the set (repair/reinvert.py)
-            residual = residual_triggers(repaired, target, ood.to(images), cfg.reinvert_families,
+        if cfg.reinvert_families and guarded is not None and ood is not None:
+            # what still sends photos into the guarded class after the first pass joins the set (repair/reinvert.py)
+            residual = residual_triggers(repaired, guarded, ood.to(images), cfg.reinvert_families,
                                          cfg.reinvert_images, gen)
             copies = cfg.trigger_copies or 1
             x = torch.cat([x, stamp_triggers(base_x, residual, copies, cfg.max_shift, gen)])

@@ -12,7 +12,9 @@ the reference) than the detection's suspect does in CI's (drift from plain promp
 (seed-21 p7 zoo, 33 CSC backdoors, ``runs/s31/relabel.py``, not shipped): the furthest drift from the reference named
 the target in 27 of 33 models, CI's ranking in 23; the larger anomaly of the two in 28. Guarding both classes
 instead was tried on 11 of those models and made three repaired prompts re-scan as backdoored (docs/history.md,
-session 31).
+session 31). Judged on the 33 backdoors of a new seed-22 zoo it failed its pre-registered test and stays an option
+(``RepairConfig.reference_suspect``): it changed the guarded class on 4 models, rightly on 2; on a 4-class task it
+overrode a right suspect, and that repair's ASR-OOD went 0.00 -> 0.79 (docs/preregistrations.md).
 
 Only prompts that do not read the image are checked: an image-conditioned prompt (CoCoOp) has no class-specific
 context, its drift ranks BadCLIP targets poorly (docs/history.md, session 12), and a second tuning pass would take a
