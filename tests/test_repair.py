@@ -192,6 +192,7 @@ def test_the_labelled_images_correct_a_wrong_suspect(backdoored: Backdoored) -> 
         res = repair_prompt(b.model, b.x_tr, b.y_tr, [], config, seed=0, target=wrong)
         assert res.target_index == wrong  # the measures keep the detection's suspect
         guarded = None if res.guard_choice is None else res.guard_choice.guarded
+        assert res.guarded == (wrong if guarded is None else guarded)  # what was guarded, either way
         return float(res.model.predict(probe).softmax(-1)[:, TARGET].mean()), guarded
 
     (alone, none), (checked, guarded) = target_mass(FAST), target_mass(cfg)

@@ -34,7 +34,6 @@ target_guard_option = click.option(
     help="Weight of a cost on sending images of other classes to the suspected target (-log(1 - p_target); "
          "0 = off; default: the repair's).")
 
-
 # one flag for `repair` and `zoo repair-eval`: RepairConfig.reference_suspect, None keeping the repair's default
 reference_suspect_option = click.option(
     "--reference-suspect/--no-reference-suspect", default=None,

@@ -73,6 +73,12 @@ class RepairResult:
     # the class guarded, checked against the labelled images (``cfg.reference_suspect``, repair/reference.py)
     guard_choice: GuardChoice | None = None
 
+    @property
+    def guarded(self) -> int | None:
+        """The class the repair guarded and kept out of the OOD pseudo-labels: the checked choice when there is one,
+        else the suspected target."""
+        return self.guard_choice.guarded if self.guard_choice is not None else self.target_index
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (everything but the model)."""
         return {

@@ -222,7 +222,7 @@ def repair_one(zoo: Path, m: dict[str, Any], backbone: ClipBackbone, pool: torch
         "n_classes": m["n_classes"], "truth_target": target, "real_trigger": attack is not None,
         "real_trigger_note": why, "flagged": res.backdoored, "suspect": suspect,
         "suspect_is_target": suspect == target, "n_triggers": len(triggers),
-        "guarded": rep.guard_choice.guarded if rep.guard_choice is not None else suspect,
+        "guarded": rep.guarded,
         "ca_before": E.clean_accuracy(model, x_te, y_te), "ca_after": E.clean_accuracy(rep.model, x_te, y_te),
         "asr_id_before": asr_id_b, "asr_id_after": asr_id_a, "asr_ood_before": asr_ood_b, "asr_ood_after": asr_ood_a,
         "asr_id_clean_model": asr_id_ref, "asr_ood_clean_model": asr_ood_ref,
