@@ -194,6 +194,10 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
 @click.option("--conditioned-families", default=None, metavar="F1,F2|none",
               help="families CI adds for image-conditioned models (default: the detector's, additive)")
 @trigger_score_option
+@click.option("--student-steps", type=click.IntRange(0), default=None,
+              help="CI: distil a student prompt from the suspect on clean OOD photos in this many Adam steps and "
+                   "record what every trigger does to it (default: the detector's; 0: none; --trigger-score "
+                   "patch-student scores by it)")
 @click.option("--scored-families-only", is_flag=True,
               help="CI: search only the trigger families its score reads (patch-margin reads the patch alone): "
                    "half the time, other random draws; the default line was fitted with every family searched")
@@ -209,8 +213,9 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
           flat_candidates: int | None, kappa: float | None,
           restarts: int | None, restart_rule: str | None, patch_start: str | None, dormant_lift: float | None,
           precision: str | None, awake_candidate: bool, families: str | None, conditioned_ranking: str | None,
-          conditioned_families: str | None, trigger_score: str | None, scored_families_only: bool,
-          device: str, shard: str | None, learners: str | None, attack_names: str | None) -> None:
+          conditioned_families: str | None, trigger_score: str | None, student_steps: int | None,
+          scored_families_only: bool, device: str, shard: str | None, learners: str | None,
+          attack_names: str | None) -> None:
     """Run detectors on every model of a zoo; print accuracy, AUROC, TPR/FPR, target accuracy, seconds."""
     from dataclasses import replace
 
@@ -253,6 +258,8 @@ def eval_(zoo_dir: Path, detectors: str, json_out: Path | None, seed: int, n_ima
             cfg = replace(cfg, conditioned_reach=conditioned_ranking == "reach")
         if conditioned_families is not None:
             cfg = replace(cfg, conditioned_families=families_or_none(conditioned_families))
+        if student_steps is not None:
+            cfg = replace(cfg, student_steps=student_steps)
         if trigger_score is not None:
             cfg = replace(cfg, trigger_score=trigger_score)
         if scored_families_only:

@@ -71,6 +71,7 @@ from scanner.engine.config import (
 from scanner.engine.drift import DRIFT_FLOOR, prompt_drift
 from scanner.engine.invert import (
     InversionSchedule,
+    LogitHead,
     ReferenceModel,
     autocast,
     class_shares,
@@ -86,6 +87,7 @@ from scanner.engine.margins import class_margins, margin_quantiles
 from scanner.engine.reach import REACH_IMAGES, reach_ratio
 from scanner.engine.result import ClassEvidence, DetectionResult
 from scanner.engine.scoring import anomaly_index
+from scanner.engine.student import StudentModel, distil_student
 from scanner.engine.triggers import (
     AdditiveTrigger,
     BlendTrigger,
@@ -105,6 +107,9 @@ DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robu
 # margin 0.8: WaNet 5 -> 8 of 12 flagged, no new false positive; excess bars 0.40-0.50 give the same verdicts,
 # 0.30 adds a false positive)
 DRIFTED_BAR = 0.6
+# what a search from each start records of its trigger (``_search_from_starts``): enough for any margin score
+START_KEYS = ("gain", "margin", "stu_margin", "ref_margin")
+STUDENT_SHIFT = 5.0  # PLACEHOLDER: to be fitted on the dev zoos
 
 
 def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Tensor:
@@ -148,15 +153,39 @@ def family_value(evidence: dict[str, float], family: str, trigger_score: str,
         return trigger_gain(evidence[f"margin_{family}"], evidence[f"ref_margin_{family}"],
                             evidence["natural_margin"], evidence["twin_margin"])
     if trigger_score in MARGIN_SCORES:
-        margin = evidence[f"margin_{family}"]
-        if trigger_score == "patch-twin":
-            # a natural trigger draws the class's evidence, so plain prompts concede the class too (the twin's margin
-            # rises with the suspect's); a planted one convinces the suspect alone (the twin's margin stays low)
-            margin -= twin_weight * evidence[f"ref_margin_{family}"]
-        # a trigger that moves no held-out image into the class beyond the twin is no trigger: a class that wins
-        # clean photos by a wide margin already (a colour task's "gray" on OOD photos) keeps that margin under it
-        return margin if evidence[f"gain_{family}"] > 0 else min(margin, 0.0)
+        # a saved search from several starts: the best start under this score, whichever one its run kept (the
+        # run kept the best under its own score, so for that score this is the kept start's value)
+        starts = start_evidence(evidence, family)
+        if starts:
+            return max(_margin_value(ev, family, trigger_score, twin_weight) for ev in starts)
+        return _margin_value(evidence, family, trigger_score, twin_weight)
     return evidence[f"gain_{family}"]
+
+
+def start_evidence(evidence: Mapping[str, float], family: str) -> list[dict[str, float]]:
+    """One evidence dict per recorded start of ``family``'s search (``START_KEYS`` of each start overlaid on the
+    class's evidence); empty when the evidence records no start's keys (one start, or rows before session 32)."""
+    suffix = f"_start_margin_{family}"
+    starts = [key[: -len(suffix)] for key in evidence if key.endswith(suffix)]
+    return [{**evidence, **{f"{key}_{family}": evidence[f"{s}_start_{key}_{family}"] for key in START_KEYS
+                            if f"{s}_start_{key}_{family}" in evidence}} for s in starts]
+
+
+def _margin_value(evidence: Mapping[str, float], family: str, trigger_score: str, twin_weight: float) -> float:
+    """``family_value`` of one search under a margin score (``MARGIN_SCORES``)."""
+    margin = evidence[f"margin_{family}"]
+    if trigger_score == "patch-student" and f"stu_margin_{family}" in evidence:  # none: image-conditioned
+        # a natural trigger draws evidence the tuned prompt reads, and a student distilled on clean photos reads it
+        # too (its margin rises with the suspect's); a planted one convinces the suspect alone. The patch margin
+        # stays the score, capped where the suspect's lead over the student is small (STUDENT_SHIFT)
+        margin = min(margin, margin - evidence[f"stu_margin_{family}"] + STUDENT_SHIFT)
+    if trigger_score == "patch-twin":
+        # a natural trigger draws the class's evidence, so plain prompts concede the class too (the twin's margin
+        # rises with the suspect's); a planted one convinces the suspect alone (the twin's margin stays low)
+        margin -= twin_weight * evidence[f"ref_margin_{family}"]
+    # a trigger that moves no held-out image into the class beyond the twin is no trigger: a class that wins clean
+    # photos by a wide margin already (a colour task's "gray" on OOD photos) keeps that margin under it
+    return margin if evidence[f"gain_{family}"] > 0 else min(margin, 0.0)
 
 
 def candidate_score(values: Sequence[float], bonus: float, trigger_score: str) -> float:
@@ -352,6 +381,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
     with frozen_learner(model):
         ref, feats = trusted_twin(model, opt_x, cfg)
         plain = ref.zero_shot()
+        # no fixed class prompts to relearn in an image-conditioned learner
+        student = (distil_student(model, feats, cfg.student_steps, cfg.student_lr)
+                   if cfg.student_steps and not conditioned else None)
+        z_stu = student.logits(model.image_features(hold_x)) if student is not None else None  # (N_hold, C)
         # one pass over the clean hold-out: the suspect's shares, plain prompts' (a prompt that sends far more OOD
         # photos to a class than zero-shot does is not dormant, ``ci_verdict``) and the twin's (where each
         # trigger's effect on the twin is measured from, ``trigger_gain``)
@@ -386,11 +419,16 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         scoring = scoring_families(families, cfg.trigger_score)
         for t in cands:
             values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)
+            if student is not None and z_stu is not None:
+                # the clean hold-out as the student reads it
+                evidence[t].update(student_share=float(shares(z_stu)[t]),
+                                   student_margin=float(margin_quantiles(class_margins(z_stu)[:, t:t + 1])[1, 0]),
+                                   student_agreement=student.agreement)
             for fam in families:
                 # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean or the
                 # best one's (``restart_rule``)
                 runs = [_search_from_starts(model, ref, t, fam, opt_x, hold_x, cfg, gen, evidence[t],
-                                            (float(natural[t]), float(twin_natural[t])))
+                                            (float(natural[t]), float(twin_natural[t])), student)
                         for _ in range(cfg.restarts if fam in scoring else 1)]
                 # each restart's own value (a run's keys are all of this family's, so the class keys it also reads
                 # are the same before and after the family's evidence is written below), and the restart whose
@@ -423,11 +461,15 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
 
 def _search_from_starts(model: PromptedCLIP, ref: ReferenceModel, t: int, fam: str, opt_x: torch.Tensor,
                         hold_x: torch.Tensor, cfg: DetectorConfig, gen: torch.Generator, known: dict[str, float],
-                        shares_t: tuple[float, float]) -> tuple[dict[str, float], Trigger]:
+                        shares_t: tuple[float, float], student: StudentModel | None = None
+                        ) -> tuple[dict[str, float], Trigger]:
     """One search of ``fam``'s trigger for class ``t``: from each of the family's starts (``patch_starts``), the
     measured trigger whose value is highest (the first of equals), with every start's value recorded as
-    ``<start>_start_<fam>`` when there are several. ``known``: the class's evidence so far (what a value reads
-    besides the family's own keys); ``shares_t``: the class's clean shares in the suspect and the twin."""
+    ``<start>_start_<fam>`` when there are several, with what a margin score of any kind reads of it
+    (``<start>_start_<key>_<fam>``: the gain, the median margin and, with a ``student``, its median margin), so that
+    a saved run can pick its start again under another score. ``known``: the class's evidence so far (what a
+    value reads besides the family's own keys); ``shares_t``: the class's clean shares in the suspect and the
+    twin."""
     starts = patch_starts(fam, cfg)
     fork = gen.get_state()
     tried: list[tuple[dict[str, float], Trigger]] = []
@@ -439,11 +481,13 @@ def _search_from_starts(model: PromptedCLIP, ref: ReferenceModel, t: int, fam: s
             gen.set_state(fork)
         trig = make_trigger(fam, opt_x.shape[-1], cfg, gen, opt_x.device, start)
         invert_for(model, ref, t, fam, opt_x, cfg, gen, trig)
-        tried.append(measure_trigger(model, ref, trig, t, fam, hold_x, *shares_t, cfg.bf16_on))
+        tried.append(measure_trigger(model, ref, trig, t, fam, hold_x, *shares_t, cfg.bf16_on, student))
     if len(tried) == 1:
         return tried[0]
     own, (top_ev, trig) = _best_search(tried, known, fam, cfg.trigger_score)
-    return {**top_ev, **{f"{start}_start_{fam}": v for start, v in zip(starts, own, strict=True)}}, trig
+    per_start = {f"{start}_start_{key}_{fam}": ev[f"{key}_{fam}"]
+                 for start, (ev, _) in zip(starts, tried, strict=True) for key in START_KEYS if f"{key}_{fam}" in ev}
+    return {**top_ev, **per_start, **{f"{start}_start_{fam}": v for start, v in zip(starts, own, strict=True)}}, trig
 
 
 def _best_search(searches: Sequence[tuple[dict[str, float], Trigger]], known: dict[str, float], fam: str,
@@ -455,19 +499,26 @@ def _best_search(searches: Sequence[tuple[dict[str, float], Trigger]], known: di
 
 
 def measure_trigger(model: PromptedCLIP, ref: ReferenceModel, trig: Trigger, t: int, fam: str, hold_x: torch.Tensor,
-                    natural: float, twin_natural: float, bf16: bool) -> tuple[dict[str, float], Trigger]:
+                    natural: float, twin_natural: float, bf16: bool, student: StudentModel | None = None
+                    ) -> tuple[dict[str, float], Trigger]:
     """What ``trig`` does to class ``t`` on the held-out images, as evidence keys of family ``fam``; ``natural``
-    and ``twin_natural`` are the class's clean shares in the suspect and the twin."""
-    zt_sus, zt_ref = panel_logits(model, (ref,), trig, hold_x, bf16)  # 2 x (N, C)
+    and ``twin_natural`` are the class's clean shares in the suspect and the twin; with a ``student``, what it
+    does to the student too (the same encoder pass)."""
+    heads: tuple[LogitHead, ...] = (ref,) if student is None else (ref, student)
+    zt_sus, zt_ref, *zt_stu = panel_logits(model, heads, trig, hold_x, bf16)  # 2 or 3 x (N, C)
     s_sus, s_ref = shares(zt_sus), shares(zt_ref)
     # what the trigger does to the suspect beyond what it does to its clean twin
     gain = trigger_gain(float(s_sus[t]), float(s_ref[t]), natural, twin_natural)
     # the same trigger's margins at t (10th pct, median): they keep growing where the shares saturate
     m_sus = margin_quantiles(class_margins(zt_sus)[:, t:t + 1])[:, 0]  # (2,)
     m_ref = margin_quantiles(class_margins(zt_ref)[:, t:t + 1])[:, 0]  # (2,)
-    return ({f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
-             f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain, f"margin10_{fam}": float(m_sus[0]),
-             f"margin_{fam}": float(m_sus[1]), f"ref_margin_{fam}": float(m_ref[1])}, trig)
+    ev = {f"asr_{fam}": float(s_sus[t]), f"ref_asr_{fam}": float(s_ref[t]),
+          f"size_{fam}": float(trig.size().detach()), f"gain_{fam}": gain, f"margin10_{fam}": float(m_sus[0]),
+          f"margin_{fam}": float(m_sus[1]), f"ref_margin_{fam}": float(m_ref[1])}
+    if zt_stu:
+        ev[f"stu_asr_{fam}"] = float(shares(zt_stu[0])[t])
+        ev[f"stu_margin_{fam}"] = float(margin_quantiles(class_margins(zt_stu[0])[:, t:t + 1])[1, 0])
+    return ev, trig
 
 
 def run_ci_plain(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: int,

@@ -60,8 +60,9 @@ PATCH_TWIN_THRESHOLD = 7.375
 # between zoos; it is kept as the value `zoo eval --dormant-lift` and the option were judged at.
 DORMANT_LIFT_LINE = -0.875
 TWIN_MARGIN_WEIGHT = 1.0
-TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin")
-MARGIN_SCORES = ("patch-margin", "patch-twin")  # scores read from the patch trigger's median margin
+TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin", "patch-student")
+# scores read from the patch trigger's median margin
+MARGIN_SCORES = ("patch-margin", "patch-twin", "patch-student")
 DORMANCY_OFF = 1.0  # a dormant margin this high switches CI's dormancy channel off (``ci_verdict``)
 FLAT_ANOMALY = 2.0  # a top ranking anomaly under this names no suspect (DetectorConfig.flat_candidates)
 RESTART_RULES = ("mean", "best")  # how DetectorConfig.restarts searches make a candidate's evidence
@@ -190,6 +191,12 @@ class DetectorConfig:
     patch_start: str = "both"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
+    # Adam steps of the distilled student (engine/student.py: a fresh class-specific prompt tuned to agree with the
+    # suspect on the clean optimisation split); 0: no student. With one, every measured trigger also records what it
+    # does to the student (``stu_asr_<family>``, ``stu_margin_<family>``), and "patch-student" scores by it. The
+    # searches draw the same numbers either way: the student has its own generator
+    student_steps: int = 0
+    student_lr: float = 3e-3  # the student's Adam step
     reference_weight: float = 1.0  # weight of "keep the zero-shot twin unmoved" in CI's objectives
     threshold: float | None = None  # None = DEFAULT_THRESHOLDS[detector]; `scanner calibrate` fits it
     score_floor: float = 0.05  # lower bound on the MAD denominator (score units) so ties are not anomalies
@@ -249,6 +256,11 @@ class DetectorConfig:
         lift = self.dormant_lift
         if lift is not None and (isinstance(lift, bool) or not isinstance(lift, (int, float)) or lift != lift):
             raise ConfigError(f"dormant_lift must be a number (logit units; inf switches the check off); got {lift!r}")
+        if self.student_steps < 0 or not self.student_lr > 0:
+            raise ConfigError(f"student_steps must be >= 0 (0: no student) and student_lr > 0; got "
+                              f"{self.student_steps}, {self.student_lr}")
+        if self.trigger_score == "patch-student" and not self.student_steps:
+            raise ConfigError("trigger_score 'patch-student' reads the distilled student: set student_steps > 0")
         if self.flat_candidates < 0:
             raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
 
@@ -284,7 +296,8 @@ class DetectorConfig:
             return self.threshold
         if self.detector == "ci" and self.trigger_score == "margin":
             return MARGIN_THRESHOLD
-        if self.detector == "ci" and self.trigger_score == "patch-margin":
+        if self.detector == "ci" and self.trigger_score in ("patch-margin", "patch-student"):
+            # patch-student caps the patch margin (``ci.family_value``): the same line
             return BOTH_STARTS_THRESHOLD if self.patch_start == "both" else PATCH_MARGIN_THRESHOLD
         if self.detector == "ci" and self.trigger_score == "patch-twin":
             return PATCH_TWIN_THRESHOLD

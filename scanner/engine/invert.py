@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -232,8 +233,14 @@ def optimise_pair(model: PromptedCLIP, reference: ReferenceModel, trigger: Trigg
     return _adam_loop(trigger, pool, schedule, generator, batch_loss, size_weight)
 
 
+class LogitHead(Protocol):
+    """Anything that scores image features (B, E) as (B, C) logits: the twin, the distilled student."""
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor: ...
+
+
 @torch.no_grad()
-def panel_logits(model: PromptedCLIP, references: Sequence[ReferenceModel], trigger: Trigger | None,
+def panel_logits(model: PromptedCLIP, references: Sequence[LogitHead], trigger: Trigger | None,
                  pool: torch.Tensor, bf16: bool, batch_size: int = 256) -> list[torch.Tensor]:
     """Logits (N, C) of the suspect, then of each reference (log panel probabilities), from one encoder pass
     over ``pool``; fp32 on the CPU whatever device the pool is on (they become evidence floats)."""

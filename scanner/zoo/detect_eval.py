@@ -34,7 +34,7 @@ INT8_GATE_IMAGES = 256  # scanner.accel.features.INT8_GATE_IMAGES (not imported:
 # before they existed: a saved run without the field resumes as a run with this value (whatever the default is now)
 FIELD_ADDED: dict[str, Any] = {"search_all_families": True, "restarts": 1, "awake_candidate": False,
                                "restart_rule": "mean", "flat_candidates": 0, "patch_start": "soft",
-                               "dormant_lift": None}
+                               "dormant_lift": None, "student_steps": 0, "student_lr": 3e-3}
 EVAL_SEED_OFFSET = 12345  # the detector's OOD pool is drawn apart from the zoo's ASR pool
 
 
