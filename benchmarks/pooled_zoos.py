@@ -17,6 +17,10 @@ target (the zoo manifest's ``asr_ood``; give each file's zoo as ``FILE:ZOO_DIR``
 reads OOD photos alone, and a planted trigger that does not fire on them is not the threat it is built for (the
 paper's: a trigger that works "even for OOD data"). How many backdoors each zoo drops is printed.
 
+``--trigger-score NAME`` (with ``--lines default``) decides by another score at its own default line: e.g.
+``patch-student`` on runs made with ``scanner zoo eval --student-steps N``, paired with today's score on the same
+rows (the student moves no search, so one run holds both).
+
 ``--learner NAME`` keeps only the rows of one learner (``coop-csc``, ``coop``, ``cocoop``): a p7 zoo's backdoors are
 all CSC-CoOp while half its clean models are CoCoOp, which CI rarely flags, so the CSC rows alone compare like with
 like (their FPR is over the clean CSC models only).
@@ -27,25 +31,34 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scanner.engine.config import DetectorConfig
+from scanner.engine.config import TRIGGER_SCORES, DetectorConfig
 from scanner.zoo.detect_eval import decided_as_run, decided_by, metrics, rows_of
 
 FIGURES = ("accuracy", "tpr", "fpr", "target_accuracy", "auroc")
 
 
-def load(path: Path, lines: str) -> list[dict[str, Any]]:
-    """The CI rows of one file, each carrying the verdict at the chosen lines."""
-    rows = [r for r in rows_of(json.loads(path.read_text())) if r["detector"] == "ci"]
+def load(path: Path, lines: str, trigger_score: str | None = None) -> list[dict[str, Any]]:
+    """The CI rows of one file, each carrying the verdict at the chosen lines (``trigger_score``: today's default
+    settings with that score instead, at its own default line)."""
+    data = json.loads(path.read_text())
+    rows = [r for r in rows_of(data) if r["detector"] == "ci"]
     if not rows:
         raise SystemExit(f"{path}: no CI rows (run `scanner zoo eval ZOO --detectors ci --json {path}`)")
     if lines == "own":
         return [decided_as_run(r) for r in rows]
-    return [decided_by(r, DetectorConfig()) for r in rows]
+    cfg = DetectorConfig()
+    if trigger_score is not None:
+        steps = int((data.get("config") or {}).get("student_steps") or 0)
+        if trigger_score == "patch-student" and not steps:
+            raise SystemExit(f"{path}: its run distilled no student (run `scanner zoo eval ... --student-steps N`)")
+        cfg = replace(cfg, trigger_score=trigger_score, student_steps=steps)
+    return [decided_by(r, cfg) for r in rows]
 
 
 def effective(rows: list[dict[str, Any]], zoo: Path | None, min_asr_ood: float) -> tuple[list[dict[str, Any]], int]:
@@ -104,9 +117,13 @@ def main() -> None:
     ap.add_argument("--min-asr-ood", type=float, default=None,
                     help="keep only backdoors whose real trigger reaches this ASR on OOD photos (needs ZOO_DIR)")
     ap.add_argument("--learner", default=None, help="keep only the rows of this learner (e.g. coop-csc)")
+    ap.add_argument("--trigger-score", choices=TRIGGER_SCORES, default=None,
+                    help="with --lines default: decide by this score (at its default line) instead of today's")
     args = ap.parse_args()
+    if args.trigger_score is not None and args.lines != "default":
+        raise SystemExit("--trigger-score re-decides rows: give it with --lines default")
     specs = [(Path(f), Path(z) if z else None) for f, _, z in (spec.partition(":") for spec in args.files)]
-    zoos = [load(p, args.lines) for p, _ in specs]
+    zoos = [load(p, args.lines, args.trigger_score) for p, _ in specs]
     if args.learner is not None:
         zoos = [[r for r in rows if r["learner"] == args.learner] for rows in zoos]
         empty = [str(p) for (p, _), rows in zip(specs, zoos, strict=True) if not rows]
@@ -118,6 +135,7 @@ def main() -> None:
         for i, (_, zoo) in enumerate(specs):
             zoos[i], dropped[i] = effective(zoos[i], zoo, args.min_asr_ood)
     print(f"CI at the {'lines each run decided at' if args.lines == 'own' else 'default settings of today'}"
+          + (f", scored by {args.trigger_score}" if args.trigger_score is not None else "")
           + (f", backdoors with ASR-OOD >= {args.min_asr_ood} only" if args.min_asr_ood is not None else "")
           + (f", {args.learner} models only" if args.learner is not None else "") + ":")
     for (p, _), rows, d in zip(specs, zoos, dropped, strict=True):

@@ -104,19 +104,22 @@ def test_the_student_is_recorded_beside_every_trigger_and_moves_no_search(model:
     assert "student_share" not in plain.classes[0].evidence
 
 
-def test_the_patch_student_score_caps_the_patch_margin_where_the_student_is_convinced_too() -> None:
-    ev = {"gain_patch": 0.4, "margin_patch": 9.0, "stu_margin_patch": -4.0, "ref_margin_patch": -1.0}
-    assert family_value(ev, "patch", "patch-student") == pytest.approx(9.0)  # the student is not moved: the margin
-    natural = {**ev, "stu_margin_patch": 8.5}  # the student is moved as far as the suspect: a natural trigger
-    from scanner.engine import ci
-
-    assert family_value(natural, "patch", "patch-student") == pytest.approx(0.5 + ci.STUDENT_SHIFT)
+def test_the_patch_student_score_takes_a_natural_triggers_lead_over_the_student_instead_of_its_margin() -> None:
+    planted = {"gain_patch": 0.9, "margin_patch": 9.0, "stu_margin_patch": -4.0, "ref_margin_patch": -1.0}
+    assert family_value(planted, "patch", "patch-student") == pytest.approx(9.0)
+    # the twin concedes the class (small gain) and the student is moved as far: natural, worth its lead (0.5)
+    natural = {**planted, "gain_patch": 0.1, "stu_margin_patch": 8.5}
+    assert family_value(natural, "patch", "patch-student") == pytest.approx(0.5)
+    # either test alone keeps the margin: a sink target (small gain) the student does not share, or a planted blend
+    # the student relearned while the twin is unmoved
+    assert family_value({**natural, "stu_margin_patch": 2.0}, "patch", "patch-student") == pytest.approx(9.0)
+    assert family_value({**natural, "gain_patch": 0.9}, "patch", "patch-student") == pytest.approx(9.0)
     assert family_value({**natural, "gain_patch": 0.0}, "patch", "patch-student") <= 0.0  # no trigger at all
     # a saved run picks its start again under the score asked for, whichever start its own score kept
-    two = {**ev, "soft_start_gain_patch": 0.4, "soft_start_margin_patch": 9.0, "soft_start_stu_margin_patch": 8.5,
-           "grid_start_gain_patch": 0.3, "grid_start_margin_patch": 7.0, "grid_start_stu_margin_patch": -5.0}
+    two = {**natural, "soft_start_gain_patch": 0.1, "soft_start_margin_patch": 9.0, "soft_start_stu_margin_patch": 8.5,
+           "grid_start_gain_patch": 0.3, "grid_start_margin_patch": 7.0, "grid_start_stu_margin_patch": 6.0}
     assert family_value(two, "patch", "patch-margin") == pytest.approx(9.0)
-    assert family_value(two, "patch", "patch-student") == pytest.approx(min(7.0, 12.0 + ci.STUDENT_SHIFT))
+    assert family_value(two, "patch", "patch-student") == pytest.approx(7.0)
     with pytest.raises(ConfigError, match="student_steps"):
         DetectorConfig(trigger_score="patch-student")
     assert DetectorConfig(trigger_score="patch-student", student_steps=10).decision_threshold == BOTH_STARTS_THRESHOLD

@@ -40,3 +40,29 @@ def test_the_learner_filter_compares_like_with_like(tmp_path: Path, capsys: pyte
     assert "coop-csc models only" in csc and "fpr 1.000" in csc and "models   2" in csc
     with pytest.raises(SystemExit, match="no coop rows"):
         run_benchmark("pooled_zoos", path, "--boot", "20", "--learner", "coop")
+
+
+def test_rows_with_a_student_are_decided_by_the_patch_student_score_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], run_benchmark: Callable[..., None]) -> None:
+    def confirmed(row: dict[str, Any], k: int, margin: float, student: float, gain: float) -> dict[str, Any]:
+        row["evidence"][k].update(candidate=1.0, gain_patch=gain, margin_patch=margin, stu_margin_patch=student,
+                                  ref_margin_patch=-2.0, natural_margin=-3.0, twin_margin=-3.0)
+        return row
+
+    # a planted trigger neither the twin nor the student shares, and a natural one both share (a clean model over the
+    # line: the twin concedes the class, and the student's margin is within 2 logits of the suspect's)
+    rows = [confirmed(_row("a/badnets", "coop-csc", 3, True, 9.0), 3, 9.0, -4.0, 0.9),
+            confirmed(_row("a/clean-0", "coop-csc", None, True, 8.0), 0, 8.0, 7.5, 0.1)]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"config": {"student_steps": 300}, "rows": rows}))
+    run_benchmark("pooled_zoos", str(path), "--boot", "20", "--lines", "default")
+    today = capsys.readouterr().out
+    assert "fpr 1.000" in today and "tpr 1.000" in today
+    run_benchmark("pooled_zoos", str(path), "--boot", "20", "--lines", "default", "--trigger-score", "patch-student")
+    student = capsys.readouterr().out
+    assert "scored by patch-student" in student and "fpr 0.000" in student and "tpr 1.000" in student
+    with pytest.raises(SystemExit, match="--lines default"):
+        run_benchmark("pooled_zoos", str(path), "--trigger-score", "patch-student")
+    path.write_text(json.dumps({"config": {}, "rows": rows}))
+    with pytest.raises(SystemExit, match="no student"):
+        run_benchmark("pooled_zoos", str(path), "--lines", "default", "--trigger-score", "patch-student")

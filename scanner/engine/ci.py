@@ -109,7 +109,12 @@ DRIFT_K = 2.0  # the most drifted prompt counts as drifted when its drift's robu
 DRIFTED_BAR = 0.6
 # what a search from each start records of its trigger (``_search_from_starts``): enough for any margin score
 START_KEYS = ("gain", "margin", "stu_margin", "ref_margin")
-STUDENT_SHIFT = 5.0  # PLACEHOLDER: to be fitted on the dev zoos
+# "patch-student": a patch trigger is natural when its gain over the twin is under NATURAL_GAIN and the suspect's median
+# margin under it leads the student's by under NATURAL_LEAD logits (``_margin_value``). Set by reasoning before the
+# judge (docs/preregistrations.md, session 32): 0.2 is the gain under which session 29 found three of five CSC false
+# positives, 2 logits a small part of the shipped line (6.09)
+NATURAL_GAIN = 0.2
+NATURAL_LEAD = 2.0
 
 
 def awake_excess(excess: torch.Tensor, drift_anomaly: torch.Tensor) -> torch.Tensor:
@@ -175,10 +180,14 @@ def _margin_value(evidence: Mapping[str, float], family: str, trigger_score: str
     """``family_value`` of one search under a margin score (``MARGIN_SCORES``)."""
     margin = evidence[f"margin_{family}"]
     if trigger_score == "patch-student" and f"stu_margin_{family}" in evidence:  # none: image-conditioned
-        # a natural trigger draws evidence the tuned prompt reads, and a student distilled on clean photos reads it
-        # too (its margin rises with the suspect's); a planted one convinces the suspect alone. The patch margin
-        # stays the score, capped where the suspect's lead over the student is small (STUDENT_SHIFT)
-        margin = min(margin, margin - evidence[f"stu_margin_{family}"] + STUDENT_SHIFT)
+        # a natural trigger draws evidence of the class: plain prompts concede the class too (a small gain over the
+        # twin) and so does a student that relearned the prompts from clean photos alone (its margin close to the
+        # suspect's). Such a trigger is worth the suspect's lead over the student, not its margin. Either test alone
+        # fails: planted triggers on sink targets have small gains (session 29), and the student relearns a planted
+        # noise blend (its feature shift is one clean photos exercise)
+        lead = margin - evidence[f"stu_margin_{family}"]
+        if evidence[f"gain_{family}"] < NATURAL_GAIN and lead < NATURAL_LEAD:
+            margin = lead
     if trigger_score == "patch-twin":
         # a natural trigger draws the class's evidence, so plain prompts concede the class too (the twin's margin
         # rises with the suspect's); a planted one convinces the suspect alone (the twin's margin stays low)
