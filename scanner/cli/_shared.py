@@ -56,15 +56,17 @@ def device_option(help: str) -> Callable[[F], F]:
 
 #: ``scanner.engine.config.TRIGGER_SCORES``, spelt out: importing the engine imports torch, and the CLI must print
 #: its first line before that slow import (a test holds the two equal)
-TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin")
+TRIGGER_SCORES = ("share", "margin", "patch-margin", "patch-twin", "patch-student")
 
 
 def trigger_score_option(f: F) -> F:
-    """``--trigger-score share|margin|patch-margin|patch-twin``: what CI scores a confirmed class from
+    """``--trigger-score share|margin|patch-margin|patch-twin|patch-student``: what CI scores a confirmed class from
     (``DetectorConfig.trigger_score``; None = the detector's default)."""
     return click.option("--trigger-score", type=click.Choice(TRIGGER_SCORES), default=None,
                         help="CI: score confirmed classes by their triggers' share gains, margin lifts, or the "
-                             "patch trigger's median margin, alone or less the twin's (default: the detector's)")(f)
+                             "patch trigger's median margin, alone, less the twin's, or its lead over a distilled "
+                             "student where the trigger is natural (patch-student: needs --student-steps; default: "
+                             "the detector's)")(f)
 
 
 def model_source_options(f: F) -> F:
