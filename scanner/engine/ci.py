@@ -46,6 +46,11 @@ Design (ours; the paper's details are not public), cost independent of the class
    drifted prompt of a drift-ranked model: flagged when it wins the clean hold-out by a wider median margin
    than the twin gives the class (``natural_margin`` - ``twin_margin``), since a half-firing planted prompt
    takes photos plain prompts also send there, so its share excess stays small while its margin does not.
+6. *The distilled student* (an option, ``DetectorConfig.student_steps``; ``engine/student.py``): fresh prompts
+   tuned to agree with the suspect on the clean optimisation split relearn the evidence clean photos exercise,
+   natural triggers included, and not a sleeping planted patch. Every measured trigger records what it does to
+   the student too, and the ``"patch-student"`` score takes a trigger that both the twin and the student concede
+   as natural (``_margin_value``).
 
 The ``ci-plain`` mode is the paper's plain protocol for comparison: a targeted inversion for *every*
 class, one epoch each, anomaly index over the per-class ASR gain.
