@@ -195,7 +195,7 @@ def build(out: Path, datasets: str | None, attacks: str | None, clean_per_datase
               help="families CI adds for image-conditioned models (default: the detector's, additive)")
 @trigger_score_option
 @click.option("--student-steps", type=click.IntRange(0), default=None,
-              help="CI: distil a student prompt from the suspect on clean OOD photos in this many Adam steps and "
+              help="CI: distil student prompts from the suspect on clean OOD photos in this many Adam steps and "
                    "record what every trigger does to it (default: the detector's; 0: none; --trigger-score "
                    "patch-student scores by it)")
 @click.option("--scored-families-only", is_flag=True,

@@ -191,7 +191,7 @@ class DetectorConfig:
     patch_start: str = "both"
     max_shift: int = 6  # random translation (px) applied after the trigger: adversarial patterns do not survive it
     distil_twin: bool = True  # add to CI's twin a zero-shot head fitted to the suspect on clean OOD images
-    # Adam steps of the distilled student (engine/student.py: a fresh class-specific prompt tuned to agree with the
+    # Adam steps of the distilled student (engine/student.py: fresh class-specific prompts tuned to agree with the
     # suspect on the clean optimisation split); 0: no student. With one, every measured trigger also records what it
     # does to the student (``stu_asr_<family>``, ``stu_margin_<family>``), and "patch-student" scores by it. The
     # searches draw the same numbers either way: the student has its own generator
@@ -260,7 +260,8 @@ class DetectorConfig:
             raise ConfigError(f"student_steps must be >= 0 (0: no student) and student_lr > 0; got "
                               f"{self.student_steps}, {self.student_lr}")
         if self.trigger_score == "patch-student" and not self.student_steps:
-            raise ConfigError("trigger_score 'patch-student' reads the distilled student: set student_steps > 0")
+            raise ConfigError("trigger_score 'patch-student' reads the distilled student: set student_steps > 0 "
+                              "(zoo eval --student-steps N)")
         if self.flat_candidates < 0:
             raise ConfigError(f"flat_candidates must be >= 0 (0 switches it off); got {self.flat_candidates}")
 
@@ -297,7 +298,8 @@ class DetectorConfig:
         if self.detector == "ci" and self.trigger_score == "margin":
             return MARGIN_THRESHOLD
         if self.detector == "ci" and self.trigger_score in ("patch-margin", "patch-student"):
-            # patch-student caps the patch margin (``ci.family_value``): the same line
+            # patch-student scores a natural trigger by its lead over the student, any other by its patch margin
+            # (``ci._margin_value``): the same line
             return BOTH_STARTS_THRESHOLD if self.patch_start == "both" else PATCH_MARGIN_THRESHOLD
         if self.detector == "ci" and self.trigger_score == "patch-twin":
             return PATCH_TWIN_THRESHOLD

@@ -15,7 +15,9 @@ today's rule, 7.4 / 7.4; the BadNets targets of shapes, colours and letters 1.2 
 as far as the suspect (its feature shift is one clean photos exercise), though CI's own patch for those
 targets still moves the suspect further (0.1 / -1.8, 2.1 / -3.9, 7.6 / 5.0).
 
-Image-conditioned learners (CoCoOp) have no fixed class prompts to relearn, so they get no student.
+An option, not the default: the ``"patch-student"`` score (``engine/ci.py``) that reads it changed no verdict on
+the two zoos it was judged on (docs/preregistrations.md, session 32), so the student's evidence is recorded for
+later rules. Image-conditioned learners (CoCoOp) have no fixed class prompts to relearn, so they get no student.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class StudentModel:
 
 def distil_student(model: PromptedCLIP, clean_features: torch.Tensor, steps: int, lr: float,
                    seed: int = STUDENT_SEED) -> StudentModel:
-    """A class-specific CoOp prompt of the suspect's context length, from random context, tuned by Adam on all
+    """Class-specific CoOp prompts of the suspect's context length, from random context, tuned by Adam on all
     ``clean_features`` (N, E) at once to minimise KL(suspect softmax || student softmax).
 
     Every class is learned again, not the candidate's alone: a planted backdoor also lives in the other classes'
