@@ -1,4 +1,4 @@
-"""CI's distilled student: a fresh prompt that learns what the suspect does on clean photos, recorded beside every
+"""CI's distilled student: fresh prompts that learn what the suspect does on clean photos, recorded beside every
 trigger without changing the searches, and the "patch-student" score read from it."""
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def test_many_classes_are_relearned_a_rotating_block_at_a_time(model: PromptedCL
     from scanner.engine import student as student_mod
 
     feats = model.image_features(pool)
-    suspect = model.logits_from_features(feats).argmax(1)
+    with torch.no_grad():
+        suspect = model.logits_from_features(feats).argmax(1)
     full = distil_student(model, feats, steps=60, lr=3e-2)
     monkeypatch.setattr(student_mod, "STUDENT_BLOCK", 2)  # 3 classes, 2 per step: every class still learns
     blocks = distil_student(model, feats, steps=90, lr=3e-2)
