@@ -1,6 +1,6 @@
 """Detection cost against the class count: CI (drift-ranked candidates, confirmed) vs the plain per-class protocol.
 
-    python benchmarks/detect_speed.py [--n-images 1000] [--plain-classes 10] [--candidates C]
+    python benchmarks/detect_speed.py [--n-images 1000] [--plain-classes 10] [--candidates C] [--student-steps 300]
 
 Builds CSC-CoOp models on the bundled CLIP for the 10-class ``shapes`` and the 120-class
 ``colour_shape`` class lists (the prompts are not trained: cost depends on the shapes of the work, not on
@@ -14,6 +14,7 @@ the prompt's values), then times ``detect`` side by side in one run on the same 
   confirmed too (one more candidate's search when it is not the most drifted class);
 * ``ci`` on the 10-class model at the other precision than the one in force (``DetectorConfig.bf16``: bf16
   autocast where the CPU computes bf16 natively, fp32 where it would be emulated);
+* ``ci`` on both models with the distilled student (``--student-steps``, default 300: the option's cost; 0 skips it);
 * ``ci-plain`` (one targeted inversion per class and family, one epoch each) on the 10-class model,
   timed on ``--plain-classes`` classes and scaled linearly to the class count — the plain protocol is a
   per-class loop of identical epochs, so its cost is linear by construction (printed as "extrapolated"
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--n-images", type=int, default=1000)
     ap.add_argument("--plain-classes", type=int, default=10, help="classes the plain protocol is timed on")
     ap.add_argument("--candidates", type=int, default=None, help="classes CI confirms (default: the engine's)")
+    ap.add_argument("--student-steps", type=int, default=300, help="CI with a distilled student of this many steps "
+                    "on both models (0: skip)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = load_bundled()
@@ -72,6 +75,8 @@ def main() -> None:
     awake, awake_res = _timed(small, pool, replace(scored_cfg, awake_candidate=True))
     n_awake = sum(int(c.evidence["candidate"]) for c in awake_res.classes)
     other = _time(small, pool, replace(cfg, bf16=not cfg.bf16))
+    taught = ({n: _time(m, pool, replace(cfg, student_steps=args.student_steps)) for n, m in models.items()}
+              if args.student_steps else {})
     k = min(args.plain_classes, small.n_cls)
     sub = PromptedCLIP(bb, CoOpLearner(bb, list(small.classnames[:k]), csc=True, seed=0))
     plain = _time(sub, pool, replace(cfg, detector="ci-plain")) * small.n_cls / k
@@ -88,6 +93,10 @@ def main() -> None:
     print(f"ci        10 classes, the scored families, and the awake class ({n_awake} classes confirmed): "
           f"{awake:7.1f} s   ratio {awake / ci['10']:.2f}x")
     print(f"ci       120 classes: {ci['120']:7.1f} s   ratio 120/10 = {ci['120'] / ci['10']:.2f}x (bar <= 2x)")
+    if taught:
+        print(f"ci with a {args.student_steps}-step student, 10 classes: {taught['10']:7.1f} s   ratio "
+              f"{taught['10'] / ci['10']:.2f}x; 120 classes: {taught['120']:7.1f} s   ratio "
+              f"{taught['120'] / ci['120']:.2f}x, 120/10 = {taught['120'] / taught['10']:.2f}x")
     print(f"ci-plain  10 classes: {plain:7.1f} s{tag}   plain/ci = {plain / ci['10']:.1f}x")
     print(f"ci-plain 120 classes: {plain * 12:7.1f} s (linear in classes)   plain/ci = {plain * 12 / ci['120']:.1f}x")
 
