@@ -398,11 +398,11 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         # no fixed class prompts to relearn in an image-conditioned learner
         student = (distil_student(model, feats, cfg.student_steps, cfg.student_lr)
                    if cfg.student_steps and not conditioned else None)
-        z_stu = student.logits(model.image_features(hold_x)) if student is not None else None  # (N_hold, C)
         # one pass over the clean hold-out: the suspect's shares, plain prompts' (a prompt that sends far more OOD
         # photos to a class than zero-shot does is not dormant, ``ci_verdict``) and the twin's (where each
-        # trigger's effect on the twin is measured from, ``trigger_gain``)
-        z_sus, z_plain, z_twin = panel_logits(model, (plain, ref), None, hold_x, cfg.bf16_on)  # 3 x (N, C)
+        # trigger's effect on the twin is measured from, ``trigger_gain``), and the student's when there is one
+        heads: tuple[LogitHead, ...] = (plain, ref) if student is None else (plain, ref, student)
+        z_sus, z_plain, z_twin, *z_stu = panel_logits(model, heads, None, hold_x, cfg.bf16_on)  # 3 or 4 x (N, C)
         natural, zero_shot, twin_natural = shares(z_sus), shares(z_plain), shares(z_twin)  # 3 x (C,)
         # how decisively each class wins the clean hold-out, suspect and twin: (2, C) each (10th pct, median)
         nat_q, twin_q = margin_quantiles(class_margins(z_sus)), margin_quantiles(class_margins(z_twin))
@@ -433,10 +433,10 @@ def run_ci(model: PromptedCLIP, pool: torch.Tensor, cfg: DetectorConfig, seed: i
         scoring = scoring_families(families, cfg.trigger_score)
         for t in cands:
             values: list[float] = []  # per scoring family: what the class is scored from (cfg.trigger_score)
-            if student is not None and z_stu is not None:
-                # the clean hold-out as the student reads it
-                evidence[t].update(student_share=float(shares(z_stu)[t]),
-                                   student_margin=float(margin_quantiles(class_margins(z_stu)[:, t:t + 1])[1, 0]),
+            if student is not None:
+                # the clean hold-out as the student reads it (from the pass above)
+                evidence[t].update(student_share=float(shares(z_stu[0])[t]),
+                                   student_margin=float(margin_quantiles(class_margins(z_stu[0])[:, t:t + 1])[1, 0]),
                                    student_agreement=student.agreement)
             for fam in families:
                 # a scored family is searched ``restarts`` times from fresh draws; its evidence is their mean or the
